@@ -1,0 +1,296 @@
+"""The `fastvllm` command line: a thin typer + rich layer over fastvllm.api.
+
+Human output goes to stderr (a live phase timeline, tables); `--json` prints one JSON
+document on stdout. Errors print one line naming the problem and the fix, and exit with the
+error's own code (runtime/errors.py); Ctrl-C exits 130 after the pipeline cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from fastvllm import api, doctor, tiny_model, ui
+from fastvllm.runtime import manifest
+from fastvllm.runtime.errors import FastVLLMError
+from fastvllm.runtime.timeline import Timeline
+
+app = typer.Typer(
+    help="Cold start of a vLLM server in about a second: snapshot a warmed-up server with CRIU, "
+    "restore it on demand.\n\nTypical use:  fastvllm snapshot tiny --out /srv/snap  then  "
+    "fastvllm restore /srv/snap",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+model_app = typer.Typer(help="The built-in tiny model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except FastVLLMError as e:
+        ui.print_error(e)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        ui.console.print("[yellow]interrupted[/]: stopped what was started and removed partial output")
+        raise typer.Exit(130) from None
+
+
+def _emit_json(doc: Any) -> None:
+    ui.out.print_json(json.dumps(doc))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Arguments after `--` go to vLLM unchanged, e.g.  "
+    "fastvllm snapshot ./llama --out s -- --max-model-len 4096",
+)
+def snapshot(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Local model directory, or 'tiny' for the built-in model. Omit with --pid."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Snapshot directory to create (must not exist).")
+    ] = Path(),
+    pid: Annotated[
+        int | None,
+        typer.Option(help="Snapshot a running server fastvllm launched or restored (see 'fastvllm ps')."),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port the server listens on; a restore gets it back.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address the server binds.")] = "127.0.0.1",
+    leave_running: Annotated[bool, typer.Option(help="Keep the server serving after the snapshot.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become healthy.")] = 900.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Launch vLLM on MODEL, warm it up, record a canary, and CRIU-dump it into --out."""
+    if out == Path():
+        ui.print_error(FastVLLMError("--out is required", hint="e.g. --out /srv/snapshots/tiny"))
+        raise typer.Exit(2)
+    tl = Timeline()
+    live = ui.LiveTimeline(tl, enabled=not as_json)
+
+    def run() -> Any:
+        with live.running():
+            return api.snapshot(
+                model,
+                out,
+                pid=pid,
+                port=port,
+                host=host,
+                vllm_args=ctx.args,
+                leave_running=leave_running,
+                health_timeout=timeout,
+                timeline=tl,
+            )
+
+    res = _guard(run)
+    if as_json:
+        _emit_json(res.as_dict())
+        return
+    ui.console.print(ui.phase_table(tl, f"snapshot {res.path}"))
+    cold = f"cold start to first completion {res.cold_start_s:.2f} s, " if res.cold_start_s else ""
+    ui.console.print(
+        f"{cold}image {ui.human_bytes(res.manifest.image_bytes)}, written to [bold]{res.path}[/]"
+    )
+    if res.server:
+        ui.console.print(f"server still serving at {res.server.base_url} (pid {res.server.pid})")
+
+
+@app.command()
+def restore(
+    snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
+    verify: Annotated[bool, typer.Option(help="Check every file's checksum before restoring.")] = True,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the restored server to be healthy.")
+    ] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a snapshot, prove it with the canary, and leave it serving."""
+    tl = Timeline()
+    live = ui.LiveTimeline(tl, enabled=not as_json)
+
+    def run() -> Any:
+        with live.running():
+            return api.restore(snapshot_dir, verify=verify, health_timeout=timeout, timeline=tl)
+
+    res = _guard(run)
+    if as_json:
+        _emit_json(res.as_dict())
+        return
+    ui.console.print(ui.phase_table(tl, f"restore {res.snapshot}"))
+    ui.console.print(
+        f"serving at [bold]{res.server.base_url}[/] (pid {res.server.pid}); first completion after "
+        f"[bold green]{res.time_to_first_completion_s:.2f} s[/], canary identical; stop with "
+        f"'fastvllm stop {res.server.pid}'"
+    )
+
+
+@app.command()
+def inspect(
+    snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a snapshot's manifest: identity, server, timings, files."""
+    m = _guard(lambda: manifest.load(snapshot_dir))
+    if as_json:
+        _emit_json(json.loads(m.to_json()))
+        return
+    t = Table(title=f"snapshot {snapshot_dir}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("created", m.created_at),
+        ("model", f"{m.model.path} ({ui.human_bytes(m.model.bytes)}, xxh3 {m.model.content_hash[:16]})"),
+        ("vLLM", m.identity.vllm),
+        ("CRIU", m.identity.criu),
+        ("kernel", m.identity.kernel),
+        ("Python", m.identity.python),
+        ("server", f"{m.server.host}:{m.server.port}, served as {m.server.served_model_name}"),
+        ("vLLM args", " ".join(m.server.vllm_args) or "(none)"),
+        ("image", f"{ui.human_bytes(m.image_bytes)} in {len(m.files)} files"),
+        ("canary", f"{len(m.canary.token_ids)} tokens: {m.canary.text[:60]!r}"),
+        ("from snapshot", m.source_snapshot or "-"),
+    ]
+    rows += [(f"timing {k}", f"{v:.2f} s") for k, v in m.timings.items()]
+    for k, v in rows:
+        t.add_row(k, v)
+    ui.out.print(t)
+
+
+@app.command(name="doctor")
+def doctor_cmd(
+    skip_vllm: Annotated[
+        bool, typer.Option("--skip-vllm", help="Do not import vLLM (it takes seconds).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check this host: CRIU, privileges, io_uring, vLLM, CUDA checkpoint. Failing lines say how to fix."""
+    checks = doctor.run_checks(import_vllm=not skip_vllm)
+    bad = [c for c in checks if c.required and not c.ok]
+    if as_json:
+        _emit_json({"ok": not bad, "checks": [c.as_dict() for c in checks]})
+    else:
+        t = Table(title="fastvllm doctor", title_justify="left")
+        for col in ("", "check", "detail", "fix"):
+            t.add_column(col)
+        for c in checks:
+            mark = "[green]✓[/]" if c.ok else ("[red]✗[/]" if c.required else "[yellow]![/]")
+            t.add_row(mark, c.name, c.detail, c.fix)
+        ui.out.print(t)
+    if bad:
+        raise typer.Exit(9)
+
+
+@app.command()
+def ps(as_json: JsonOpt = False) -> None:
+    """List vLLM servers fastvllm launched or restored that are still running."""
+    insts = api.running()
+    if as_json:
+        _emit_json([i.__dict__ for i in insts])
+        return
+    t = Table(title="running servers", title_justify="left")
+    for col in ("pid", "url", "model", "snapshot"):
+        t.add_column(col)
+    for i in insts:
+        t.add_row(str(i.pid), f"http://{i.host}:{i.port}", i.model, i.snapshot or "-")
+    ui.out.print(t)
+
+
+@app.command()
+def stop(pid: Annotated[int, typer.Argument(help="Root PID from 'fastvllm ps'.")]) -> None:
+    """Stop a server fastvllm launched or restored (its whole process session)."""
+    from fastvllm.runtime import instances
+
+    _guard(lambda: instances.get(pid))
+    api.stop(pid)
+    ui.console.print(f"stopped {pid}")
+
+
+@model_app.command("make-tiny")
+def make_tiny(
+    out: Annotated[
+        Path | None, typer.Argument(help="Directory to write (default: the per-user cache).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rewrite it even if it is there.")] = False,
+) -> None:
+    """Write the built-in tiny Llama (seeded random weights, locally trained tokenizer)."""
+    path = tiny_model.make_tiny(out, force=force)
+    ui.out.print(str(path))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Model directory or 'tiny'.")] = "tiny",
+    reps: Annotated[int, typer.Option(min=1, help="Repetitions of each side (medians are reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("results/coldstart"),
+    port: Annotated[int, typer.Option(help="Port for the servers.")] = 8000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cold start vs restore, time to first completion, page cache dropped before each run."""
+    from fastvllm.scripts import bench_coldstart
+
+    res = _guard(lambda: bench_coldstart.run(model, reps, out, port, quiet=as_json))
+    if as_json:
+        _emit_json(res)
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port for the server.")] = 8000,
+    keep: Annotated[bool, typer.Option(help="Keep the restored server serving and the snapshot.")] = False,
+) -> None:
+    """Snapshot the built-in tiny model, restore it, and print cold vs restored time to first completion."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="fastvllm-demo-"))
+    snap = work / "tiny-snapshot"
+    try:
+        tl = Timeline()
+        ui.console.rule("1. cold start of vLLM on the tiny model, then snapshot")
+        with ui.LiveTimeline(tl).running():
+            s = _guard(lambda: api.snapshot("tiny", snap, port=port, timeline=tl))
+        ui.console.rule("2. restore from the snapshot")
+        tl2 = Timeline()
+        with ui.LiveTimeline(tl2).running():
+            r = _guard(lambda: api.restore(snap, timeline=tl2))
+        cold, warm = s.cold_start_s or 0.0, r.time_to_first_completion_s
+        t = Table(title="time to first completion", title_justify="left")
+        t.add_column("start")
+        t.add_column("seconds", justify="right")
+        t.add_row("cold (launch vLLM)", f"{cold:.2f}")
+        t.add_row("restored (fastvllm restore)", f"{warm:.2f}")
+        t.add_row("speed-up", f"{cold / warm:.1f}x")
+        ui.out.print(t)
+        print(f"cold start {cold:.2f} s, restored {warm:.2f} s, {cold / warm:.1f}x faster", flush=True)
+        if keep:
+            ui.console.print(f"serving at {r.server.base_url} (pid {r.server.pid}); snapshot in {snap}")
+        else:
+            api.stop(r.server.pid)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

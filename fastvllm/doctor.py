@@ -1,0 +1,117 @@
+"""`fastvllm doctor`: is this host ready to snapshot and restore? Each failing line says how
+to fix it. Checks are cheap except the vLLM import, which runs in a child process so a
+broken install cannot take the CLI down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from fastvllm.runtime import criu, system, vllm_server
+from fastvllm.runtime.errors import FastVLLMError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _criu_checks() -> list[Check]:
+    try:
+        found = criu.find_criu()
+    except FastVLLMError as e:
+        return [Check("CRIU >= 4.2", False, e.message, e.hint or "run scripts/setup.sh")]
+    checks = [Check("CRIU >= 4.2", True, f"{found.version} at {found.path}")]
+    if os.geteuid() == 0:
+        ok, text = criu.criu_check(found)
+        last = text.splitlines()[-1] if text else ""
+        checks.append(
+            Check(
+                "criu check", ok, last, "" if ok else "see 'criu check' output; kernel features are missing"
+            )
+        )
+    else:
+        checks.append(Check("criu check", False, "needs root", "run 'sudo fastvllm doctor'"))
+    return checks
+
+
+def _privilege_check() -> Check:
+    if os.geteuid() != 0:
+        return Check("privileges", False, "not root", "run as root (sudo) or in a --privileged container")
+    missing = system.missing_capabilities()
+    if missing:
+        return Check(
+            "privileges", False, "missing " + ", ".join(missing), "add them (docker run --cap-add ...)"
+        )
+    return Check("privileges", True, "root with CRIU's capabilities")
+
+
+def _io_uring_check() -> Check:
+    v = system.io_uring_disabled()
+    if v is None or v == 2:
+        return Check("io_uring", True, "disabled" if v == 2 else "kernel has no io_uring switch")
+    can = os.geteuid() == 0
+    return Check(
+        "io_uring",
+        can,
+        f"kernel.io_uring_disabled={v}; fastvllm sets it to 2 when it launches a server"
+        if can
+        else f"kernel.io_uring_disabled={v}",
+        "" if can else "run 'sysctl -w kernel.io_uring_disabled=2' as root (CRIU cannot dump io_uring)",
+    )
+
+
+def _vllm_check() -> Check:
+    python = os.environ.get("FASTVLLM_VLLM_PYTHON", sys.executable)
+    try:
+        r = subprocess.run(
+            [python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Check("vLLM import", False, "import took over 180 s", "check the installation")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return Check("vLLM import", False, last[:160], "run scripts/setup.sh")
+    vllm_v, torch_v = r.stdout.split()
+    return Check("vLLM import", True, f"vllm {vllm_v}, torch {torch_v} ({python})")
+
+
+def _cuda_checkpoint_check() -> Check:
+    if not vllm_server.cuda_present():
+        return Check("CUDA checkpoint", True, "no NVIDIA GPU: CPU snapshots only", required=False)
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+    except ImportError:
+        return Check(
+            "CUDA checkpoint", False, "cuda-bindings not installed", "pip install cuda-bindings", False
+        )
+    ok = hasattr(driver, "cuCheckpointProcessLock")
+    return Check(
+        "CUDA checkpoint",
+        ok,
+        "cuCheckpointProcess* available" if ok else "driver API lacks cuCheckpointProcess*",
+        "" if ok else "needs NVIDIA driver >= 550 and cuda-bindings >= 12.8",
+        False,
+    )
+
+
+def run_checks(import_vllm: bool = True) -> list[Check]:
+    checks = [*_criu_checks(), _privilege_check(), _io_uring_check()]
+    if import_vllm:
+        checks.append(_vllm_check())
+    checks.append(_cuda_checkpoint_check())
+    checks.append(Check("kernel", True, system.kernel_release(), required=False))
+    return checks

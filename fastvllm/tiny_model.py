@@ -1,0 +1,323 @@
+"""The built-in tiny model: a real Llama-architecture model vLLM serves, made locally.
+
+No model can be downloaded on the machines fastvllm is tested on, so the demo and the tests
+make one: seeded random bf16 weights and a byte-level BPE tokenizer trained on a seeded
+synthetic corpus. The output is byte-identical across runs (the tests check it), so two
+machines that make it get the same model, the same content hash, the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_NAME = "tiny"
+TINY_VERSION = "1"
+SEED = 20261121
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+SPECIAL = ["<unk>", "<s>", "</s>"]
+# Larger than the usual 0.02 so that greedy output depends on the context and differs from
+# prompt to prompt: identical tokens after a restore then mean something.
+INIT_STD = 0.25
+
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "which",
+    "or",
+    "are",
+    "were",
+    "his",
+    "her",
+    "their",
+    "its",
+    "had",
+    "has",
+    "have",
+    "not",
+    "but",
+    "all",
+    "when",
+    "one",
+    "would",
+    "there",
+    "been",
+    "who",
+    "more",
+    "will",
+    "if",
+    "no",
+    "out",
+    "so",
+    "can",
+    "said",
+    "what",
+    "up",
+    "about",
+    "into",
+    "than",
+    "them",
+    "some",
+    "could",
+    "time",
+    "only",
+    "new",
+    "these",
+    "two",
+    "may",
+    "first",
+    "then",
+    "do",
+    "any",
+    "like",
+    "my",
+    "now",
+    "over",
+    "such",
+    "our",
+    "man",
+    "me",
+    "even",
+    "most",
+    "made",
+    "after",
+    "also",
+    "did",
+    "many",
+    "before",
+    "must",
+    "through",
+    "back",
+    "years",
+    "where",
+    "much",
+    "your",
+    "way",
+    "well",
+    "down",
+    "should",
+    "because",
+    "each",
+    "just",
+    "those",
+    "people",
+    "how",
+    "too",
+    "little",
+    "state",
+    "good",
+    "very",
+    "make",
+    "world",
+    "still",
+    "own",
+    "see",
+    "men",
+    "work",
+    "long",
+    "get",
+    "here",
+    "between",
+    "both",
+    "life",
+    "being",
+    "under",
+    "never",
+    "day",
+    "same",
+    "another",
+    "know",
+    "while",
+    "last",
+    "might",
+    "us",
+    "great",
+    "old",
+    "year",
+    "off",
+    "come",
+    "since",
+    "against",
+    "go",
+    "came",
+    "right",
+    "used",
+    "take",
+    "three",
+    "light",
+    "house",
+    "keeper",
+    "morning",
+    "cold",
+    "sea",
+    "ship",
+    "lamp",
+    "storm",
+    "night",
+    "river",
+    "city",
+    "history",
+    "king",
+    "queen",
+    "garden",
+    "machine",
+    "server",
+    "model",
+    "token",
+    "cache",
+    "memory",
+    "restore",
+]
+
+
+def default_dir() -> Path:
+    home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+    return home / "models" / f"tiny-llama-v{TINY_VERSION}"
+
+
+def _corpus(n_sentences: int = 4000) -> list[str]:
+    rng = random.Random(SEED)
+    out = []
+    for _ in range(n_sentences):
+        words = rng.choices(_WORDS, k=rng.randint(5, 16))
+        out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","]))
+    return out
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=CONFIG["vocab_size"],
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str(pretty=True)
+
+
+def _weights() -> dict[str, object]:
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    c = CONFIG
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * INIT_STD).to(torch.bfloat16)
+
+    w: dict[str, object] = {"model.embed_tokens.weight": rnd(v, h)}
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        w[p + "self_attn.q_proj.weight"] = rnd(q, h)
+        w[p + "self_attn.k_proj.weight"] = rnd(kv, h)
+        w[p + "self_attn.v_proj.weight"] = rnd(kv, h)
+        w[p + "self_attn.o_proj.weight"] = rnd(h, q)
+        w[p + "mlp.gate_proj.weight"] = rnd(i, h)
+        w[p + "mlp.up_proj.weight"] = rnd(i, h)
+        w[p + "mlp.down_proj.weight"] = rnd(h, i)
+        w[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    w["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    w["lm_head.weight"] = rnd(v, h)
+    return w
+
+
+def make_tiny(out: Path | None = None, force: bool = False) -> Path:
+    """Write the tiny model to `out` (default: the per-user cache); a no-op when it is there.
+    Written to a temporary sibling and renamed, so a half-made model is never seen."""
+    from safetensors.torch import save_file
+
+    out = (out or default_dir()).expanduser().resolve()
+    if (out / "model.safetensors").is_file() and (out / ".complete").is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n"
+        )
+        (tmp / "tokenizer.json").write_text(_tokenizer_json())
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "model_max_length": CONFIG["max_position_embeddings"],
+                    "add_bos_token": True,
+                    "clean_up_tokenization_spaces": False,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
+        save_file(_weights(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / ".complete").write_text(f"fastvllm tiny model v{TINY_VERSION}\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(model: str) -> str:
+    """'tiny' means the built-in model (made on first use); anything else is a path."""
+    if model == TINY_NAME:
+        return str(make_tiny())
+    return model

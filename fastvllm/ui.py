@@ -1,0 +1,95 @@
+"""Rich rendering for the CLI: a live phase timeline while a pipeline runs, tables after.
+
+Kept apart from the pipelines so the Python API stays silent and `--json` stays clean."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from fastvllm.runtime.errors import FastVLLMError
+from fastvllm.runtime.timeline import Phase, Timeline
+
+console = Console(stderr=True)  # human output on stderr; stdout is reserved for --json
+out = Console()
+
+
+class LiveTimeline:
+    """Shows each phase as a spinner while it runs and its duration once done; phases that
+    move bytes (checksums) also show bytes and throughput."""
+
+    def __init__(self, timeline: Timeline, enabled: bool = True) -> None:
+        self.timeline = timeline
+        self.enabled = enabled
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description:<22}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[extra]}"),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not enabled,
+        )
+        self.current: TaskID | None = None
+        timeline.on_start = self._start
+        timeline.on_end = self._end
+
+    def _start(self, name: str) -> None:
+        self.current = self.progress.add_task(name, total=None, extra="")
+
+    def _end(self, phase: Phase) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, total=1, completed=1, extra=f"{phase.duration_s:7.2f} s")
+            self.current = None
+
+    def on_bytes(self, n: int) -> None:
+        if self.current is not None:
+            self.progress.advance(self.current, n)
+
+    @contextmanager
+    def running(self) -> Iterator[LiveTimeline]:
+        with self.progress:
+            yield self
+
+
+def phase_table(timeline: Timeline, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("phase")
+    t.add_column("starts at", justify="right")
+    t.add_column("duration", justify="right")
+    t.add_column("")
+    total = max((p.start_s + p.duration_s for p in timeline.phases), default=0.0) or 1.0
+    for p in timeline.phases:
+        width = 30
+        lead = round(p.start_s / total * width)
+        bar = " " * lead + "█" * max(1, round(p.duration_s / total * width))
+        t.add_row(p.name, f"{p.start_s:.2f} s", f"{p.duration_s:.2f} s", f"[cyan]{bar}[/]")
+    return t
+
+
+def print_error(e: FastVLLMError) -> None:
+    console.print(f"[bold red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+    if e.detail:
+        console.print(e.detail, style="dim", highlight=False, markup=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

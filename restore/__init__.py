@@ -1,0 +1,1 @@
+"""The restore pipeline (fastvllm.restore.pipeline)."""

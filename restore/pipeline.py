@@ -1,0 +1,155 @@
+"""The restore pipeline: validate the manifest, the identity and the checksums, CRIU-restore
+the tree, wait until healthy, and prove it with the canary before calling it serving.
+
+A restored tree that fails any later step is stopped: a server that answers differently
+from the one snapshotted is worse than none.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastvllm.runtime import criu, instances, manifest, proctree, shm, system, vllm_server
+from fastvllm.runtime.errors import CanaryMismatchError, IdentityMismatchError, PortInUseError, UsageError
+from fastvllm.runtime.timeline import Timeline
+
+
+@dataclass
+class RestoreOptions:
+    snapshot: Path
+    verify: bool = True
+    health_timeout: float = 120.0
+
+
+@dataclass
+class RestoreResult:
+    snapshot: Path
+    server: vllm_server.Server
+    timeline: Timeline
+    time_to_first_completion_s: float
+    canary_ok: bool
+    manifest: manifest.Manifest
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "snapshot": str(self.snapshot),
+            "pid": self.server.pid,
+            "url": self.server.base_url,
+            "log": str(self.server.log_path),
+            "time_to_first_completion_s": round(self.time_to_first_completion_s, 4),
+            "canary_ok": self.canary_ok,
+            "phases": self.timeline.as_list(),
+        }
+
+
+def host_identity(found: criu.Criu) -> manifest.HostIdentity:
+    return manifest.HostIdentity(
+        criu=found.version,
+        kernel=system.kernel_release(),
+        python=system.python_version(),
+        vllm=vllm_server.vllm_version(),
+    )
+
+
+def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
+    m = manifest.load(path)
+    found = criu.find_criu()
+    diffs = m.identity.differences(host_identity(found))
+    if diffs:
+        raise IdentityMismatchError(
+            "snapshot was taken on a different host setup: " + "; ".join(diffs),
+            hint="restore with the same CRIU, kernel, Python and vLLM, or take a new snapshot here",
+        )
+    system.require_criu_privileges()
+    manifest.check_model_unchanged(m.model)
+    try:
+        vllm_server.ensure_port_free(m.server.host, m.server.port)
+    except PortInUseError as e:
+        running = [i.pid for i in instances.running() if i.port == m.server.port]
+        hint = f"stop it first: fastvllm stop {running[0]}" if running else "stop what listens there"
+        raise PortInUseError(f"{e.message}: the restored server needs it back", hint=hint) from e
+    busy = [pid for pid in m.server.tree_pids if proctree.alive(pid)]
+    if busy:
+        raise UsageError(
+            f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
+            hint="stop that process (is the snapshotted server still running?)",
+        )
+    return m, found
+
+
+def restore_snapshot(
+    opts: RestoreOptions,
+    timeline: Timeline | None = None,
+    on_verify_bytes: Callable[[int], None] | None = None,
+) -> RestoreResult:
+    tl = timeline or Timeline()
+    path = opts.snapshot.expanduser().absolute()
+    with tl.phase("validate"):
+        m, found = _preflight(path)
+    if opts.verify:
+        with tl.phase("verify_checksums"):
+            manifest.verify_files(path, m.files, on_bytes=on_verify_bytes)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = path / "logs"
+    logs.mkdir(exist_ok=True)
+    server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
+    pid: int | None = None
+    try:
+        with tl.phase("criu_restore"):
+            shm.put_back(path / "shm")
+            fd = os.open(server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                pid = criu.restore(
+                    found,
+                    path / "criu",
+                    logs / f"criu-restore-{stamp}-{os.getpid()}.log",
+                    logs / f".restore-{os.getpid()}.pid",
+                    inherit={m.server.log_path_at_dump.lstrip("/"): fd},
+                )
+            finally:
+                os.close(fd)
+        server = vllm_server.Server(pid, m.server.host, m.server.port, server_log)
+        root = pid
+        with tl.phase("health"):
+            vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
+        with tl.phase("first_completion"):
+            got = vllm_server.complete(
+                server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
+            )
+        ttfc = tl.elapsed()
+        if got.token_ids != m.canary.token_ids:
+            raise CanaryMismatchError(
+                f"the restored server's canary differs: {len(m.canary.token_ids)} tokens recorded, first "
+                f"difference at token {_first_difference(got.token_ids, m.canary.token_ids)}; it was stopped",
+                hint="the snapshot does not reproduce its server; take a new one",
+                detail=f"recorded: {m.canary.text!r}\nrestored: {got.text!r}",
+            )
+    except BaseException:
+        if pid is not None:
+            proctree.stop_session(pid)
+        raise
+    instances.record(
+        instances.Instance(
+            pid,
+            m.server.host,
+            m.server.port,
+            m.server.model,
+            m.server.served_model_name,
+            list(m.server.vllm_args),
+            dict(m.server.env),
+            str(path),
+            str(server_log),
+        )
+    )
+    return RestoreResult(path, server, tl, ttfc, True, m)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))

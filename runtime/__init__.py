@@ -1,0 +1,1 @@
+"""Mechanisms every stage shares: vLLM server control, the CRIU wrapper, the manifest, errors."""

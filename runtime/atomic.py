@@ -1,0 +1,45 @@
+"""Atomic publication of a directory: build it under a hidden sibling, rename it into place
+with RENAME_NOREPLACE so an existing snapshot is never replaced and a reader sees all or nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from fastvllm.runtime.errors import SnapshotExistsError
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+STAGING_MARK = ".partial-"
+
+
+def staging_dir(out: Path) -> Path:
+    """A private (0700) sibling of `out`, on the same filesystem so the final rename is atomic."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(mode=0o700)
+    os.chmod(tmp, 0o700)  # mkdir's mode is filtered by the umask
+    return tmp
+
+
+def publish(staging: Path, out: Path) -> None:
+    os.sync()  # the images must be on disk before the name says they are complete
+    r = _libc.renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD, os.fsencode(out), _RENAME_NOREPLACE)
+    if r != 0:
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise SnapshotExistsError(
+                f"{out} appeared while the snapshot was written", hint="choose another --out"
+            )
+        raise OSError(err, os.strerror(err), str(out))
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

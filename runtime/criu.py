@@ -1,0 +1,193 @@
+"""The one place that runs the `criu` binary: find it, check it, dump a tree, restore it.
+
+Flags are the ones that dumped and restored vLLM's process tree here (DESIGN.md):
+established TCP and external unix sockets, link-remap for unlinked files, file locks.
+The network lock is skipped because hosts without iptables fail with it, and a snapshot
+is taken with no client connection open.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError
+
+MIN_VERSION = (4, 2)
+# --link-remap is needed for POSIX semaphores (sem_open maps a temporary name it then renames);
+# CRIU leaves /dev/shm/link_remap.N hard links that a restore consumes, so fastvllm keeps copies
+# of them with the snapshot (runtime/shm.py).
+COMMON_FLAGS = ["--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks", "--ghost-limit", "64M"]
+_CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu")
+
+
+@dataclass(frozen=True)
+class Criu:
+    path: str
+    version: str
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
+
+
+def find_criu() -> Criu:
+    """CRIU from $FASTVLLM_CRIU, the PATH, or where scripts/setup.sh installs it."""
+    candidates = [os.environ.get("FASTVLLM_CRIU"), shutil.which("criu"), *_CANDIDATES]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            version = criu_version(c)
+            found = Criu(c, version)
+            if found.version_tuple[:2] < MIN_VERSION:
+                raise EnvironmentNotReadyError(
+                    f"CRIU {version} at {c} is too old (need >= 4.2 on this kernel)",
+                    hint="run scripts/setup.sh to build CRIU 4.2, or set FASTVLLM_CRIU to a newer one",
+                )
+            return found
+    raise EnvironmentNotReadyError("CRIU not found", hint="run scripts/setup.sh, or set FASTVLLM_CRIU")
+
+
+def criu_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"Version:\s*(\S+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def criu_check(criu: Criu) -> tuple[bool, str]:
+    r = subprocess.run([criu.path, "check"], capture_output=True, text=True, check=False)
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+
+def _benign(line: str) -> bool:
+    # Printed on every run where CAP_SYS_RESOURCE is missing; CRIU carries on.
+    return "RLIMIT_NOFILE" in line
+
+
+def log_tail(log: Path, lines: int = 12) -> str:
+    """The part of a CRIU log worth showing: its error lines, then its last lines."""
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no CRIU log at {log})"
+    errors = [line for line in text if ("Error" in line or "error" in line) and not _benign(line)][-8:]
+    tail = text[-lines:]
+    seen = set()
+    out = []
+    for line in [*errors, *tail]:
+        if line not in seen:
+            seen.add(line)
+            out.append(line)
+    return "\n".join(out)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def xcomp_preload() -> Path | None:
+    """The LD_PRELOAD library that gives restored tasks AMX permission (native/xcomp_perm.c
+    says why), compiled once into the user's cache; None where the CPU has no AMX."""
+    if not _cpu_has_amx():
+        return None
+    src = Path(__file__).parent / "native" / "xcomp_perm.c"
+    digest = xxhash.xxh3_64_hexdigest(src.read_bytes())
+    home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+    lib = home / "lib" / f"xcomp_perm-{digest}.so"
+    if lib.is_file():
+        return lib
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise EnvironmentNotReadyError(
+            "this CPU has AMX and restoring needs a small helper library, but no C compiler was found",
+            hint="install gcc (apt-get install gcc) or run scripts/setup.sh",
+        )
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    r = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise EnvironmentNotReadyError(
+            f"could not build {lib.name}: {r.stderr.strip()[-200:]}", hint="check gcc"
+        )
+    os.replace(tmp, lib)
+    return lib
+
+
+def _run(
+    criu: Criu,
+    args: list[str],
+    log: Path,
+    what: str,
+    pass_fds: tuple[int, ...] = (),
+    preload: Path | None = None,
+) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if preload is not None:
+        env["LD_PRELOAD"] = f"{preload} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(preload)
+    r = subprocess.run(
+        [criu.path, *args, "-v4", "-o", str(log)],
+        capture_output=True,
+        text=True,
+        check=False,
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    if r.returncode != 0:
+        tail = log_tail(log)
+        errs = [ln for ln in tail.splitlines() if "Error" in ln and not _benign(ln)]
+        first = re.sub(r"^\(\d+\.\d+\)\s*", "", errs[0]) if errs else r.stderr.strip()[-200:]
+        raise CriuError(
+            f"CRIU {what} failed: {first.strip()}",
+            hint=f"full log: {log}",
+            detail=tail,
+        )
+
+
+def dump(
+    criu: Criu,
+    pid: int,
+    images: Path,
+    log: Path,
+    *,
+    leave_running: bool = False,
+    action_script: Path | None = None,
+) -> None:
+    """Dump the tree rooted at `pid` (a session leader) into `images`."""
+    images.mkdir(parents=True, exist_ok=True)
+    args = ["dump", "-t", str(pid), "-D", str(images), *COMMON_FLAGS, "--network-lock", "skip"]
+    if leave_running:
+        args.append("--leave-running")
+    if action_script is not None:
+        args += ["--action-script", str(action_script)]
+    _run(criu, args, log, "dump")
+
+
+def restore(criu: Criu, images: Path, log: Path, pidfile: Path, inherit: dict[str, int]) -> int:
+    """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
+    (without its leading '/') to an open descriptor that replaces it: the server's log, which
+    has moved or grown since the dump, is handed over this way."""
+    pidfile.unlink(missing_ok=True)  # CRIU creates it with O_EXCL
+    args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached", "--pidfile", str(pidfile)]
+    for key, fd in inherit.items():
+        args += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())
+    return int(pidfile.read_text().strip())
+
+
+def image_bytes(images: Path) -> int:
+    return sum(f.stat().st_size for f in images.iterdir() if f.is_file())

@@ -1,0 +1,242 @@
+"""The snapshot manifest: what was snapshotted (identity), how to bring it back (server
+arguments, canary), and what every file must look like (size + xxh3-128).
+
+xxh3 rather than sha256: verification sits on the restore path and must run at memory
+speed; it guards against truncation and corruption, not against an attacker (snapshot
+directories are 0700 and owned by root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotASnapshotError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the snapshot directory
+    size: int
+    xxh3_128: str
+
+
+@dataclass
+class Canary:
+    prompt: str
+    max_tokens: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class ModelIdentity:
+    path: str
+    content_hash: str  # xxh3-128 over (relative name, size, bytes) of every file
+    stat_fingerprint: str  # cheap: (name, size, mtime_ns); a restore rehashes only if it changed
+    bytes: int
+
+
+@dataclass
+class HostIdentity:
+    """What must match between the snapshot host and the restore host."""
+
+    criu: str
+    kernel: str
+    python: str
+    vllm: str
+
+    def differences(self, other: HostIdentity) -> list[str]:
+        return [
+            f"{k}: snapshot {v!r}, here {getattr(other, k)!r}"
+            for k, v in asdict(self).items()
+            if getattr(other, k) != v
+        ]
+
+
+@dataclass
+class ServerSpec:
+    """How the server was launched; the restore reconnects and re-snapshots with it."""
+
+    model: str
+    served_model_name: str
+    host: str
+    port: int
+    vllm_args: list[str]
+    env: dict[str, str]
+    log_path_at_dump: str  # the path CRIU recorded for the server's stdout/stderr
+    tree_pids: list[int] = field(default_factory=list)  # CRIU restores these same PIDs
+
+
+@dataclass
+class Manifest:
+    identity: HostIdentity
+    model: ModelIdentity
+    server: ServerSpec
+    canary: Canary
+    files: list[FileEntry] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    image_bytes: int = 0
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    format_version: int = FORMAT_VERSION
+    source_snapshot: str | None = None  # set when the snapshotted server was itself restored
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        return cls(
+            identity=HostIdentity(**d["identity"]),
+            model=ModelIdentity(**d["model"]),
+            server=ServerSpec(**d["server"]),
+            canary=Canary(**d["canary"]),
+            files=[FileEntry(**f) for f in d["files"]],
+            timings=d.get("timings", {}),
+            image_bytes=d.get("image_bytes", 0),
+            created_at=d["created_at"],
+            format_version=d["format_version"],
+            source_snapshot=d.get("source_snapshot"),
+        )
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, directory / MANIFEST)
+
+
+def load(directory: Path) -> Manifest:
+    """Read and parse a snapshot's manifest; any problem is a NotASnapshotError."""
+    if not directory.exists():
+        raise NotASnapshotError(f"snapshot directory {directory} does not exist", hint="check the path")
+    if not directory.is_dir():
+        raise NotASnapshotError(f"{directory} is not a directory", hint="pass a snapshot directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise NotASnapshotError(
+            f"{directory} is not a fastvllm snapshot (no {MANIFEST})",
+            hint="pass a directory written by 'fastvllm snapshot'",
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotASnapshotError(
+            f"{path} is not valid JSON ({e})", hint="the snapshot is damaged; take a new one"
+        ) from e
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise NotASnapshotError(
+            f"{path} has format version {version!r}, this fastvllm reads {FORMAT_VERSION}",
+            hint="take a new snapshot with this fastvllm",
+        )
+    try:
+        return Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise NotASnapshotError(
+            f"{path} is incomplete ({e})", hint="the snapshot is damaged; take a new one"
+        ) from e
+
+
+def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes:
+                on_bytes(n)
+    return h.hexdigest()
+
+
+def _walk(root: Path, skip: Iterable[str]) -> list[Path]:
+    skip = set(skip)
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.parts[0] not in skip and rel.name not in skip:
+            out.append(p)
+    return out
+
+
+def collect_files(
+    root: Path, skip: Iterable[str] = (MANIFEST, "logs"), on_bytes: Callable[[int], None] | None = None
+) -> list[FileEntry]:
+    """Hash every file under `root` except the manifest and logs, in parallel."""
+    files = _walk(root, skip)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        hashes = list(pool.map(lambda p: hash_file(p, on_bytes), files))
+    return [
+        FileEntry(str(p.relative_to(root)), p.stat().st_size, h) for p, h in zip(files, hashes, strict=True)
+    ]
+
+
+def verify_files(root: Path, entries: list[FileEntry], on_bytes: Callable[[int], None] | None = None) -> None:
+    """Sizes first (cheap, catches truncation), then content; the first problem is raised."""
+    for e in entries:
+        p = root / e.path
+        if not p.is_file():
+            raise IntegrityError(
+                f"snapshot file {e.path} is missing", hint="the snapshot is damaged; take a new one"
+            )
+        size = p.stat().st_size
+        if size != e.size:
+            raise IntegrityError(
+                f"snapshot file {e.path} has {size} bytes, the manifest says {e.size} (truncated or altered)",
+                hint="the snapshot is damaged; take a new one",
+            )
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        results = list(pool.map(lambda e: (e, hash_file(root / e.path, on_bytes)), entries))
+    for e, h in results:
+        if h != e.xxh3_128:
+            raise IntegrityError(
+                f"snapshot file {e.path} does not match its checksum (altered or corrupted)",
+                hint="the snapshot is damaged; take a new one",
+            )
+
+
+def model_identity(model_dir: Path) -> ModelIdentity:
+    content = xxhash.xxh3_128()
+    total = 0
+    for p in _walk(model_dir, skip=()):
+        size = p.stat().st_size
+        total += size
+        content.update(f"{p.relative_to(model_dir)}\0{size}\0{hash_file(p)}\n".encode())
+    return ModelIdentity(str(model_dir), content.hexdigest(), model_stat_fingerprint(model_dir), total)
+
+
+def check_model_unchanged(recorded: ModelIdentity) -> None:
+    """The restored process has the model's files open or mapped by path: they must be the same."""
+    model_dir = Path(recorded.path)
+    if not model_dir.is_dir():
+        raise IdentityMismatchError(
+            f"the snapshot's model {model_dir} is not on this host",
+            hint="restore on a host that has the model at the same path",
+        )
+    now = model_stat_fingerprint(model_dir)
+    if now == recorded.stat_fingerprint:
+        return
+    if model_identity(model_dir).content_hash != recorded.content_hash:
+        raise IdentityMismatchError(
+            f"the model at {model_dir} changed since the snapshot (content hash differs)",
+            hint="restore the original model files or take a new snapshot",
+        )
+
+
+def model_stat_fingerprint(model_dir: Path) -> str:
+    stat = xxhash.xxh3_128()
+    for p in _walk(model_dir, skip=()):
+        st = p.stat()
+        stat.update(f"{p.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return stat.hexdigest()

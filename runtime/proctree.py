@@ -1,0 +1,75 @@
+"""Process-tree control by session: fastvllm starts every server in its own session, and
+CRIU restores that session, so "the server" is exactly the processes of one session id.
+We stop what we started by that id, never by name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import psutil
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is `sid`."""
+    pids = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getsid(p.pid) == sid:
+                pids.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return pids
+
+
+def tree_pids(root: int) -> list[int]:
+    try:
+        proc = psutil.Process(root)
+        return [root] + [c.pid for c in proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float, *, reaped: bool = False) -> list[int]:
+    """Wait until none of `pids` is alive (zombies of our own children are reaped); returns
+    those left at the deadline. With `reaped`, a zombie still counts: a restore must wait for
+    that, because CRIU re-creates the same PIDs and fails with 'File exists' while one lingers."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left:
+        for pid in left:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        left = [p for p in left if (psutil.pid_exists(p) if reaped else alive(p))]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def stop_session(sid: int, grace: float = 10.0) -> None:
+    """SIGTERM every process of the session, SIGKILL what outlives `grace`, wait until gone."""
+    pids = session_pids(sid)
+    if not pids:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    left = wait_gone(pids, grace)
+    # Children forked while we waited belong to the session too.
+    left = sorted(set(left) | set(session_pids(sid)))
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_gone(left, 10.0)

@@ -1,0 +1,97 @@
+"""/dev/shm files a tree maps or holds open, kept with the snapshot.
+
+CRIU records a shared file mapping by path, not content: vLLM's shared-memory message
+queues (/dev/shm/psm_*) would have to survive unchanged on the host until the restore, and
+they do not (the restored server's resource tracker unlinks them at exit, a reboot clears
+them). So their bytes go into the snapshot, copied while CRIU holds the tree frozen, and are
+put back before each restore. Copies are sparse: the queues are mostly holes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SHM = Path("/dev/shm")
+_CHUNK = 4 << 20
+
+
+def files_of(pids: list[int]) -> list[Path]:
+    """Existing (linked) /dev/shm files that the processes map or have open."""
+    found: set[Path] = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if (
+                    len(parts) == 6
+                    and parts[5].startswith("/dev/shm/")
+                    and not parts[5].endswith("(deleted)")
+                ):
+                    found.add(Path(parts[5]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/") and not target.endswith("(deleted)"):
+                    found.add(Path(target))
+        except OSError:
+            continue
+    return sorted(p for p in found if p.is_file())
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy data extents only (SEEK_DATA/SEEK_HOLE); the destination has the same size and mode.
+    Written to a temporary name and renamed, so a reader never sees half a file."""
+    tmp = dst.with_name(f".{dst.name}.fastvllm-tmp")
+    st = src.stat()
+    with open(src, "rb", buffering=0) as fi, open(tmp, "wb", buffering=0) as fo:
+        fin, fout = fi.fileno(), fo.fileno()
+        size = st.st_size
+        os.ftruncate(fout, size)
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fin, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            hole = os.lseek(fin, data, os.SEEK_HOLE)
+            off = data
+            while off < hole:
+                buf = os.pread(fin, min(_CHUNK, hole - off), off)
+                if not buf:
+                    break
+                os.pwrite(fout, buf, off)
+                off += len(buf)
+            pos = hole
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.replace(tmp, dst)
+
+
+def hook_script(files: list[Path], dest: Path) -> str:
+    """A CRIU action script that copies `files` into `dest` at post-dump, while the tree is
+    still frozen (so --leave-running gets a consistent copy too), with the link_remap.N
+    links CRIU made in /dev/shm during this dump."""
+    quoted = " ".join(f"'{f}'" for f in files)
+    return (
+        "#!/bin/sh\n"
+        '[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0\n'
+        f"mkdir -p '{dest}' || exit 1\n"
+        f"for f in {quoted} /dev/shm/link_remap.*; do\n"
+        '  [ -f "$f" ] || continue\n'
+        f"  cp --sparse=always --preserve=mode,ownership \"$f\" '{dest}/' || exit 1\n"
+        "done\n"
+    )
+
+
+def put_back(saved: Path) -> list[Path]:
+    """Before a restore: the snapshot's copies go back to /dev/shm under their names."""
+    if not saved.is_dir():
+        return []
+    out = []
+    for f in sorted(saved.iterdir()):
+        copy_sparse(f, SHM / f.name)
+        out.append(SHM / f.name)
+    return out

@@ -1,0 +1,102 @@
+"""Facts about this host that CRIU cares about: kernel, privileges, the io_uring sysctl,
+and the page cache (dropped before benchmarks so cold numbers are cold)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+from fastvllm.runtime.errors import EnvironmentNotReadyError, PrivilegeError
+
+IO_URING_SYSCTL = Path("/proc/sys/kernel/io_uring_disabled")
+
+# Capabilities CRIU uses to dump and restore a tree like vLLM's (ptrace, namespaces, sockets,
+# credentials, files); bit numbers from linux/capability.h. CAP_SYS_RESOURCE is left out:
+# the machines here lack it and CRIU dumps and restores vLLM without it.
+CRIU_CAPABILITIES: dict[str, int] = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_ADMIN": 12,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_CHECKPOINT_RESTORE": 40,
+}
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+def effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def missing_capabilities() -> list[str]:
+    eff = effective_capabilities()
+    return [name for name, bit in CRIU_CAPABILITIES.items() if not eff & (1 << bit)]
+
+
+def require_criu_privileges() -> None:
+    """CRIU needs root with its capabilities; fail before anything is started or written."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(
+            "fastvllm must run as root: CRIU needs ptrace and namespace privileges",
+            hint="run it with sudo, or in a container started with --privileged",
+        )
+    missing = missing_capabilities()
+    if missing:
+        raise PrivilegeError(
+            f"missing capabilit{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}",
+            hint="CRIU needs them; run as full root or add them (docker run --cap-add ...)",
+        )
+
+
+def io_uring_disabled() -> int | None:
+    try:
+        return int(IO_URING_SYSCTL.read_text().strip())
+    except (OSError, ValueError):
+        return None  # kernels before 6.6 have no such switch
+
+
+def ensure_io_uring_disabled() -> bool:
+    """vLLM's API server (uvloop/libuv) opens an io_uring at start-up unless the kernel refuses,
+    and CRIU cannot dump io_uring. Returns True when it changed the setting."""
+    current = io_uring_disabled()
+    if current is None or current == 2:
+        return False
+    try:
+        IO_URING_SYSCTL.write_text("2\n")
+    except OSError as e:
+        raise EnvironmentNotReadyError(
+            f"cannot set kernel.io_uring_disabled=2 ({e.strerror})",
+            hint="run 'sysctl -w kernel.io_uring_disabled=2' as root: CRIU cannot dump io_uring",
+        ) from e
+    return True
+
+
+def drop_page_cache() -> bool:
+    """Drop clean page-cache pages (root only); returns whether it happened."""
+    if os.geteuid() != 0:
+        return False
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True

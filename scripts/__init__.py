@@ -1,0 +1,1 @@
+"""Set-up and benchmark scripts; the benchmarks are also reachable as `fastvllm bench`."""

@@ -1,0 +1,1 @@
+"""The snapshot pipeline (fastvllm.snapshot.pipeline)."""

@@ -1,0 +1,205 @@
+"""The snapshot pipeline: launch vLLM, wait until healthy, warm up, record the canary,
+CRIU-dump the tree, hash every file, publish atomically.
+
+All-or-nothing: any failure or Ctrl-C stops the tree we launched and removes the staging
+directory, so no partial snapshot and no stray vLLM process is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastvllm.runtime import atomic, criu, instances, manifest, proctree, shm, system, vllm_server
+from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
+from fastvllm.runtime.timeline import Timeline
+
+LOG_NAME = "server.log"
+
+
+@dataclass
+class SnapshotOptions:
+    out: Path
+    model: str | None = None  # a model directory, to launch a fresh server
+    pid: int | None = None  # or the root PID of a running server fastvllm launched/restored
+    port: int = vllm_server.DEFAULT_PORT
+    host: str = vllm_server.DEFAULT_HOST
+    vllm_args: list[str] = field(default_factory=list)
+    leave_running: bool = False
+    health_timeout: float = 900.0
+
+
+@dataclass
+class SnapshotResult:
+    path: Path
+    manifest: manifest.Manifest
+    timeline: Timeline
+    cold_start_s: float | None  # launch to first completion, when we launched the server
+    server: vllm_server.Server | None  # still serving when leave_running
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "snapshot": str(self.path),
+            "image_bytes": self.manifest.image_bytes,
+            "cold_start_to_first_completion_s": self.cold_start_s,
+            "phases": self.timeline.as_list(),
+            "total_s": round(self.timeline.elapsed(), 4),
+            "canary_tokens": len(self.manifest.canary.token_ids),
+            "server_pid": self.server.pid if self.server else None,
+        }
+
+
+def _preflight(opts: SnapshotOptions) -> criu.Criu:
+    """Every check that needs no side effect, before anything is started or written."""
+    if (opts.model is None) == (opts.pid is None):
+        raise UsageError("give either a MODEL to launch or --pid of a running server", hint="see --help")
+    system.require_criu_privileges()
+    found = criu.find_criu()
+    if opts.out.exists():
+        raise SnapshotExistsError(
+            f"output directory {opts.out} already exists",
+            hint="choose another --out or delete the old snapshot",
+        )
+    if opts.model is not None:
+        vllm_server.validate_model_dir(opts.model)
+        vllm_server.ensure_port_free(opts.host, opts.port)
+    return found
+
+
+def _keep_logs(staging: Path, out: Path) -> Path | None:
+    """A failed snapshot leaves nothing at `out`, but its logs are what explains the failure."""
+    logs = staging / "logs"
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return None
+    dest = Path(tempfile.gettempdir()) / "fastvllm-failed" / f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.move(str(logs), dest)
+    return dest
+
+
+def take_snapshot(
+    opts: SnapshotOptions,
+    timeline: Timeline | None = None,
+    on_hash_bytes: Callable[[int], None] | None = None,
+) -> SnapshotResult:
+    tl = timeline or Timeline()
+    opts.out = opts.out.expanduser().absolute()
+    found = _preflight(opts)
+    staging = atomic.staging_dir(opts.out)
+    server: vllm_server.Server | None = None
+    launched = False
+    cold_start_s: float | None = None
+    try:
+        if opts.model is not None:
+            model_dir = vllm_server.validate_model_dir(opts.model)
+            spec = vllm_server.LaunchSpec(str(model_dir), opts.port, opts.host, list(opts.vllm_args))
+            system.ensure_io_uring_disabled()
+            with tl.phase("launch_to_healthy"):
+                server = vllm_server.launch(spec, staging / "logs" / LOG_NAME)
+                launched = True
+                pid = server.pid
+                vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(pid))
+            name = vllm_server.served_model_name(server)
+            with tl.phase("first_completion"):
+                vllm_server.complete(server, name, vllm_server.WARMUP_PROMPTS[0], 8)
+            cold_start_s = tl.elapsed()
+            source_snapshot = None
+            env = spec.recorded_env()
+        else:
+            assert opts.pid is not None
+            inst = instances.get(opts.pid)
+            model_dir = Path(inst.model)
+            spec = vllm_server.LaunchSpec(inst.model, inst.port, inst.host, list(inst.vllm_args))
+            server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
+            name, source_snapshot, env = inst.served_model_name, inst.snapshot, inst.env
+        with tl.phase("warmup"):
+            for prompt in vllm_server.WARMUP_PROMPTS:
+                vllm_server.complete(server, name, prompt, 16)
+        with tl.phase("canary"):
+            canary = vllm_server.complete(
+                server, name, vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS
+            )
+        with tl.phase("model_identity"):
+            model_id = manifest.model_identity(model_dir)
+        # CRIU records the log by the path the tree has open; the restore hands a fresh file
+        # in its place (--inherit-fd), so the image does not depend on the log staying put.
+        log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
+        tree = proctree.session_pids(server.pid)
+        hook = staging / "logs" / "criu-action.sh"
+        hook.write_text(shm.hook_script(shm.files_of(tree), staging / "shm"))
+        hook.chmod(0o700)
+        with tl.phase("criu_dump"):
+            criu.dump(
+                found,
+                server.pid,
+                staging / "criu",
+                staging / "logs" / "criu-dump.log",
+                leave_running=opts.leave_running,
+                action_script=hook,
+            )
+        if not opts.leave_running:
+            if server.proc is not None:
+                server.proc.wait()
+            proctree.wait_gone(tree, 30.0, reaped=True)
+            instances.forget(server.pid)
+        with tl.phase("checksums"):
+            files = manifest.collect_files(staging, on_bytes=on_hash_bytes)
+        m = manifest.Manifest(
+            identity=manifest.HostIdentity(
+                criu=found.version,
+                kernel=system.kernel_release(),
+                python=system.python_version(),
+                vllm=vllm_server.vllm_version(),
+            ),
+            model=model_id,
+            server=manifest.ServerSpec(
+                model=str(model_dir),
+                served_model_name=name,
+                host=spec.host,
+                port=spec.port,
+                vllm_args=list(spec.extra_args),
+                env=env,
+                log_path_at_dump=log_at_dump,
+                tree_pids=tree,
+            ),
+            canary=manifest.Canary(
+                vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS, canary.token_ids, canary.text
+            ),
+            files=files,
+            image_bytes=criu.image_bytes(staging / "criu"),
+            source_snapshot=source_snapshot,
+        )
+        with tl.phase("publish"):
+            m.timings = {**tl.durations(), "cold_start_to_first_completion_s": cold_start_s or 0.0}
+            m.write(staging)
+            atomic.publish(staging, opts.out)
+    except BaseException as e:
+        if launched and server is not None:
+            proctree.stop_session(server.pid)
+            if server.proc is not None:
+                server.proc.wait()
+        kept = _keep_logs(staging, opts.out)
+        atomic.discard(staging)
+        if kept is not None and isinstance(e, FastVLLMError):
+            e.hint = f"logs kept in {kept}"
+        raise
+    if opts.leave_running and launched and server is not None:
+        instances.record(
+            instances.Instance(
+                server.pid,
+                spec.host,
+                spec.port,
+                str(model_dir),
+                name,
+                list(spec.extra_args),
+                env,
+                str(opts.out),
+                str(opts.out / "logs" / LOG_NAME),
+            )
+        )
+    return SnapshotResult(opts.out, m, tl, cold_start_s, server if opts.leave_running else None)
