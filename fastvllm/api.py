@@ -9,14 +9,13 @@ fastvllm.stop(srv.server.pid)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
 from fastvllm.runtime import instances, proctree, vllm_server
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
-from fastvllm.tiny_model import resolve_model
 
 
 def snapshot(
@@ -30,12 +29,13 @@ def snapshot(
     leave_running: bool = False,
     health_timeout: float = 900.0,
     timeline: Timeline | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> SnapshotResult:
     """Launch vLLM on `model` ('tiny' for the built-in one), or take the running server `pid`,
     and write a CRIU snapshot of it to `out`."""
     opts = SnapshotOptions(
         out=Path(out),
-        model=resolve_model(model) if model is not None else None,
+        model=model,
         pid=pid,
         port=port,
         host=host,
@@ -43,14 +43,20 @@ def snapshot(
         leave_running=leave_running,
         health_timeout=health_timeout,
     )
-    return take_snapshot(opts, timeline)
+    return take_snapshot(opts, timeline, on_bytes)
 
 
 def restore(
-    path: str | Path, *, verify: bool = True, health_timeout: float = 120.0, timeline: Timeline | None = None
+    path: str | Path,
+    *,
+    verify: bool = True,
+    health_timeout: float = 120.0,
+    timeline: Timeline | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> RestoreResult:
-    """Restore the snapshot at `path`; returns once its canary matched and it is serving."""
-    return restore_snapshot(RestoreOptions(Path(path), verify, health_timeout), timeline)
+    """Restore the snapshot at `path`; returns once its canary matched and it is serving.
+    `on_bytes` is called with byte counts as checksums are verified (for progress bars)."""
+    return restore_snapshot(RestoreOptions(Path(path), verify, health_timeout), timeline, on_bytes)
 
 
 def stop(pid: int, grace: float = 10.0) -> None:

@@ -16,8 +16,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from fastvllm import api, doctor, tiny_model, ui
-from fastvllm.runtime import manifest
+from fastvllm import api, doctor, ui
+from fastvllm.runtime import manifest, tiny_model
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Timeline
 
@@ -94,6 +94,7 @@ def snapshot(
                 leave_running=leave_running,
                 health_timeout=timeout,
                 timeline=tl,
+                on_bytes=live.on_bytes,
             )
 
     res = _guard(run)
@@ -124,7 +125,9 @@ def restore(
 
     def run() -> Any:
         with live.running():
-            return api.restore(snapshot_dir, verify=verify, health_timeout=timeout, timeline=tl)
+            return api.restore(
+                snapshot_dir, verify=verify, health_timeout=timeout, timeline=tl, on_bytes=live.on_bytes
+            )
 
     res = _guard(run)
     if as_json:

@@ -11,19 +11,32 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Phase, Timeline
 
 console = Console(stderr=True)  # human output on stderr; stdout is reserved for --json
 out = Console()
+
+
+class _BytesColumn(ProgressColumn):
+    """Bytes and throughput, only for phases that report bytes."""
+
+    def render(self, task: Task) -> Text:
+        done = task.fields.get("bytes", 0)
+        if not done:
+            return Text("")
+        speed = done / max(task.elapsed or 0.0, 1e-6)
+        return Text(f"{human_bytes(done)} {human_bytes(speed)}/s", style="dim")
 
 
 class LiveTimeline:
@@ -38,7 +51,7 @@ class LiveTimeline:
             TextColumn("{task.description:<22}"),
             BarColumn(bar_width=24),
             TextColumn("{task.fields[extra]}"),
-            TransferSpeedColumn(),
+            _BytesColumn(),
             TimeElapsedColumn(),
             console=console,
             transient=False,
@@ -49,7 +62,7 @@ class LiveTimeline:
         timeline.on_end = self._end
 
     def _start(self, name: str) -> None:
-        self.current = self.progress.add_task(name, total=None, extra="")
+        self.current = self.progress.add_task(name, total=None, extra="", bytes=0)
 
     def _end(self, phase: Phase) -> None:
         if self.current is not None:
@@ -57,8 +70,10 @@ class LiveTimeline:
             self.current = None
 
     def on_bytes(self, n: int) -> None:
-        if self.current is not None:
-            self.progress.advance(self.current, n)
+        task = self.current
+        if task is not None:
+            done = self.progress.tasks[task].fields.get("bytes", 0) if task < len(self.progress.tasks) else 0
+            self.progress.update(task, bytes=done + n)
 
     @contextmanager
     def running(self) -> Iterator[LiveTimeline]:

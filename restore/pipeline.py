@@ -56,6 +56,7 @@ def host_identity(found: criu.Criu) -> manifest.HostIdentity:
 
 
 def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
+    system.require_criu_privileges()  # first: without it nothing below can succeed
     m = manifest.load(path)
     found = criu.find_criu()
     diffs = m.identity.differences(host_identity(found))
@@ -64,7 +65,6 @@ def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
             "snapshot was taken on a different host setup: " + "; ".join(diffs),
             hint="restore with the same CRIU, kernel, Python and vLLM, or take a new snapshot here",
         )
-    system.require_criu_privileges()
     manifest.check_model_unchanged(m.model)
     try:
         vllm_server.ensure_port_free(m.server.host, m.server.port)
@@ -77,6 +77,12 @@ def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
         raise UsageError(
             f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
             hint="stop that process (is the snapshotted server still running?)",
+        )
+    # A stopped tree's zombies hold their PIDs until init reaps them (seconds on some hosts).
+    if proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True):
+        raise UsageError(
+            "the snapshot's PIDs are still held by exited processes nobody has reaped",
+            hint="retry in a few seconds; if it persists, the host's init does not reap orphans",
         )
     return m, found
 

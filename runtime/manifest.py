@@ -130,6 +130,10 @@ def load(directory: Path) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text())
+    except PermissionError as e:
+        raise NotASnapshotError(
+            f"cannot read {path}: permission denied", hint="run as the snapshot's owner (root)"
+        ) from e
     except (OSError, json.JSONDecodeError) as e:
         raise NotASnapshotError(
             f"{path} is not valid JSON ({e})", hint="the snapshot is damaged; take a new one"

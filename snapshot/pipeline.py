@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastvllm.runtime import atomic, criu, instances, manifest, proctree, shm, system, vllm_server
+from fastvllm.runtime import (
+    atomic,
+    criu,
+    instances,
+    manifest,
+    proctree,
+    shm,
+    system,
+    tiny_model,
+    vllm_server,
+)
 from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
 
@@ -25,7 +35,7 @@ LOG_NAME = "server.log"
 @dataclass
 class SnapshotOptions:
     out: Path
-    model: str | None = None  # a model directory, to launch a fresh server
+    model: str | None = None  # a model directory ('tiny': the built-in one), to launch a fresh server
     pid: int | None = None  # or the root PID of a running server fastvllm launched/restored
     port: int = vllm_server.DEFAULT_PORT
     host: str = vllm_server.DEFAULT_HOST
@@ -66,6 +76,7 @@ def _preflight(opts: SnapshotOptions) -> criu.Criu:
             hint="choose another --out or delete the old snapshot",
         )
     if opts.model is not None:
+        opts.model = tiny_model.resolve_model(opts.model)
         vllm_server.validate_model_dir(opts.model)
         vllm_server.ensure_port_free(opts.host, opts.port)
     return found

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 TINY_NAME = "tiny"
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 SEED = 20261121
 
 CONFIG = {
@@ -216,11 +216,42 @@ def default_dir() -> Path:
     return home / "models" / f"tiny-llama-v{TINY_VERSION}"
 
 
-def _corpus(n_sentences: int = 4000) -> list[str]:
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tas",
+    "vor",
+    "eli",
+    "un",
+    "dra",
+    "pe",
+    "si",
+    "mon",
+    "tor",
+    "ga",
+    "li",
+    "ver",
+    "an",
+    "sto",
+    "bel",
+    "qui",
+    "ro",
+    "na",
+    "fe",
+    "zu",
+]
+
+
+def _corpus(n_sentences: int = 6000) -> list[str]:
+    """English-ish words plus seeded pseudo-words, enough variety for a full BPE vocabulary."""
     rng = random.Random(SEED)
+    pseudo = ["".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(3000)]
+    vocab = _WORDS + pseudo
     out = []
     for _ in range(n_sentences):
-        words = rng.choices(_WORDS, k=rng.randint(5, 16))
+        words = rng.choices(vocab, k=rng.randint(5, 16))
         out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","]))
     return out
 

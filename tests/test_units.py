@@ -1,0 +1,181 @@
+"""Pure logic and small mechanisms, no vLLM: the tiny model, the manifest, checksums,
+atomic publish, sparse /dev/shm copies, CRIU log filtering, process-session control."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastvllm.runtime import atomic, criu, manifest, proctree, shm, tiny_model
+from fastvllm.runtime.errors import IntegrityError, NotASnapshotError, SnapshotExistsError
+
+
+def test_tiny_model_is_byte_identical_across_runs(tmp_path: Path) -> None:
+    a = tiny_model.make_tiny(tmp_path / "a")
+    b = tiny_model.make_tiny(tmp_path / "b")
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    assert manifest.model_identity(a).content_hash == manifest.model_identity(b).content_hash
+
+
+def test_tiny_model_tokenizer_round_trips(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model.make_tiny(tmp_path / "m") / "tokenizer.json"))
+    text = "The lighthouse keeper restored the cache."
+    assert tok.get_vocab_size() == tiny_model.CONFIG["vocab_size"]
+    assert tok.decode(tok.encode(text).ids) == text
+
+
+def _sample_manifest() -> manifest.Manifest:
+    return manifest.Manifest(
+        identity=manifest.HostIdentity("4.2.1", "6.18", "3.11.7", "0.32.0"),
+        model=manifest.ModelIdentity("/m", "c", "s", 1),
+        server=manifest.ServerSpec("/m", "/m", "127.0.0.1", 8000, [], {}, "/x/server.log", [1, 2]),
+        canary=manifest.Canary("p", 2, [5, 6], "ab"),
+    )
+
+
+def test_manifest_round_trip_and_identity_differences(tmp_path: Path) -> None:
+    m = _sample_manifest()
+    m.write(tmp_path)
+    back = manifest.load(tmp_path)
+    assert back == m
+    other = manifest.HostIdentity("4.2.1", "6.19", "3.11.7", "0.33.0")
+    diffs = m.identity.differences(other)
+    assert len(diffs) == 2 and diffs[0].startswith("kernel:") and diffs[1].startswith("vllm:")
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), "not a fastvllm snapshot"),
+        (lambda d: (d.mkdir(), (d / "manifest.json").write_text("{nope")), "not valid JSON"),
+        (
+            lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"format_version": 99}')),
+            "format version 99",
+        ),
+        (lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"format_version": 1}')), "incomplete"),
+    ],
+)
+def test_manifest_load_errors(tmp_path: Path, setup, needle: str) -> None:
+    d = tmp_path / "snap"
+    setup(d)
+    with pytest.raises(NotASnapshotError, match=needle):
+        manifest.load(d)
+
+
+def test_verify_files_catches_missing_truncated_and_altered(tmp_path: Path) -> None:
+    (tmp_path / "criu").mkdir()
+    f = tmp_path / "criu" / "pages-1.img"
+    f.write_bytes(os.urandom(3 << 20))
+    entries = manifest.collect_files(tmp_path)
+    assert [e.path for e in entries] == ["criu/pages-1.img"]
+    manifest.verify_files(tmp_path, entries)  # intact
+
+    data = bytearray(f.read_bytes())
+    data[12345] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="checksum"):
+        manifest.verify_files(tmp_path, entries)
+    f.write_bytes(bytes(data[:100]))
+    with pytest.raises(IntegrityError, match="truncated"):
+        manifest.verify_files(tmp_path, entries)
+    f.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        manifest.verify_files(tmp_path, entries)
+
+
+def test_collect_files_skips_manifest_and_logs(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "server.log").write_text("x")
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "shm" / "psm_1").write_bytes(b"abc")
+    assert [e.path for e in manifest.collect_files(tmp_path)] == ["shm/psm_1"]
+
+
+def test_publish_is_atomic_and_never_replaces(tmp_path: Path) -> None:
+    out = tmp_path / "snap"
+    st = atomic.staging_dir(out)
+    assert (st.stat().st_mode & 0o777) == 0o700 and atomic.STAGING_MARK in st.name
+    (st / "f").write_text("1")
+    atomic.publish(st, out)
+    assert (out / "f").read_text() == "1" and not st.exists()
+    st2 = atomic.staging_dir(out)
+    with pytest.raises(SnapshotExistsError):
+        atomic.publish(st2, out)  # an empty-or-not existing directory is never replaced
+    assert (out / "f").read_text() == "1"
+
+
+def test_sparse_copy_keeps_bytes_and_holes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(10 << 20)
+        f.write(b"hello")
+        f.seek((64 << 20) - 3)
+        f.write(b"end")
+    dst = tmp_path / "dst"
+    shm.copy_sparse(src, dst)
+    assert dst.stat().st_size == src.stat().st_size
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
+
+
+def test_criu_log_tail_skips_benign_lines(tmp_path: Path) -> None:
+    log = tmp_path / "restore.log"
+    log.write_text(
+        "(00.01) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self\n"
+        + "".join(f"(00.{i:02d}) line {i}\n" for i in range(30))
+        + "(00.50) Error (criu/cr-restore.c:1237): Can't fork for 42: File exists\n"
+    )
+    tail = criu.log_tail(log)
+    assert "Can't fork for 42" in tail
+    assert "RLIMIT_NOFILE" not in tail.splitlines()[0]
+
+
+def test_stop_session_stops_the_whole_session_and_nothing_else() -> None:
+    # a session leader with a child, like a vLLM server tree
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','60']); time.sleep(60)"],
+        start_new_session=True,
+    )
+    for _ in range(100):
+        if len(proctree.session_pids(p.pid)) == 2:
+            break
+        time.sleep(0.05)
+    tree = proctree.session_pids(p.pid)
+    assert len(tree) == 2
+    proctree.stop_session(p.pid, grace=2)
+    p.wait()
+    assert proctree.wait_gone(tree, 10) == []
+    assert proctree.alive(os.getpid())
+
+
+def test_shm_hook_script_copies_only_at_post_dump(tmp_path: Path) -> None:
+    src = tmp_path / "psm_x"
+    src.write_bytes(b"data")
+    script = tmp_path / "hook.sh"
+    script.write_text(shm.hook_script([src], tmp_path / "out"))
+    script.chmod(0o700)
+    subprocess.run([str(script)], env={**os.environ, "CRTOOLS_SCRIPT_ACTION": "pre-dump"}, check=True)
+    assert not (tmp_path / "out").exists()
+    subprocess.run([str(script)], env={**os.environ, "CRTOOLS_SCRIPT_ACTION": "post-dump"}, check=True)
+    assert (tmp_path / "out" / "psm_x").read_bytes() == b"data"
+
+
+def test_manifest_json_is_plain_json(tmp_path: Path) -> None:
+    _sample_manifest().write(tmp_path)
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["format_version"] == manifest.FORMAT_VERSION
+    assert doc["server"]["tree_pids"] == [1, 2]
