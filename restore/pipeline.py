@@ -94,6 +94,7 @@ def restore_snapshot(
 ) -> RestoreResult:
     tl = timeline or Timeline()
     path = opts.snapshot.expanduser().absolute()
+    proctree.adopt_orphans()
     with tl.phase("validate"):
         m, found = _preflight(path)
     if opts.verify:

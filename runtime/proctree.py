@@ -5,11 +5,23 @@ We stop what we started by that id, never by name."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
 
 import psutil
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Make this process the reaper of orphaned descendants (a server whose root died, a tree
+    `criu restore --restore-detached` leaves behind). Their zombies then hold PIDs only until
+    our next waitpid, not until the host's init gets round to it (seconds on some hosts), and
+    CRIU can restore those PIDs again right away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -51,6 +63,9 @@ def wait_gone(pids: list[int], timeout: float, *, reaped: bool = False) -> list[
         for pid in left:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
+        with contextlib.suppress(ChildProcessError, OSError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:  # adopted orphans (see adopt_orphans)
+                pass
         left = [p for p in left if (psutil.pid_exists(p) if reaped else alive(p))]
         if not left or time.monotonic() > deadline:
             break

@@ -72,16 +72,21 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 def hook_script(files: list[Path], dest: Path) -> str:
     """A CRIU action script that copies `files` into `dest` at post-dump, while the tree is
-    still frozen (so --leave-running gets a consistent copy too), with the link_remap.N
-    links CRIU made in /dev/shm during this dump."""
+    still frozen (so --leave-running gets a consistent copy too). The link_remap.N links CRIU
+    made in /dev/shm during this dump are moved, not copied: their names repeat from dump to
+    dump, and a stale one makes the next dump fail with 'Can't link remap ... File exists'."""
     quoted = " ".join(f"'{f}'" for f in files)
     return (
         "#!/bin/sh\n"
         '[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0\n'
         f"mkdir -p '{dest}' || exit 1\n"
-        f"for f in {quoted} /dev/shm/link_remap.*; do\n"
+        f"for f in {quoted}; do\n"
         '  [ -f "$f" ] || continue\n'
         f"  cp --sparse=always --preserve=mode,ownership \"$f\" '{dest}/' || exit 1\n"
+        "done\n"
+        "for f in /dev/shm/link_remap.*; do\n"
+        '  [ -f "$f" ] || continue\n'
+        f"  cp --preserve=mode,ownership \"$f\" '{dest}/' && rm -f \"$f\" || exit 1\n"
         "done\n"
     )
 

@@ -32,6 +32,7 @@ def _say(quiet: bool, msg: str) -> None:
 def cold_start_once(model: str, port: int, log: Path) -> float:
     """Launch → healthy → first completion, as a user of plain vLLM waits for it."""
     system.ensure_io_uring_disabled()  # same launch conditions as a snapshotted server
+    proctree.adopt_orphans()
     spec = vllm_server.LaunchSpec(model, port)
     t0 = time.perf_counter()
     server = vllm_server.launch(spec, log)

