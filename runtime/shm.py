@@ -86,9 +86,15 @@ def hook_script(files: list[Path], dest: Path) -> str:
         "done\n"
         "for f in /dev/shm/link_remap.*; do\n"
         '  [ -f "$f" ] || continue\n'
-        f"  cp --preserve=mode,ownership \"$f\" '{dest}/' && rm -f \"$f\" || exit 1\n"
+        f'  cp --preserve=mode,ownership "$f" \'{dest}/\' && rm -f "$f" || exit 1\n'
         "done\n"
     )
+
+
+def remove(files: list[Path]) -> None:
+    """Unlink /dev/shm files of a tree that is gone (killed trees leave them behind)."""
+    for f in files:
+        f.unlink(missing_ok=True)
 
 
 def put_back(saved: Path) -> list[Path]:

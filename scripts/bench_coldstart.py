@@ -118,12 +118,11 @@ def _chart(result: dict[str, Any], path: Path) -> None:
     labels = ["vLLM cold start", "fastvllm restore"]
     meds = [result["median_cold_start_s"], result["median_restore_s"]]
     bars = ax.barh(labels, meds, color=["#999999", "#2a7ab9"])
-    for y, vals in enumerate(
-        [result["cold_start_s"], [r["time_to_first_completion_s"] for r in result["restore"]]]
-    ):
+    runs = [result["cold_start_s"], [r["time_to_first_completion_s"] for r in result["restore"]]]
+    for y, vals in enumerate(runs):
         ax.plot(vals, [y] * len(vals), "k.", alpha=0.6)
-    for b, v in zip(bars, meds, strict=True):
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f"  {v:.2f} s", va="center")
+    for b, v, vals in zip(bars, meds, runs, strict=True):
+        ax.text(max(v, *vals), b.get_y() + b.get_height() / 2, f"  {v:.2f} s", va="center")
     ax.set_xlabel("seconds to first completion (median; dots: each run)")
     ax.set_title(f"{Path(result['model']).name}: {result['speedup']}x faster, {result['date']}")
     ax.set_xlim(0, max(meds) * 1.25)

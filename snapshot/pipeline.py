@@ -142,8 +142,10 @@ def take_snapshot(
         # in its place (--inherit-fd), so the image does not depend on the log staying put.
         log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
         tree = proctree.session_pids(server.pid)
+        shm_files = shm.files_of(tree)
+        (staging / "logs").mkdir(exist_ok=True)
         hook = staging / "logs" / "criu-action.sh"
-        hook.write_text(shm.hook_script(shm.files_of(tree), staging / "shm"))
+        hook.write_text(shm.hook_script(shm_files, staging / "shm"))
         hook.chmod(0o700)
         with tl.phase("criu_dump"):
             criu.dump(
@@ -158,6 +160,7 @@ def take_snapshot(
             if server.proc is not None:
                 server.proc.wait()
             proctree.wait_gone(tree, 30.0, reaped=True)
+            shm.remove(shm_files)  # the snapshot has them; the dead tree leaves them behind
             instances.forget(server.pid)
         with tl.phase("checksums"):
             files = manifest.collect_files(staging, on_bytes=on_hash_bytes)

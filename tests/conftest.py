@@ -120,9 +120,11 @@ def shared_snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
 @pytest.fixture
 def restored_cleanup() -> Iterator[list[int]]:
     """Tests append the root PIDs of servers they restore; teardown stops them even on failure."""
+    import fastvllm
+
     pids: list[int] = []
     yield pids
     for pid in pids:
         tree = proctree.session_pids(pid)
-        proctree.stop_session(pid)
+        fastvllm.stop(pid)
         proctree.wait_gone(tree, 30, reaped=True)
