@@ -27,12 +27,15 @@ def snapshot(
     host: str = vllm_server.DEFAULT_HOST,
     vllm_args: Sequence[str] = (),
     leave_running: bool = False,
+    sleep: bool = True,
     health_timeout: float = 900.0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> SnapshotResult:
     """Launch vLLM on `model` ('tiny' for the built-in one), or take the running server `pid`,
-    and write a CRIU snapshot of it to `out`."""
+    and write a CRIU snapshot of it to `out`. With `sleep` (the default) the weights and the KV
+    cache are released before the dump and reloaded on restore, so the image holds only the
+    process skeleton."""
     opts = SnapshotOptions(
         out=Path(out),
         model=model,
@@ -42,6 +45,7 @@ def snapshot(
         vllm_args=list(vllm_args),
         leave_running=leave_running,
         health_timeout=health_timeout,
+        sleep=sleep,
     )
     return take_snapshot(opts, timeline, on_bytes)
 

@@ -72,6 +72,13 @@ def snapshot(
     port: Annotated[int, typer.Option(help="Port the server listens on; a restore gets it back.")] = 8000,
     host: Annotated[str, typer.Option(help="Address the server binds.")] = "127.0.0.1",
     leave_running: Annotated[bool, typer.Option(help="Keep the server serving after the snapshot.")] = False,
+    sleep: Annotated[
+        bool,
+        typer.Option(
+            help="Release weights and KV cache before the dump (small image; reloaded on restore). "
+            "--no-sleep keeps them in the image."
+        ),
+    ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become healthy.")] = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -92,6 +99,7 @@ def snapshot(
                 host=host,
                 vllm_args=ctx.args,
                 leave_running=leave_running,
+                sleep=sleep,
                 health_timeout=timeout,
                 timeline=tl,
                 on_bytes=live.on_bytes,

@@ -123,6 +123,9 @@ def restore_snapshot(
         root = pid
         with tl.phase("health"):
             vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
+        if m.weights_file:
+            with tl.phase("load_weights"):
+                vllm_server.rpc(server, "fastvllm_reload", path=str(path / m.weights_file))
         with tl.phase("first_completion"):
             got = vllm_server.complete(
                 server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
@@ -150,6 +153,7 @@ def restore_snapshot(
             dict(m.server.env),
             str(path),
             str(server_log),
+            m.server.worker_extension,
         )
     )
     return RestoreResult(path, server, tl, ttfc, True, m)

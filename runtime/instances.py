@@ -34,6 +34,7 @@ class Instance:
     env: dict[str, str]
     snapshot: str | None  # the snapshot it was restored from, if any
     log_path: str
+    worker_extension: bool = False
 
 
 def record(inst: Instance) -> Path:

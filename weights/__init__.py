@@ -1,0 +1,1 @@
+"""Flat weight files, the loader, and the vLLM worker extension (fastvllm.weights)."""
