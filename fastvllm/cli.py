@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="The built-in tiny model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+weights_app = typer.Typer(help="Flat weight files (written by sleeping snapshots).", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
@@ -240,6 +242,22 @@ def make_tiny(
     """Write the built-in tiny Llama (seeded random weights, locally trained tokenizer)."""
     path = tiny_model.make_tiny(out, force=force)
     ui.out.print(str(path))
+
+
+@weights_app.command("verify")
+def weights_verify(
+    path: Annotated[Path, typer.Argument(help="A weight file, e.g. SNAPSHOT/weights/model.fvw.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every tensor and the whole file against their checksums."""
+    from fastvllm.weights import fileformat
+
+    idx = _guard(lambda: fileformat.verify(path))
+    n = sum(e.nbytes for e in idx.tensors)
+    if as_json:
+        _emit_json({"path": str(path), "ok": True, "tensors": len(idx.tensors), "bytes": n})
+    else:
+        ui.console.print(f"[green]ok[/]: {len(idx.tensors)} tensors, {ui.human_bytes(n)}, checksums match")
 
 
 @app.command()

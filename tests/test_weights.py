@@ -63,6 +63,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
         assert bytes(a.view(-1).view(torch.uint8).numpy()) == bytes(b.view(-1).view(torch.uint8).numpy()), k
         assert dst[k].stride() == src[k].stride()
     assert dst["lm_head"].data_ptr() == dst["embed"].data_ptr()
+    assert fileformat.verify(path).data_xxh3_128 == idx.data_xxh3_128
 
 
 def test_shape_mismatch_fails_before_writing(tmp_path: Path) -> None:
@@ -100,6 +101,8 @@ def test_flipped_byte_is_caught(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="checksum"):
         loader.load_into(path, {"a": torch.zeros(5000)}, verify=True)
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        fileformat.verify(path)
 
 
 def test_not_a_weight_file(tmp_path: Path) -> None:

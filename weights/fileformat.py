@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,5 +143,28 @@ def read_index(path: Path) -> Index:
         raise IntegrityError(
             f"weight file {path} has {size} bytes, its index says {idx.file_size} (truncated?)",
             hint="re-dump the weights",
+        )
+    return idx
+
+
+def verify(path: Path, on_bytes: Callable[[int], None] | None = None) -> Index:
+    """Check the whole data region and every tensor against their checksums."""
+    idx = read_index(path)
+    whole = xxhash.xxh3_128()
+    by_offset = sorted((e for e in idx.tensors if e.alias_of is None), key=lambda e: e.offset)
+    with open(path, "rb", buffering=0) as f:
+        for e in by_offset:
+            f.seek(idx.data_offset + e.offset)
+            data = f.read(align(e.nbytes))
+            whole.update(data)
+            if xxhash.xxh3_64_hexdigest(data[: e.nbytes]) != e.xxh3_64:
+                raise IntegrityError(
+                    f"weight {e.name} in {path} does not match its checksum", hint="re-dump the weights"
+                )
+            if on_bytes:
+                on_bytes(len(data))
+    if whole.hexdigest() != idx.data_xxh3_128:
+        raise IntegrityError(
+            f"{path}: the data region does not match its checksum", hint="re-dump the weights"
         )
     return idx
