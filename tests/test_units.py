@@ -179,3 +179,23 @@ def test_manifest_json_is_plain_json(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "manifest.json").read_text())
     assert doc["format_version"] == manifest.FORMAT_VERSION
     assert doc["server"]["tree_pids"] == [1, 2]
+
+
+@pytest.mark.parametrize("layout", ["dense", "hole-first", "hole-last", "empty"])
+def test_hash_file_treats_holes_as_zeros(tmp_path: Path, layout: str) -> None:
+    import xxhash
+
+    p = tmp_path / "f"
+    with open(p, "wb") as f:
+        if layout == "dense":
+            f.write(os.urandom(3 << 20))
+        elif layout == "hole-first":
+            f.truncate(40 << 20)
+            f.seek(30 << 20)
+            f.write(os.urandom(1 << 20))
+        elif layout == "hole-last":
+            f.write(os.urandom(1 << 20))
+            f.truncate(40 << 20)
+    seen: list[int] = []
+    assert manifest.hash_file(p, seen.append) == xxhash.xxh3_128(p.read_bytes()).hexdigest()
+    assert sum(seen) == p.stat().st_size
