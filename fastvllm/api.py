@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
-from fastvllm.runtime import instances, proctree, shm, vllm_server
+from fastvllm.runtime import instances, vllm_server
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
 
@@ -66,10 +66,7 @@ def restore(
 def stop(pid: int, grace: float = 10.0) -> None:
     """Stop a server fastvllm launched or restored (its whole session), and remove the
     /dev/shm files it leaves behind when it does not exit cleanly."""
-    files = shm.files_of(proctree.session_pids(pid))
-    proctree.stop_session(pid, grace)
-    shm.remove(files)
-    instances.forget(pid)
+    instances.stop(pid, grace)
 
 
 def running() -> list[instances.Instance]:

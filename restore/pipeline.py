@@ -46,20 +46,11 @@ class RestoreResult:
         }
 
 
-def host_identity(found: criu.Criu) -> manifest.HostIdentity:
-    return manifest.HostIdentity(
-        criu=found.version,
-        kernel=system.kernel_release(),
-        python=system.python_version(),
-        vllm=vllm_server.vllm_version(),
-    )
-
-
 def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
     system.require_criu_privileges()  # first: without it nothing below can succeed
     m = manifest.load(path)
     found = criu.find_criu()
-    diffs = m.identity.differences(host_identity(found))
+    diffs = m.identity.differences(manifest.HostIdentity.here(found.version))
     if diffs:
         raise IdentityMismatchError(
             "snapshot was taken on a different host setup: " + "; ".join(diffs),
@@ -140,7 +131,7 @@ def restore_snapshot(
             )
     except BaseException:
         if pid is not None:
-            proctree.stop_session(pid)
+            instances.stop(pid)
         raise
     instances.record(
         instances.Instance(

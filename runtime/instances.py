@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastvllm.runtime import proctree, shm
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.proctree import alive
 
@@ -78,3 +79,12 @@ def running() -> list[Instance]:
         else:
             forget(inst.pid)
     return out
+
+
+def stop(pid: int, grace: float = 10.0) -> None:
+    """Stop a server tree by its session id and clean up what a killed tree leaves behind:
+    its /dev/shm files and its record. The one way every stage stops a server."""
+    files = shm.files_of(proctree.session_pids(pid))
+    proctree.stop_session(pid, grace)
+    shm.remove(files)
+    forget(pid)

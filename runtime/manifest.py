@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+from fastvllm.runtime import system, vllm_server
 from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotASnapshotError
 
 FORMAT_VERSION = 1
@@ -56,6 +57,16 @@ class HostIdentity:
     kernel: str
     python: str
     vllm: str
+
+    @classmethod
+    def here(cls, criu_version: str) -> HostIdentity:
+        """This host's identity, the one a snapshot records and a restore must match."""
+        return cls(
+            criu=criu_version,
+            kernel=system.kernel_release(),
+            python=system.python_version(),
+            vllm=vllm_server.vllm_version(),
+        )
 
     def differences(self, other: HostIdentity) -> list[str]:
         return [

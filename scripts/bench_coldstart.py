@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastvllm.runtime import proctree, system, vllm_server
+from fastvllm.runtime import instances, proctree, system, vllm_server
 from fastvllm.runtime.tiny_model import resolve_model
 
 from fastvllm import api
@@ -43,7 +43,7 @@ def cold_start_once(model: str, port: int, log: Path) -> float:
         return time.perf_counter() - t0
     finally:
         tree = proctree.session_pids(server.pid)
-        proctree.stop_session(server.pid)
+        instances.stop(server.pid)
         if server.proc is not None:
             server.proc.wait()
         proctree.wait_gone(tree, 30.0, reaped=True)

@@ -186,12 +186,7 @@ def take_snapshot(
         with tl.phase("checksums"):
             files = manifest.collect_files(staging, on_bytes=on_hash_bytes)
         m = manifest.Manifest(
-            identity=manifest.HostIdentity(
-                criu=found.version,
-                kernel=system.kernel_release(),
-                python=system.python_version(),
-                vllm=vllm_server.vllm_version(),
-            ),
+            identity=manifest.HostIdentity.here(found.version),
             model=model_id,
             server=manifest.ServerSpec(
                 model=str(model_dir),
@@ -219,7 +214,7 @@ def take_snapshot(
             atomic.publish(staging, opts.out)
     except BaseException as e:
         if launched and server is not None:
-            proctree.stop_session(server.pid)
+            instances.stop(server.pid)
             if server.proc is not None:
                 server.proc.wait()
         kept = _keep_logs(staging, opts.out)

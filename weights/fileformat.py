@@ -59,8 +59,10 @@ class Index:
 
 def _tensor_bytes(t: Any) -> memoryview:
     """The tensor's bytes in row-major order (a contiguous copy only if it is not already)."""
+    import torch
+
     c = t.detach().contiguous()
-    return memoryview(c.view(-1).view(__import__("torch").uint8).numpy()) if c.numel() else memoryview(b"")
+    return memoryview(c.view(-1).view(torch.uint8).numpy()) if c.numel() else memoryview(b"")
 
 
 def write(path: Path, tensors: dict[str, Any], meta: dict[str, Any] | None = None) -> Index:
