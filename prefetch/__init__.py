@@ -1,0 +1,1 @@
+"""Page-cache residency, warming and eviction of snapshot files (`fastvllm.prefetch`)."""

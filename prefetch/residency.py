@@ -1,0 +1,63 @@
+"""How much of a file is in the page cache, from mincore(2) over a read-only mapping.
+
+The weight loader asks this to choose O_DIRECT (file cold: skip the page cache's copy) or
+buffered reads (file warm: the page cache is the fastest source there is). Hand-written over
+ctypes because no maintained library exposes mincore; it is a few lines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+# Map at most this much at a time so a huge file never needs one huge virtual range.
+_WINDOW = 1 << 30
+
+
+def resident_pages(path: Path | str) -> tuple[int, int]:
+    """(pages in the page cache, pages in the file) for `path`."""
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        total = (size + page - 1) // page
+        resident = 0
+        for start in range(0, size, _WINDOW):
+            length = min(_WINDOW, size - start)
+            addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            try:
+                n = (length + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                if _libc.mincore(addr, length, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+                resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+            finally:
+                _libc.munmap(addr, length)
+        return resident, total
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(path: Path | str) -> float:
+    """Share of the file's pages in the page cache, 0.0 to 1.0 (1.0 for an empty file)."""
+    resident, total = resident_pages(path)
+    return resident / total if total else 1.0
