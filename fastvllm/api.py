@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
 from fastvllm.runtime import instances, vllm_server
+from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
 
@@ -67,6 +68,68 @@ def stop(pid: int, grace: float = 10.0) -> None:
     """Stop a server fastvllm launched or restored (its whole session), and remove the
     /dev/shm files it leaves behind when it does not exit cleanly."""
     instances.stop(pid, grace)
+
+
+def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) -> dict[str, object]:
+    """Write a flat weight file from a running server (`source` is its root PID: the weights as
+    vLLM post-processed them) or from a safetensors checkpoint (a directory or file)."""
+    from fastvllm.weights import convert, fileformat, store
+
+    out = Path(out)
+    if out.exists():
+        raise UsageError(f"{out} already exists", hint="pick a new path or remove the old file")
+    if str(source).isdigit():
+        inst = instances.get(int(source))
+        if not inst.worker_extension:
+            raise UsageError(
+                f"server {source} was started without fastvllm's worker extension",
+                hint="launch it through 'fastvllm snapshot --leave-running' (sleep on, the default)",
+            )
+        server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vllm_server.rpc(server, "fastvllm_dump_weights", path=str(out.resolve()))
+        idx = fileformat.read_index(out)
+    else:
+        idx = convert.from_safetensors(Path(source), out)
+    doc: dict[str, object] = {
+        "path": str(out),
+        "tensors": len(idx.tensors),
+        "bytes": idx.file_size,
+        "key": idx.data_xxh3_128,
+    }
+    if share:
+        shared = store.share(out)
+        doc.update(store_path=str(shared.store_path or ""), deduplicated=shared.deduplicated)
+        if shared.reason:
+            doc["not_shared"] = shared.reason
+    return doc
+
+
+def load_weights(
+    path: str | Path,
+    device: str = "cpu",
+    *,
+    threads: int | None = None,
+    chunk: int | None = None,
+    buffers: int | None = None,
+    direct: bool | None = None,
+    verify: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[dict[str, object], object]:
+    """Load a flat weight file into fresh tensors on `device` ('cpu' or 'cuda'); returns
+    (name -> tensor, LoadStats). None for a tunable means the measured default."""
+    from fastvllm.weights import fileformat, loader
+
+    kw: dict[str, object] = {"direct": direct, "on_bytes": on_bytes}
+    kw.update({k: v for k, v in (("threads", threads), ("chunk", chunk), ("buffers", buffers)) if v})
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("no CUDA device is visible", hint="use --device cpu, or run on a GPU host")
+    if verify:
+        loader.verify_tensors(Path(path), fileformat.read_index(Path(path)))
+    return loader.load(Path(path), device, **kw)  # type: ignore[arg-type]
 
 
 def running() -> list[instances.Instance]:

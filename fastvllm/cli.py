@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.table import Table
@@ -47,6 +47,11 @@ def _guard(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         ui.console.print("[yellow]interrupted[/]: stopped what was started and removed partial output")
         raise typer.Exit(130) from None
+
+
+def _fail(e: FastVLLMError) -> NoReturn:
+    ui.print_error(e)
+    raise typer.Exit(e.exit_code)
 
 
 def _emit_json(doc: Any) -> None:
@@ -238,10 +243,36 @@ def make_tiny(
         Path | None, typer.Argument(help="Directory to write (default: the per-user cache).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rewrite it even if it is there.")] = False,
+    size: Annotated[
+        str, typer.Option(help="tiny (13 MB), small (190 MB) or 3b (Llama-3.2-3B layer shapes, 5.6 GB).")
+    ] = "tiny",
 ) -> None:
-    """Write the built-in tiny Llama (seeded random weights, locally trained tokenizer)."""
-    path = tiny_model.make_tiny(out, force=force)
+    """Write the built-in tiny Llama (seeded random weights, locally trained tokenizer).
+
+    The sizes are also accepted as MODEL by 'snapshot' and 'bench' ('tiny', 'small', '3b')."""
+    from fastvllm.runtime.errors import UsageError
+
+    if size not in tiny_model.SIZES:
+        _fail(UsageError(f"unknown size {size!r}", hint=f"use one of {', '.join(tiny_model.SIZES)}"))
+    path = tiny_model.make_tiny(out, force=force, size=size)
     ui.out.print(str(path))
+
+
+def _bytes_bar(total: int, label: str, enabled: bool) -> tuple[Any, Callable[[int], None]]:
+    """A rich progress bar in bytes, and the callback that advances it (thread-safe enough:
+    rich's update takes a lock)."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress(
+        *Progress.get_default_columns()[:2],
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=ui.console,
+        disable=not enabled,
+        transient=False,
+    )
+    task = bar.add_task(label, total=total)
+    return bar, lambda n: bar.update(task, advance=n)
 
 
 @weights_app.command("verify")
@@ -252,12 +283,109 @@ def weights_verify(
     """Check every tensor and the whole file against their checksums."""
     from fastvllm.weights import fileformat
 
-    idx = _guard(lambda: fileformat.verify(path))
+    idx0 = _guard(lambda: fileformat.read_index(path))
+    bar, advance = _bytes_bar(idx0.file_size - idx0.data_offset, "verify", not as_json)
+    with bar:
+        idx = _guard(lambda: fileformat.verify(path, on_bytes=advance))
     n = sum(e.nbytes for e in idx.tensors)
     if as_json:
         _emit_json({"path": str(path), "ok": True, "tensors": len(idx.tensors), "bytes": n})
     else:
         ui.console.print(f"[green]ok[/]: {len(idx.tensors)} tensors, {ui.human_bytes(n)}, checksums match")
+
+
+@weights_app.command("dump")
+def weights_dump(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Root PID of a running server (from 'fastvllm ps'; the weights as vLLM post-processed "
+            "them) or a safetensors checkpoint (directory or file)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Weight file to write (must not exist).")],
+    share: Annotated[
+        bool, typer.Option(help="Hard-link it into the content-addressed store (one copy per model).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a flat weight file: 4 KiB-aligned tensors, an index with checksums."""
+    doc = _guard(lambda: api.dump_weights(source, out, share=share))
+    if as_json:
+        _emit_json(doc)
+    else:
+        ui.console.print(
+            f"[green]wrote[/] {out}: {doc['tensors']} tensors, {ui.human_bytes(int(doc['bytes']))} "  # type: ignore[call-overload]
+            f"(key {str(doc['key'])[:12]}…)"
+        )
+
+
+@weights_app.command("load")
+def weights_load(
+    path: Annotated[Path, typer.Argument(help="A weight file.")],
+    device: Annotated[str, typer.Option(help="'cpu' or 'cuda' (pinned double-buffered copies).")] = "cpu",
+    threads: Annotated[int, typer.Option(min=0, help="Reader threads (0: the measured default).")] = 0,
+    chunk_mib: Annotated[int, typer.Option(min=0, help="Read size in MiB (0: default).")] = 0,
+    buffers: Annotated[
+        int, typer.Option(min=0, help="Pinned buffers for GPU loads (0: default, min 2).")
+    ] = 0,
+    direct: Annotated[
+        str, typer.Option(help="'auto' (O_DIRECT when the file is cold), 'on' or 'off'.")
+    ] = "auto",
+    verify: Annotated[bool, typer.Option(help="Check every checksum before loading.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a weight file into fresh tensors and report the throughput (a quick speed test)."""
+    from fastvllm.runtime.errors import UsageError
+    from fastvllm.weights import fileformat
+
+    modes = {"auto": None, "on": True, "off": False}
+    if direct not in modes:
+        _fail(UsageError(f"--direct {direct!r} is not auto, on or off", hint="use --direct auto"))
+    idx = _guard(lambda: fileformat.read_index(path))
+    bar, advance = _bytes_bar(sum(e.nbytes for e in idx.tensors if e.alias_of is None), "load", not as_json)
+    with bar:
+        _, stats = _guard(
+            lambda: api.load_weights(
+                path,
+                device,
+                threads=threads or None,
+                chunk=(chunk_mib << 20) or None,
+                buffers=buffers or None,
+                direct=modes[direct],
+                verify=verify,
+                on_bytes=advance,
+            )
+        )
+    doc = {
+        "path": str(path),
+        "device": stats.device,
+        "bytes": stats.bytes,
+        "seconds": stats.seconds,  # type: ignore[attr-defined]
+        "gbps": stats.gbps,
+        "direct": stats.direct,
+        "tensors": stats.tensors,
+    }  # type: ignore[attr-defined]
+    if as_json:
+        _emit_json(doc)
+    else:
+        ui.console.print(
+            f"[green]loaded[/] {doc['tensors']} tensors, {ui.human_bytes(stats.bytes)} in "  # type: ignore[attr-defined]
+            f"{stats.seconds:.3f} s: {stats.gbps:.2f} GB/s on {stats.device}"  # type: ignore[attr-defined]
+            f"{' (O_DIRECT)' if stats.direct else ''}"  # type: ignore[attr-defined]
+        )
+
+
+@weights_app.command(
+    "bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def weights_bench(ctx: typer.Context) -> None:
+    """Our loader against safetensors, fastsafetensors, runai-model-streamer, tensorizer and
+    instanttensor, cold and warm page cache (scripts/bench_weights.py; '--help' lists its options)."""
+    from fastvllm.scripts import bench_weights
+
+    raise typer.Exit(bench_weights.main(list(ctx.args)))
 
 
 @app.command()

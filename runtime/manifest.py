@@ -107,6 +107,10 @@ class Manifest:
     # reloads the weights from this file (relative to the snapshot directory).
     weights_file: str | None = None
     released_bytes: dict[str, int] = field(default_factory=dict)
+    # Content address (xxh3-128 of the data) of the weight file, and the shared store file
+    # it is hard-linked to ("" when it could not be shared).
+    weights_key: str | None = None
+    weights_store_path: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -126,6 +130,8 @@ class Manifest:
             source_snapshot=d.get("source_snapshot"),
             weights_file=d.get("weights_file"),
             released_bytes=d.get("released_bytes", {}),
+            weights_key=d.get("weights_key"),
+            weights_store_path=d.get("weights_store_path", ""),
         )
 
     def write(self, directory: Path) -> None:

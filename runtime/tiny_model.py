@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_NAME = "tiny"
 TINY_VERSION = "2"
@@ -56,9 +57,22 @@ garden machine server model token cache memory restore
 """.split()  # noqa: SIM905 (a word list reads best as text)
 
 
-def default_dir() -> Path:
+# Larger siblings of the tiny model, same tokenizer and structure: "small" (~190 MB) shows
+# what sleeping releases when weights matter; "3b" has Llama-3.2-3B's layer shapes (but the
+# tiny model's 2048-token vocabulary, so 5.6 GB rather than 6.4) for GPU runs.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64},
+    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+           "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
+}  # fmt: skip
+
+
+def default_dir(size: str = TINY_NAME) -> Path:
     home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
-    return home / "models" / f"tiny-llama-v{TINY_VERSION}"
+    name = f"tiny-llama-v{TINY_VERSION}" if size == TINY_NAME else f"{size}-llama-v{TINY_VERSION}"
+    return home / "models" / name
 
 
 _SYLLABLES = "ka lo mi ren tas vor eli un dra pe si mon tor ga li ver an sto bel qui ro na fe zu".split()  # noqa: SIM905
@@ -92,17 +106,26 @@ def _tokenizer_json() -> str:
     return tok.to_str(pretty=True)
 
 
-def _weights() -> dict[str, object]:
+def config(size: str = TINY_NAME) -> dict[str, object]:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {', '.join(SIZES)}")
+    return {**CONFIG, **SIZES[size]}
+
+
+def _weights(c: dict[str, Any]) -> dict[str, object]:
     import torch
 
-    g = torch.Generator().manual_seed(SEED)
-    c = CONFIG
+    # The larger sizes are drawn on a GPU when there is one (seconds instead of a minute for
+    # 3b); the tiny model always on the CPU, so that it is byte-identical everywhere.
+    big = c["hidden_size"] != CONFIG["hidden_size"] and torch.cuda.is_available()
+    dev = "cuda" if big else "cpu"
+    g = torch.Generator(device=dev).manual_seed(SEED)
     h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
 
     def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * INIT_STD).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g, device=dev) * INIT_STD).to(torch.bfloat16).cpu()
 
     w: dict[str, object] = {"model.embed_tokens.weight": rnd(v, h)}
     for layer in range(c["num_hidden_layers"]):
@@ -121,18 +144,20 @@ def _weights() -> dict[str, object]:
     return w
 
 
-def make_tiny(out: Path | None = None, force: bool = False) -> Path:
-    """Write the tiny model to `out` (default: the per-user cache); a no-op when it is there.
-    Written to a temporary sibling and renamed, so a half-made model is never seen."""
+def make_tiny(out: Path | None = None, force: bool = False, size: str = TINY_NAME) -> Path:
+    """Write the tiny model (or a larger `size` of it) to `out` (default: the per-user cache);
+    a no-op when it is there. Written to a temporary sibling and renamed, so a half-made model
+    is never seen."""
     from safetensors.torch import save_file
 
-    out = (out or default_dir()).expanduser().resolve()
+    cfg = config(size)
+    out = (out or default_dir(size)).expanduser().resolve()
     if (out / "model.safetensors").is_file() and (out / ".complete").is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n"
         )
@@ -153,8 +178,8 @@ def make_tiny(out: Path | None = None, force: bool = False) -> Path:
             )
             + "\n"
         )
-        save_file(_weights(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / ".complete").write_text(f"fastvllm tiny model v{TINY_VERSION}\n")
+        save_file(_weights(cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / ".complete").write_text(f"fastvllm {size} model v{TINY_VERSION}\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
@@ -171,4 +196,6 @@ def resolve_model(model: str) -> str:
     """'tiny' means the built-in model (made on first use); anything else is a path."""
     if model == TINY_NAME:
         return str(make_tiny())
+    if model in SIZES:
+        return str(make_tiny(size=model))
     return model

@@ -28,6 +28,7 @@ from fastvllm.runtime import (
 )
 from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
+from fastvllm.weights import store
 
 LOG_NAME = "server.log"
 WEIGHTS_FILE = "weights/model.fvw"
@@ -148,11 +149,13 @@ def take_snapshot(
         sleeping = opts.sleep and spec.worker_extension
         weights = staging / WEIGHTS_FILE
         released: dict[str, int] = {}
+        shared: store.Shared | None = None
         if sleeping:
             with tl.phase("release_weights_kv"):
                 weights.parent.mkdir(exist_ok=True)
                 vllm_server.reset_prefix_cache(server)
                 vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
+                shared = store.share(weights)
                 for r in vllm_server.rpc(server, "fastvllm_release"):
                     for k, v in dict(r).items():  # type: ignore[call-overload]
                         released[k] = released.get(k, 0) + int(v)
@@ -207,6 +210,8 @@ def take_snapshot(
             source_snapshot=source_snapshot,
             weights_file=WEIGHTS_FILE if sleeping else None,
             released_bytes=released,
+            weights_key=shared.key if shared else None,
+            weights_store_path=str(shared.store_path or "") if shared else "",
         )
         with tl.phase("publish"):
             m.timings = {**tl.durations(), "cold_start_to_first_completion_s": cold_start_s or 0.0}

@@ -10,14 +10,15 @@ import torch
 from fastvllm.runtime.errors import IntegrityError, UsageError
 from fastvllm.weights import fileformat, loader
 
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8]
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES.append(torch.float8_e4m3fn)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8, torch.int32, torch.bool]
+DTYPES += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
 
 
 def _rand(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
-    if dtype == torch.int8:
-        return torch.randint(-128, 127, shape, generator=g, dtype=torch.int8)
+    if dtype in (torch.int8, torch.uint8, torch.int32):
+        return torch.randint(-128 if dtype != torch.uint8 else 0, 127, shape, generator=g, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
     return torch.randn(shape, generator=g).to(dtype)
 
 
@@ -99,8 +100,10 @@ def test_flipped_byte_is_caught(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[idx.data_offset + 10] ^= 0x40
     path.write_bytes(bytes(data))
+    dst = {"a": torch.zeros(5000)}
     with pytest.raises(IntegrityError, match="checksum"):
-        loader.load_into(path, {"a": torch.zeros(5000)}, verify=True)
+        loader.load_into(path, dst, verify=True)
+    assert not dst["a"].any()  # checked before the first byte was written
     with pytest.raises(IntegrityError, match="does not match its checksum"):
         fileformat.verify(path)
 
@@ -109,3 +112,70 @@ def test_not_a_weight_file(tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(b"hello world, this is not it" * 10)
     with pytest.raises(UsageError, match="not a fastvllm weight file"):
         fileformat.read_index(tmp_path / "x")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    )
+
+
+def test_o_direct_into_page_aligned_tensors(tmp_path: Path) -> None:
+    """Forced O_DIRECT: aligned destinations take direct reads, odd tails go buffered."""
+    g = torch.Generator().manual_seed(3)
+    src = {"a": _rand((3000, 777), torch.bfloat16, g), "b": _rand((5,), torch.float32, g)}
+    path = tmp_path / "w.fvw"
+    fileformat.write(path, src)
+    raw = torch.empty(src["a"].numel() * 2 + 8192, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % 4096
+    a = raw[start : start + src["a"].numel() * 2].view(torch.bfloat16).view(3000, 777)
+    assert a.data_ptr() % 4096 == 0
+    dst = {"a": a, "b": torch.zeros(5)}
+    stats = loader.load_into(path, dst, direct=True, chunk=1 << 20, threads=2)
+    assert stats.direct
+    assert _same(dst["a"], src["a"]) and _same(dst["b"], src["b"])
+
+
+def test_load_allocates_the_model(tmp_path: Path) -> None:
+    src = _model(torch.Generator().manual_seed(4))
+    fileformat.write(tmp_path / "w", src)
+    out, stats = loader.load(tmp_path / "w", "cpu", threads=2, chunk=8192)
+    assert set(out) == set(src) and stats.bytes > 0
+    assert all(_same(out[k], src[k]) for k in src)
+    assert out["lm_head"] is out["embed"]
+
+
+def test_spans_cover_every_byte_once(tmp_path: Path) -> None:
+    src = _model(torch.Generator().manual_seed(5))
+    idx = fileformat.write(tmp_path / "w", src)
+    chunk = 64 << 10
+    spans = loader.plan_spans(idx, {e.name: e.name for e in idx.tensors}, chunk)
+    got: dict[str, int] = {}
+    for s in spans:
+        assert s.length <= chunk and s.file_off % 4096 == 0 and s.length % 4096 == 0
+        for p in s.pieces:
+            assert p.span_off + p.n <= s.length
+            got[p.dst] = got.get(p.dst, 0) + p.n
+    want = {e.name: e.nbytes for e in idx.tensors if e.alias_of is None and e.nbytes}
+    assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the pinned double-buffer path)"
+)
+def test_gpu_round_trip_double_buffered(tmp_path: Path) -> None:
+    src = _model(torch.Generator().manual_seed(6))
+    path = tmp_path / "w"
+    fileformat.write(path, src)
+    for direct in (False, True):
+        out, stats = loader.load(path, "cuda", threads=3, chunk=64 << 10, buffers=2, direct=direct)
+        assert stats.device == "cuda"
+        assert all(out[k].is_cuda and _same(out[k], src[k]) for k in src)
+    dst = {k: v.cuda() for k, v in _blank_like(src).items()}
+    dst["lm_head"] = dst["embed"]
+    loader.load_into(path, dst, chunk=64 << 10, buffers=2, verify=True)
+    assert all(_same(dst[k], src[k]) for k in src)
