@@ -262,3 +262,31 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
         )
     choice = r.json()["choices"][0]
     return Completion(token_ids=list(choice.get("token_ids") or []), text=choice["text"])
+
+
+def _post(server: Server, what: str, path: str, timeout: float) -> httpx.Response:
+    try:
+        r = httpx.post(f"{server.base_url}{path}", timeout=timeout)
+    except httpx.HTTPError as e:
+        raise ServerError(f"{what} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
+    if r.status_code != 200:
+        raise ServerError(
+            f"{what} failed with HTTP {r.status_code}: {r.text[:200]}", hint=f"see {server.log_path}"
+        )
+    return r
+
+
+def sleep(server: Server, level: int = 2, timeout: float = 300.0) -> None:
+    """GPU sleep mode (needs --enable-sleep-mode): level 2 discards weights and KV cache."""
+    _post(server, f"sleep level {level}", f"/sleep?level={level}", timeout)
+
+
+def wake_up(server: Server, tags: str | None = None, timeout: float = 300.0) -> None:
+    """Re-allocate what sleep freed: tags 'weights' or 'kv_cache' (None: both)."""
+    _post(server, f"wake_up {tags or 'all'}", f"/wake_up?tags={tags}" if tags else "/wake_up", timeout)
+
+
+def is_sleeping(server: Server) -> bool:
+    r = httpx.get(f"{server.base_url}/is_sleeping", timeout=30.0)
+    r.raise_for_status()
+    return bool(r.json().get("is_sleeping"))

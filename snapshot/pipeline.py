@@ -154,6 +154,9 @@ def take_snapshot(
             with tl.phase("release_weights_kv"):
                 weights.parent.mkdir(exist_ok=True)
                 vllm_server.reset_prefix_cache(server)
+                for r in vllm_server.rpc(server, "fastvllm_weight_bytes"):  # what there is to release
+                    for k, v in dict(r).items():  # type: ignore[call-overload]
+                        released[k] = released.get(k, 0) + int(v)
                 vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
                 shared = store.share(weights)
                 for r in vllm_server.rpc(server, "fastvllm_release"):

@@ -179,3 +179,24 @@ def test_gpu_round_trip_double_buffered(tmp_path: Path) -> None:
     dst["lm_head"] = dst["embed"]
     loader.load_into(path, dst, chunk=64 << 10, buffers=2, verify=True)
     assert all(_same(dst[k], src[k]) for k in src)
+
+
+def test_store_shares_one_file_per_model(tmp_path: Path) -> None:
+    from fastvllm.weights import store
+
+    src = _model(torch.Generator().manual_seed(7))
+    a, b = tmp_path / "snap-a" / "model.fvw", tmp_path / "snap-b" / "model.fvw"
+    for p in (a, b):
+        p.parent.mkdir()
+        fileformat.write(p, src)
+    first, second = store.share(a, tmp_path / "store"), store.share(b, tmp_path / "store")
+    assert first.key == second.key and first.store_path == second.store_path
+    assert not first.deduplicated and second.deduplicated
+    assert a.stat().st_ino == b.stat().st_ino == first.store_path.stat().st_ino  # type: ignore[union-attr]
+    assert store.unused(tmp_path / "store") == []
+    a.unlink()
+    b.unlink()
+    assert store.unused(tmp_path / "store") == [first.store_path]
+    other = tmp_path / "other.fvw"
+    fileformat.write(other, {"x": torch.ones(3)})
+    assert store.share(other, tmp_path / "store").key != first.key

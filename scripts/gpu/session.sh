@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# How the H100 figures in the README were produced, on the lent GPU machine (no network).
+# Earlier calls put the vLLM bundle's parts in /root/parts (../shared/gpu-vllm/build.sh) and
+# the loader peers' wheels in .whl/ (see README: "GPU runs"). Usage there, from the repo root:
+#   bash scripts/gpu/session.sh setup          # unpack vLLM, install peers + fastvllm
+#   bash scripts/gpu/session.sh tests|reload|weights|sweep
+set -euo pipefail
+SITE=/root/site FV=/root/fv PEERS=/root/peers
+export PYTHONPATH=$FV:$PEERS:$SITE PYTHONUNBUFFERED=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}
+case "${1:?setup|tests|reload|weights|sweep}" in
+  setup)
+    [ -d $SITE/vllm ] || bash /root/parts/unpack.sh /root/parts $SITE
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $PEERS .whl/*.whl
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV . ;;
+  tests)
+    # importlib mode: the repo's own fastvllm/ folder must not shadow the installed package
+    (cd /tmp && python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_weights.py" 2>&1 | tee $OUT/gpu-tests.log) ;;
+  reload)
+    (cd /tmp && python3 -m fastvllm.scripts.bench_gpu_reload --model "${MODEL:-3b}" --reps "${REPS:-2}" \
+      --attention-backend FLASH_ATTN --out $OUT/gpu-reload 2>&1 | tee $OUT/gpu-reload.log) ;;
+  weights)
+    (cd /tmp && python3 -m fastvllm.scripts.bench_weights --size 3b --device cuda --reps "${REPS:-2}" \
+      --out $OUT/weights 2>&1 | tee $OUT/weights.log) ;;
+  sweep)
+    f=$(ls /var/tmp/fastvllm-gpu-reload-*/model.fvw 2>/dev/null | head -1); f=${f:-/var/tmp/fastvllm-sweep.fvw}
+    [ -f $f ] || (cd /tmp && python3 -m fastvllm.cli weights dump "$(python3 -c 'from fastvllm.runtime.tiny_model import make_tiny; print(make_tiny(size="3b"))')" -o $f)
+    (cd /tmp && python3 -m fastvllm.scripts.sweep_loader $f --device cuda --out $OUT/sweep.json 2>&1 | tee $OUT/sweep.log) ;;
+esac
