@@ -57,6 +57,35 @@ def resident_pages(path: Path | str) -> tuple[int, int]:
         os.close(fd)
 
 
+def sampled_fraction(path: Path | str, samples: int = 256) -> float:
+    """Estimate of `resident_fraction` from `samples` pages spread evenly over the file: a
+    decision (O_DIRECT or not) needs a share, not an exact count, and asking mincore about
+    every page of a 6 GB file costs ~50 ms."""
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        total = (size + page - 1) // page
+        if total <= samples:
+            return resident_fraction(path)
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            vec = (ctypes.c_ubyte * 1)()
+            hits = 0
+            for i in range(samples):
+                pg = (2 * i + 1) * total // (2 * samples)
+                if _libc.mincore(addr + pg * page, page, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+                hits += vec[0] & 1
+            return hits / samples
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
 def resident_fraction(path: Path | str) -> float:
     """Share of the file's pages in the page cache, 0.0 to 1.0 (1.0 for an empty file)."""
     resident, total = resident_pages(path)

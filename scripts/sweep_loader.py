@@ -15,6 +15,7 @@ import os
 import statistics
 from pathlib import Path
 
+from fastvllm.runtime import system
 from fastvllm.weights import loader
 
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks-mib", default="4,16,64")
     ap.add_argument("--buffers", default="2,0", help="0 means 2 x threads")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every load")
+    ap.add_argument("--direct", default="off", help="comma list of on/off/auto")
     ap.add_argument("--out", type=Path, default=Path("results/weights/sweep.json"))
     a = ap.parse_args(argv)
     import torch
@@ -38,27 +41,40 @@ def main(argv: list[str] | None = None) -> int:
     bufs = [int(b) for b in a.buffers.split(",")] if a.device.startswith("cuda") else [0]
     loader.load(a.path, a.device)  # warm the page cache and the CUDA context
     rows = []
-    for t, c, b in itertools.product(threads, chunks, bufs):
+    modes = {"on": True, "off": False, "auto": None}
+    for t, c, b, d in itertools.product(threads, chunks, bufs, a.direct.split(",")):
         nb = b or 2 * t
-        speeds = []
+        speeds, pins = [], []
         for _ in range(a.reps):
-            out, st = loader.load(a.path, a.device, threads=t, chunk=c, buffers=nb, direct=False)
+            if a.cold:
+                system.drop_page_cache()
+            out, st = loader.load(a.path, a.device, threads=t, chunk=c, buffers=nb, direct=modes[d])
             speeds.append(st.gbps)
+            pins.append(st.pin_s)
             del out
             gc.collect()
             if a.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         rows.append(
-            {"threads": t, "chunk_mib": c >> 20, "buffers": nb, "gbps_median": statistics.median(speeds)}
+            {
+                "threads": t,
+                "chunk_mib": c >> 20,
+                "buffers": nb,
+                "direct": d,
+                "gbps_median": statistics.median(speeds),
+                "pin_s_median": statistics.median(pins),
+            }
         )
         print(
-            f"threads {t:3d} chunk {c >> 20:4d} MiB buffers {nb:3d}: {rows[-1]['gbps_median']:6.2f} GB/s",
+            f"threads {t:3d} chunk {c >> 20:4d} MiB buffers {nb:3d} direct {d:4s}: "
+            f"{rows[-1]['gbps_median']:6.2f} GB/s"
+            f" (pinning {rows[-1]['pin_s_median']:.3f} s)",
             flush=True,
         )
     best = max(rows, key=lambda r: r["gbps_median"])
     print(f"best: {best}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": a.device, "path": str(a.path), "cpus": n, "rows": rows, "best": best}
+    doc = {"cold": a.cold, "device": a.device, "path": str(a.path), "cpus": n, "rows": rows, "best": best}
     a.out.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

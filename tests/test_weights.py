@@ -200,3 +200,25 @@ def test_store_shares_one_file_per_model(tmp_path: Path) -> None:
     other = tmp_path / "other.fvw"
     fileformat.write(other, {"x": torch.ones(3)})
     assert store.share(other, tmp_path / "store").key != first.key
+
+
+def test_residency_sees_evicted_and_read_files(tmp_path: Path) -> None:
+    import os
+
+    from fastvllm.prefetch import residency
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the page cache
+        cold = residency.sampled_fraction(path, samples=64), residency.resident_fraction(path)
+        path.read_bytes()
+        warm = residency.sampled_fraction(path, samples=64), residency.resident_fraction(path)
+    finally:
+        os.close(fd)
+    if residency.resident_fraction(path) < 1.0:
+        pytest.skip("this filesystem keeps no page cache for the file (tmpfs-like)")
+    assert cold[0] < 0.5 and cold[1] < 0.5, cold
+    assert warm == (1.0, 1.0)

@@ -38,9 +38,17 @@ from fastvllm.prefetch import residency
 from fastvllm.runtime.errors import IntegrityError, UsageError
 from fastvllm.weights import fileformat
 
-DEFAULT_THREADS = min(16, os.cpu_count() or 4)
-DEFAULT_CHUNK = 16 << 20
-DEFAULT_BUFFERS = 2 * DEFAULT_THREADS
+# From `scripts/sweep_loader.py` on the H100 machine (16 cores, 5.7-6.4 GB files): warm page
+# cache, 8 to 12 threads with 8 MiB reads gave 32-36 GB/s; 2 MiB reads halved that, 64 MiB
+# lost a third. Cold, every setting gave the disk's 1.7-1.9 GB/s (O_DIRECT a little ahead).
+# Pinning host memory runs at only ~2.5 GB/s, so the pool is threads + 4 buffers, not more.
+# results/gpu-reload/sweep*.json holds the grids.
+DEFAULT_THREADS = min(12, os.cpu_count() or 4)
+DEFAULT_CHUNK = 8 << 20
+DEFAULT_BUFFERS = DEFAULT_THREADS + 4
+# Pinned buffers allocated before the first read; the rest are allocated while reads run
+# (cudaHostAlloc costs about as much as copying the bytes it pins).
+_FIRST_BUFFERS = 2
 # Below this share of resident pages the file counts as cold and O_DIRECT is used.
 COLD_BELOW = 0.5
 _DIRECT_ALIGN = 4096
@@ -53,6 +61,7 @@ class LoadStats:
     tensors: int
     direct: bool = False
     device: str = "cpu"
+    pin_s: float = 0.0  # time spent allocating pinned buffers (GPU targets)
 
     @property
     def gbps(self) -> float:
@@ -98,7 +107,7 @@ def choose_direct(path: Path, direct: bool | None) -> bool:
     if direct is not None:
         return direct
     try:
-        return residency.resident_fraction(path) < COLD_BELOW
+        return residency.sampled_fraction(path) < COLD_BELOW
     except OSError:
         return False
 
@@ -131,18 +140,25 @@ def load(
 ) -> tuple[dict[str, Any], LoadStats]:
     """Allocate every tensor of the file on `device` and fill it (the benchmark's entry point).
 
-    Allocation is inside the timed region: a caller loading a fresh model pays for it too."""
+    All tensors are views into one allocation laid out like the file's data region (one
+    cudaMalloc instead of hundreds; offsets are 4 KiB-aligned, so every dtype's view is
+    aligned). Allocation is inside the timed region: a caller loading a fresh model pays for it."""
     import torch
 
     path = Path(path)
     t0 = time.perf_counter()
     idx = fileformat.read_index(path)
+    span = max((e.offset + e.nbytes for e in idx.tensors if e.alias_of is None), default=0)
+    arena = torch.empty(span, dtype=torch.uint8, device=device)
     out: dict[str, Any] = {}
     for e in idx.tensors:
+        dtype = getattr(torch, e.dtype)
         if e.alias_of is not None:
             out[e.name] = out[e.alias_of]
+        elif not e.nbytes:
+            out[e.name] = torch.empty(e.shape, dtype=dtype, device=device)
         else:
-            out[e.name] = torch.empty(e.shape, dtype=getattr(torch, e.dtype), device=device)
+            out[e.name] = arena[e.offset : e.offset + e.nbytes].view(dtype).view(e.shape)
     stats = load_into(
         path, out, threads=threads, chunk=chunk, buffers=buffers, direct=direct, on_bytes=on_bytes, _idx=idx
     )
@@ -173,13 +189,14 @@ def load_into(
     use_direct = choose_direct(path, direct)
     on_gpu = any(t.device.type == "cuda" for t in targets.values())
     t0 = time.perf_counter()
+    pin_s = 0.0
     if on_gpu:
-        total = _load_gpu(path, idx, targets, threads, chunk, max(2, buffers), use_direct, on_bytes)
+        total, pin_s = _load_gpu(path, idx, targets, threads, chunk, max(2, buffers), use_direct, on_bytes)
     else:
         total = _load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes)
     _fill_aliases(idx, targets)
     device = next(iter(targets.values())).device.type if targets else "cpu"
-    return LoadStats(total, time.perf_counter() - t0, len(idx.tensors), use_direct, device)
+    return LoadStats(total, time.perf_counter() - t0, len(idx.tensors), use_direct, device, pin_s)
 
 
 def _fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
@@ -307,7 +324,7 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
-) -> int:
+) -> tuple[int, float]:
     import torch
 
     flat: dict[str, Any] = {}
@@ -323,12 +340,20 @@ def _load_gpu(
         flat[e.name] = dst.view(-1).view(torch.uint8)
     spans = plan_spans(idx, flat, chunk)
     if not spans:
-        return 0
+        return 0, 0.0
     device = next(iter(flat.values())).device
     nbuf = min(nbuf, len(spans))
-    pool = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(nbuf)]
+    pin_t = [0.0]
+
+    def pin() -> Any:
+        t = time.perf_counter()
+        b = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+        pin_t[0] += time.perf_counter() - t
+        return b
+
+    pool = [pin() for _ in range(min(nbuf, _FIRST_BUFFERS))]
     free: queue.Queue[int] = queue.Queue()
-    for i in range(nbuf):
+    for i in range(len(pool)):
         free.put(i)
     ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
     todo: queue.Queue[int] = queue.Queue()
@@ -338,6 +363,13 @@ def _load_gpu(
     fd = os.open(path, os.O_RDONLY)
     dfd = _open_direct(path) if use_direct else None
     views = [memoryview(b.numpy()) for b in pool]
+
+    def grow() -> None:  # the rest of the pool, while the first buffers are already in use
+        while len(pool) < nbuf and not stop.is_set():
+            b = pin()
+            views.append(memoryview(b.numpy()))  # appended before its index is handed out
+            pool.append(b)
+            free.put(len(pool) - 1)
 
     def reader() -> None:
         try:
@@ -359,6 +391,7 @@ def _load_gpu(
     releases: queue.Queue[tuple[Any, int] | None] = queue.Queue()
 
     def releaser() -> None:
+        grow()
         while (item := releases.get()) is not None:
             ev, bi = item
             ev.synchronize()
@@ -404,4 +437,4 @@ def _load_gpu(
         dst.copy_(tmp)
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
-    return total
+    return total, pin_t[0]

@@ -11,7 +11,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE
 OUT=${OUT:-/tmp/out}
 case "${1:?setup|tests|reload|weights|sweep}" in
   setup)
-    [ -d $SITE/vllm ] || bash /root/parts/unpack.sh /root/parts $SITE
+    [ -d $SITE/vllm ] || [ ! -f /root/parts/unpack.sh ] || bash /root/parts/unpack.sh /root/parts $SITE
     if compgen -G ".whl/*.whl" >/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $PEERS .whl/*.whl
     fi
