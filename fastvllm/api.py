@@ -118,17 +118,15 @@ def load_weights(
 ) -> tuple[dict[str, object], object]:
     """Load a flat weight file into fresh tensors on `device` ('cpu' or 'cuda'); returns
     (name -> tensor, LoadStats). None for a tunable means the measured default."""
-    from fastvllm.weights import fileformat, loader
+    from fastvllm.weights import loader
 
-    kw: dict[str, object] = {"direct": direct, "on_bytes": on_bytes}
+    kw: dict[str, object] = {"direct": direct, "verify": verify, "on_bytes": on_bytes}
     kw.update({k: v for k, v in (("threads", threads), ("chunk", chunk), ("buffers", buffers)) if v})
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("no CUDA device is visible", hint="use --device cpu, or run on a GPU host")
-    if verify:
-        loader.verify_tensors(Path(path), fileformat.read_index(Path(path)))
     return loader.load(Path(path), device, **kw)  # type: ignore[arg-type]
 
 

@@ -258,23 +258,6 @@ def make_tiny(
     ui.out.print(str(path))
 
 
-def _bytes_bar(total: int, label: str, enabled: bool) -> tuple[Any, Callable[[int], None]]:
-    """A rich progress bar in bytes, and the callback that advances it (thread-safe enough:
-    rich's update takes a lock)."""
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-    bar = Progress(
-        *Progress.get_default_columns()[:2],
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=ui.console,
-        disable=not enabled,
-        transient=False,
-    )
-    task = bar.add_task(label, total=total)
-    return bar, lambda n: bar.update(task, advance=n)
-
-
 @weights_app.command("verify")
 def weights_verify(
     path: Annotated[Path, typer.Argument(help="A weight file, e.g. SNAPSHOT/weights/model.fvw.")],
@@ -284,7 +267,7 @@ def weights_verify(
     from fastvllm.weights import fileformat
 
     idx0 = _guard(lambda: fileformat.read_index(path))
-    bar, advance = _bytes_bar(idx0.file_size - idx0.data_offset, "verify", not as_json)
+    bar, advance = ui.bytes_bar(idx0.file_size - idx0.data_offset, "verify", not as_json)
     with bar:
         idx = _guard(lambda: fileformat.verify(path, on_bytes=advance))
     n = sum(e.nbytes for e in idx.tensors)
@@ -343,7 +326,7 @@ def weights_load(
     if direct not in modes:
         _fail(UsageError(f"--direct {direct!r} is not auto, on or off", hint="use --direct auto"))
     idx = _guard(lambda: fileformat.read_index(path))
-    bar, advance = _bytes_bar(sum(e.nbytes for e in idx.tensors if e.alias_of is None), "load", not as_json)
+    bar, advance = ui.bytes_bar(sum(e.nbytes for e in idx.tensors if e.alias_of is None), "load", not as_json)
     with bar:
         _, stats = _guard(
             lambda: api.load_weights(

@@ -4,12 +4,13 @@ Kept apart from the pipelines so the Python API stays silent and `--json` stays 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     Progress,
     ProgressColumn,
     SpinnerColumn,
@@ -17,6 +18,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -79,6 +81,21 @@ class LiveTimeline:
     def running(self) -> Iterator[LiveTimeline]:
         with self.progress:
             yield self
+
+
+def bytes_bar(total: int, label: str, enabled: bool) -> tuple[Progress, Callable[[int], None]]:
+    """A progress bar in bytes and the callback that advances it (safe from reader threads:
+    rich's update takes a lock)."""
+    bar = Progress(
+        *Progress.get_default_columns()[:2],
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+    task = bar.add_task(label, total=total)
+    return bar, lambda n: bar.update(task, advance=n)
 
 
 def phase_table(timeline: Timeline, title: str) -> Table:

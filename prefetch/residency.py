@@ -7,10 +7,13 @@ ctypes because no maintained library exposes mincore; it is a few lines.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,28 +34,39 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _WINDOW = 1 << 30
 
 
+@contextlib.contextmanager
+def _mapped(fd: int, start: int, length: int, path: Path | str) -> Iterator[int]:
+    """A read-only shared mapping of part of the file: its address, unmapped on exit."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+    try:
+        yield addr
+    finally:
+        _libc.munmap(addr, length)
+
+
+def _incore(addr: int, length: int, path: Path | str) -> Any:
+    """mincore over [addr, addr + length): one byte a page, bit 0 set when resident."""
+    vec = (ctypes.c_ubyte * ((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+    if _libc.mincore(addr, length, vec) != 0:
+        raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+    return vec
+
+
 def resident_pages(path: Path | str) -> tuple[int, int]:
     """(pages in the page cache, pages in the file) for `path`."""
     page = mmap.PAGESIZE
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        total = (size + page - 1) // page
         resident = 0
         for start in range(0, size, _WINDOW):
             length = min(_WINDOW, size - start)
-            addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
-            try:
-                n = (length + page - 1) // page
-                vec = (ctypes.c_ubyte * n)()
-                if _libc.mincore(addr, length, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            with _mapped(fd, start, length, path) as addr:
+                vec = _incore(addr, length, path)
                 resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
-            finally:
-                _libc.munmap(addr, length)
-        return resident, total
+        return resident, (size + page - 1) // page
     finally:
         os.close(fd)
 
@@ -68,20 +82,12 @@ def sampled_fraction(path: Path | str, samples: int = 256) -> float:
         total = (size + page - 1) // page
         if total <= samples:
             return resident_fraction(path)
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
-        try:
-            vec = (ctypes.c_ubyte * 1)()
+        with _mapped(fd, 0, size, path) as addr:
             hits = 0
             for i in range(samples):
                 pg = (2 * i + 1) * total // (2 * samples)
-                if _libc.mincore(addr + pg * page, page, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
-                hits += vec[0] & 1
+                hits += _incore(addr + pg * page, page, path)[0] & 1
             return hits / samples
-        finally:
-            _libc.munmap(addr, size)
     finally:
         os.close(fd)
 

@@ -232,11 +232,7 @@ def rpc(server: Server, method: str, timeout: float = 600.0, **kwargs: str) -> l
 
 def reset_prefix_cache(server: Server) -> None:
     """Drop cached prefix blocks (their KV pages are about to be released)."""
-    r = httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=60.0)
-    if r.status_code != 200:
-        raise ServerError(
-            f"reset_prefix_cache failed with HTTP {r.status_code}", hint=f"see {server.log_path}"
-        )
+    _post(server, "reset_prefix_cache", "/reset_prefix_cache", 60.0)
 
 
 def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: float = 120.0) -> Completion:

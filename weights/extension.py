@@ -23,16 +23,13 @@ GPU: vLLM's `sleep(level=2)` discards weights and KV cache; after `wake_up(weigh
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-_MADV_DONTNEED = 4
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
+
 PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<closure variable>
 
 
@@ -52,17 +49,6 @@ def _prefer_sgl_kernels() -> None:
 
 
 _prefer_sgl_kernels()
-
-
-def _release(ptr: int, nbytes: int) -> int:
-    page = mmap.PAGESIZE
-    start = (ptr + page - 1) // page * page
-    end = (ptr + nbytes) // page * page
-    if end <= start:
-        return 0
-    if _libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
-        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
-    return end - start
 
 
 def packed_tensors(model: Any) -> tuple[dict[str, Any], int]:
@@ -95,12 +81,19 @@ class WorkerExtension:
     def _fastvllm_on_gpu(self) -> bool:
         return str(getattr(self, "device", "cpu")).startswith("cuda")
 
-    def _fastvllm_tensors(self) -> dict[str, Any]:
+    def _fastvllm_weights(self) -> tuple[dict[str, Any], int]:
+        """Every weight tensor (parameters, and on CPU the packed copies), and the bytes of
+        packed weights that are opaque (oneDNN handlers)."""
         model = self.model_runner.model  # type: ignore[attr-defined]
         tensors = dict(model.named_parameters(remove_duplicate=False))
-        if not self._fastvllm_on_gpu():
-            tensors.update(packed_tensors(model)[0])
-        return tensors
+        if self._fastvllm_on_gpu():
+            return tensors, 0
+        packed, opaque = packed_tensors(model)
+        tensors.update(packed)
+        return tensors, opaque
+
+    def _fastvllm_tensors(self) -> dict[str, Any]:
+        return self._fastvllm_weights()[0]
 
     def _fastvllm_kv_storages(self) -> list[tuple[int, int]]:
         seen: dict[int, int] = {}
@@ -129,10 +122,10 @@ class WorkerExtension:
     def fastvllm_weight_bytes(self) -> dict[str, int]:
         """Bytes of weights (parameters and packed copies) and KV cache, for the release figure."""
         seen: dict[int, int] = {}
-        for t in self._fastvllm_tensors().values():
+        tensors, opaque = self._fastvllm_weights()
+        for t in tensors.values():
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
-        opaque = 0 if self._fastvllm_on_gpu() else packed_tensors(self.model_runner.model)[1]  # type: ignore[attr-defined]
         kv = sum(n for _, n in self._fastvllm_kv_storages())
         return {"weight_bytes": sum(seen.values()), "kv_bytes": kv, "opaque_weight_bytes": opaque}
 
@@ -141,15 +134,15 @@ class WorkerExtension:
             raise RuntimeError("fastvllm_release is the CPU path; on GPU use vLLM's /sleep?level=2")
         weights = kv = 0
         seen: set[int] = set()
-        for t in self._fastvllm_tensors().values():
+        tensors, opaque = self._fastvllm_weights()
+        for t in tensors.values():
             s = t.untyped_storage()
             if s.data_ptr() in seen:
                 continue
             seen.add(s.data_ptr())
-            weights += _release(s.data_ptr(), s.nbytes())
+            weights += advise_interior(s.data_ptr(), s.nbytes(), MADV_DONTNEED)
         for ptr, n in self._fastvllm_kv_storages():
-            kv += _release(ptr, n)
-        opaque = packed_tensors(self.model_runner.model)[1]  # type: ignore[attr-defined]
+            kv += advise_interior(ptr, n, MADV_DONTNEED)
         return {"weight_bytes_released": weights, "kv_bytes_released": kv, "weight_bytes_kept_opaque": opaque}
 
     def fastvllm_reload(self, path: str, threads: str = "0", verify: str = "0") -> dict[str, Any]:

@@ -57,8 +57,9 @@ class Index:
         return {t.name: t for t in self.tensors}
 
 
-def _tensor_bytes(t: Any) -> memoryview:
-    """The tensor's bytes in row-major order (a contiguous copy only if it is not already)."""
+def tensor_bytes(t: Any) -> memoryview:
+    """A CPU tensor's bytes in row-major order: its own memory (writable) when it is
+    contiguous, else a contiguous copy."""
     import torch
 
     c = t.detach().contiguous()
@@ -80,7 +81,7 @@ def write(path: Path, tensors: dict[str, Any], meta: dict[str, Any] | None = Non
             blobs.append(memoryview(b""))
             continue
         seen[key] = name
-        data = _tensor_bytes(t.cpu())
+        data = tensor_bytes(t.cpu())
         digest = xxhash.xxh3_64_hexdigest(data)
         entries.append(TensorEntry(name, dtype, list(t.shape), list(t.stride()), off, data.nbytes, digest))
         blobs.append(data)

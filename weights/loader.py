@@ -16,14 +16,13 @@ a cold file.
 
 Every shape, dtype and name is checked, and the file's size against its index, before the
 first byte is written into a destination: a wrong file never leaves a half-loaded model.
-The defaults (threads, chunk, buffers) were chosen from `fastvllm weights bench` sweeps; see
-the README for the figures.
+The defaults (threads, chunk, buffers) were chosen from `scripts/sweep_loader.py` sweeps on
+the H100 machine; results/gpu-reload/sweep-*.json holds them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 import xxhash
 from fastvllm.prefetch import residency
 from fastvllm.runtime.errors import IntegrityError, UsageError
+from fastvllm.runtime.memory import HUGE_PAGE, MADV_HUGEPAGE, advise_interior
 from fastvllm.weights import fileformat
 
 # From `scripts/sweep_loader.py` on the H100 machine (16 cores, 5.7-6.4 GB files): warm page
@@ -67,13 +67,6 @@ class LoadStats:
     @property
     def gbps(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
-
-
-def _cpu_bytes(t: Any) -> memoryview:
-    import torch
-
-    t = t.detach()
-    return memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray())
 
 
 def check_compatible(idx: fileformat.Index, targets: dict[str, Any], path: Path) -> None:
@@ -120,21 +113,13 @@ def _open_direct(path: Path) -> int | None:
         return None
 
 
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
 def prefer_huge_pages(ptr: int, nbytes: int) -> None:
     """Ask for transparent huge pages over a destination's 2 MiB-aligned interior before its
     first write: otherwise every 4 KiB page faults in on its own inside preadv (1.5 million
     faults for 6 GB), which held CPU loads to ~2 GB/s on a machine whose THP mode is madvise.
     A hint: where THP is off it does nothing."""
-    start = (ptr + _HUGE - 1) // _HUGE * _HUGE
-    end = (ptr + nbytes) // _HUGE * _HUGE
-    if end > start:
-        _libc.madvise(start, end - start, _MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):  # kernels without THP refuse the advice
+        advise_interior(ptr, nbytes, MADV_HUGEPAGE, HUGE_PAGE)
 
 
 def _read_exact(fd: int, buf: memoryview, off: int, path: Path) -> None:
@@ -154,6 +139,7 @@ def load(
     chunk: int = DEFAULT_CHUNK,
     buffers: int | None = None,
     direct: bool | None = None,
+    verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Any], LoadStats]:
     """Allocate every tensor of the file on `device` and fill it (the benchmark's entry point).
@@ -180,7 +166,15 @@ def load(
         else:
             out[e.name] = arena[e.offset : e.offset + e.nbytes].view(dtype).view(e.shape)
     stats = load_into(
-        path, out, threads=threads, chunk=chunk, buffers=buffers, direct=direct, on_bytes=on_bytes, _idx=idx
+        path,
+        out,
+        threads=threads,
+        chunk=chunk,
+        buffers=buffers,
+        direct=direct,
+        verify=verify,
+        on_bytes=on_bytes,
+        _idx=idx,
     )
     stats.seconds = time.perf_counter() - t0
     return out, stats
@@ -269,7 +263,7 @@ def _load_cpu(
             tmp = torch.empty(dst.shape, dtype=dst.dtype)
             staged.append((dst, tmp))
             dst = tmp
-        view = _cpu_bytes(dst)
+        view = fileformat.tensor_bytes(dst)
         prefer_huge_pages(dst.data_ptr(), e.nbytes)  # released or fresh pages fault in as 2 MiB
         base = idx.data_offset + e.offset
         aligned = use_direct and dst.data_ptr() % _DIRECT_ALIGN == 0
