@@ -56,12 +56,17 @@ def restore(
     *,
     verify: bool = True,
     health_timeout: float = 120.0,
+    prefetch: bool = True,
+    prefetch_threads: int = 0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> RestoreResult:
     """Restore the snapshot at `path`; returns once its canary matched and it is serving.
-    `on_bytes` is called with byte counts as checksums are verified (for progress bars)."""
-    return restore_snapshot(RestoreOptions(Path(path), verify, health_timeout), timeline, on_bytes)
+    `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
+    way); False checks every checksum first, then restores. `on_bytes` is called with byte
+    counts as files are read ahead or verified (for progress bars)."""
+    opts = RestoreOptions(Path(path), verify, health_timeout, prefetch, prefetch_threads)
+    return restore_snapshot(opts, timeline, on_bytes)
 
 
 def stop(pid: int, grace: float = 10.0) -> None:
@@ -115,12 +120,14 @@ def load_weights(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    mode: str = "auto",
 ) -> tuple[dict[str, object], object]:
     """Load a flat weight file into fresh tensors on `device` ('cpu' or 'cuda'); returns
-    (name -> tensor, LoadStats). None for a tunable means the measured default."""
+    (name -> tensor, LoadStats). None for a tunable means the measured default. `mode` "map"
+    (the CPU default) hands out copy-on-write views of the file, "copy" private memory."""
     from fastvllm.weights import loader
 
-    kw: dict[str, object] = {"direct": direct, "verify": verify, "on_bytes": on_bytes}
+    kw: dict[str, object] = {"direct": direct, "verify": verify, "on_bytes": on_bytes, "mode": mode}
     kw.update({k: v for k, v in (("threads", threads), ("chunk", chunk), ("buffers", buffers)) if v})
     if device.startswith("cuda"):
         import torch

@@ -33,6 +33,13 @@ model_app = typer.Typer(help="The built-in tiny model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 weights_app = typer.Typer(help="Flat weight files (written by sleeping snapshots).", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+prefetch_app = typer.Typer(
+    help="The page cache, file by file (like vmtouch): see how much of a snapshot or model is in "
+    "RAM, read it in ahead of a restore, drop it for a cold-start test, or pin it.\n\n"
+    "Typical use:  fastvllm prefetch status /srv/snap  then  fastvllm prefetch warm /srv/snap",
+    no_args_is_help=True,
+)
+app.add_typer(prefetch_app, name="prefetch")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
@@ -128,20 +135,41 @@ def snapshot(
 @app.command()
 def restore(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
-    verify: Annotated[bool, typer.Option(help="Check every file's checksum before restoring.")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Check every file's checksum; the server is not declared serving before.")
+    ] = True,
+    prefetch: Annotated[
+        bool,
+        typer.Option(
+            help="Read the snapshot's files ahead, in the order the restore needs them, while CRIU "
+            "restores (checksums are checked on the way). --no-prefetch checks them all first, "
+            "then restores: slower from a cold page cache, kept for comparison."
+        ),
+    ] = True,
+    prefetch_threads: Annotated[
+        int, typer.Option(min=0, help="Read-ahead threads (0: the measured default).")
+    ] = 0,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the restored server to be healthy.")
     ] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a snapshot, prove it with the canary, and leave it serving."""
+    """Restore a snapshot, prove it with the canary, and leave it serving.
+
+    The timeline shows the read-ahead running beside CRIU's restore."""
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
 
     def run() -> Any:
         with live.running():
             return api.restore(
-                snapshot_dir, verify=verify, health_timeout=timeout, timeline=tl, on_bytes=live.on_bytes
+                snapshot_dir,
+                verify=verify,
+                health_timeout=timeout,
+                prefetch=prefetch,
+                prefetch_threads=prefetch_threads,
+                timeline=tl,
+                on_bytes=live.on_bytes,
             )
 
     res = _guard(run)
@@ -316,6 +344,13 @@ def weights_load(
         str, typer.Option(help="'auto' (O_DIRECT when the file is cold), 'on' or 'off'.")
     ] = "auto",
     verify: Annotated[bool, typer.Option(help="Check every checksum before loading.")] = False,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (map on CPU, copy on GPU), 'map' (CPU tensors are copy-on-write views of "
+            "the file, faulted in by parallel threads) or 'copy' (read into private memory)."
+        ),
+    ] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Load a weight file into fresh tensors and report the throughput (a quick speed test)."""
@@ -325,6 +360,8 @@ def weights_load(
     modes = {"auto": None, "on": True, "off": False}
     if direct not in modes:
         _fail(UsageError(f"--direct {direct!r} is not auto, on or off", hint="use --direct auto"))
+    if mode not in ("auto", "map", "copy"):
+        _fail(UsageError(f"--mode {mode!r} is not auto, map or copy", hint="use --mode auto"))
     idx = _guard(lambda: fileformat.read_index(path))
     bar, advance = ui.bytes_bar(sum(e.nbytes for e in idx.tensors if e.alias_of is None), "load", not as_json)
     with bar:
@@ -338,6 +375,7 @@ def weights_load(
                 direct=modes[direct],
                 verify=verify,
                 on_bytes=advance,
+                mode=mode,
             )
         )
     doc = {
@@ -347,6 +385,7 @@ def weights_load(
         "seconds": stats.seconds,  # type: ignore[attr-defined]
         "gbps": stats.gbps,
         "direct": stats.direct,
+        "mapped": stats.mapped,
         "tensors": stats.tensors,
     }  # type: ignore[attr-defined]
     if as_json:
@@ -355,7 +394,7 @@ def weights_load(
         ui.console.print(
             f"[green]loaded[/] {doc['tensors']} tensors, {ui.human_bytes(stats.bytes)} in "  # type: ignore[attr-defined]
             f"{stats.seconds:.3f} s: {stats.gbps:.2f} GB/s on {stats.device}"  # type: ignore[attr-defined]
-            f"{' (O_DIRECT)' if stats.direct else ''}"  # type: ignore[attr-defined]
+            f"{' (O_DIRECT)' if stats.direct else ''}{' (mapped)' if stats.mapped else ''}"  # type: ignore[attr-defined]
         )
 
 
@@ -423,6 +462,179 @@ def demo(
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+PathsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="PATH",
+        help="Files or directories (every regular file below them, in name order).",
+        readable=False,  # checked by prefetch.files, which says which path and how to fix it
+    ),
+]
+
+
+def _prefetch_files(paths: list[Path]) -> list[Path]:
+    from fastvllm.prefetch import files
+
+    return _guard(lambda: files.expand(paths))
+
+
+@prefetch_app.command("status")
+def prefetch_status(paths: PathsArg, as_json: JsonOpt = False) -> None:
+    """How much of each file is in the page cache, per file and in total.
+
+    Pages are counted as vmtouch counts them: the file's size in pages (a partial last page
+    counts), resident when mincore says so."""
+    import mmap
+
+    from fastvllm.prefetch import residency
+
+    res = _guard(lambda: residency.of_files(_prefetch_files(paths)))
+    resident, pages, nbytes = (sum(getattr(r, k) for r in res) for k in ("resident_pages", "pages", "bytes"))
+    total = {"files": len(res), "bytes": nbytes, "resident_pages": resident, "pages": pages}
+    total["fraction"] = resident / pages if pages else 1.0
+    if as_json:
+        _emit_json({"page_size": mmap.PAGESIZE, "files": [r.as_dict() for r in res], "total": total})
+        return
+    t = Table(title="page cache residency", title_justify="left")
+    t.add_column("file")
+    t.add_column("size", justify="right")
+    t.add_column("resident pages", justify="right")
+    t.add_column("%", justify="right")
+    for r in res:
+        t.add_row(str(r.path), ui.human_bytes(r.bytes), f"{r.resident_pages}/{r.pages}", f"{r.fraction:.0%}")
+    t.add_section()
+    t.add_row(
+        f"[bold]total[/] ({len(res)} files)",
+        ui.human_bytes(nbytes),
+        f"{resident}/{pages}",
+        f"[bold]{total['fraction']:.0%}[/]",
+    )
+    ui.out.print(t)
+
+
+@prefetch_app.command("warm", epilog="e.g.  fastvllm prefetch warm /srv/snap --threads 8")
+def prefetch_warm(
+    paths: PathsArg,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="'read' (pread into a buffer), 'populate' (map the file and MADV_POPULATE_READ: no "
+            "copy), 'fadvise' or 'readahead' (submit the chunk's I/O at once, then wait by reading). "
+            "Default: the one measured fastest (see prefetch/warm.py)."
+        ),
+    ] = "",
+    threads: Annotated[int, typer.Option(min=0, help="Reader threads (0: the measured default).")] = 0,
+    chunk_mib: Annotated[
+        int, typer.Option(min=0, help="MiB each thread reads at a time (0: the default).")
+    ] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read files into the page cache, earlier files first (--threads reads in parallel).
+
+    The next reader (a restore, the weight loader) then finds them in RAM. Shows bytes and GB/s;
+    with --json, also how much is resident afterwards."""
+    from fastvllm.prefetch import residency, warm
+    from fastvllm.runtime.errors import UsageError
+
+    if method and method not in warm.METHODS:
+        _fail(
+            UsageError(
+                f"--method {method!r} is not one of {', '.join(warm.METHODS)}", hint="omit it for the default"
+            )
+        )
+    fs = _prefetch_files(paths)
+    sizes = _guard(lambda: [p.stat().st_size for p in fs])
+    bar, advance = ui.bytes_bar(sum(sizes), "warm", not as_json)
+    with bar:
+        st = _guard(
+            lambda: warm.warm(
+                fs, method=method or None, threads=threads or None, chunk=chunk_mib << 20, on_bytes=advance
+            )
+        )
+    res = _guard(lambda: residency.of_files(fs))
+    resident, pages = sum(r.resident_pages for r in res), sum(r.pages for r in res)
+    frac = resident / pages if pages else 1.0
+    if as_json:
+        _emit_json(st.as_dict() | {"resident_pages": resident, "pages": pages, "resident_fraction": frac})
+        return
+    ui.console.print(
+        f"[green]warmed[/] {ui.human_bytes(st.bytes)} of {len(fs)} files in {st.seconds:.2f} s: "
+        f"[bold]{st.gbps:.2f} GB/s[/] ({st.method}, {st.threads} thread{'s' * (st.threads > 1)}, "
+        f"{st.chunk >> 20} MiB chunks); "
+        f"{frac:.0%} resident now"
+    )
+
+
+@prefetch_app.command("evict")
+def prefetch_evict(paths: PathsArg, as_json: JsonOpt = False) -> None:
+    """Drop files from the page cache, e.g. to time a cold start of just these files.
+
+    posix_fadvise(DONTNEED) per file, after writing back dirty pages. Pages a running process
+    maps or locks stay, and are reported."""
+    from fastvllm.prefetch import residency, warm
+
+    fs = _prefetch_files(paths)
+    n = _guard(lambda: warm.evict(fs))
+    res = _guard(lambda: residency.of_files(fs))
+    resident = sum(r.resident_pages for r in res)
+    if as_json:
+        _emit_json({"files": len(fs), "evicted_bytes": n, "resident_pages": resident})
+        return
+    left = f"; {resident} pages still resident (mapped by a process?)" if resident else ""
+    ui.console.print(f"[green]evicted[/] {ui.human_bytes(n)} from {len(fs)} files{left}")
+
+
+@prefetch_app.command(
+    "lock", epilog="e.g.  fastvllm prefetch lock /srv/snap/weights --budget 8G   (Ctrl-C unlocks)"
+)
+def prefetch_lock(
+    paths: PathsArg,
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="Most memory to lock, like 4G or 512M; more is refused before anything is locked. "
+            "Empty: half of the memory available now."
+        ),
+    ] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Read files in and lock them in RAM until Ctrl-C or SIGTERM, like vmtouch -l.
+
+    mmap + mlock: the kernel will not evict them whatever else runs. The total must fit in
+    --budget, checked before anything is read; mlock beyond RLIMIT_MEMLOCK needs root."""
+    import os
+    import signal
+
+    from fastvllm.prefetch import warm
+
+    limit = _guard(lambda: warm.parse_size(budget)) if budget else warm.default_budget()
+    fs = _prefetch_files(paths)
+    total = _guard(lambda: warm.check_budget(fs, limit))
+    bar, advance = ui.bytes_bar(total, "read in", not as_json)
+    with bar:  # parallel reads first: mlock alone faults a cold file in with one thread
+        _guard(lambda: warm.warm(fs, on_bytes=advance))
+    locked = _guard(lambda: warm.lock(fs, limit))
+    got: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        if as_json:
+            _emit_json({"files": len(fs), "bytes": locked.bytes, "budget": limit, "pid": os.getpid()})
+        else:
+            ui.console.print(
+                f"[green]locked[/] {ui.human_bytes(locked.bytes)} in {len(fs)} files (budget "
+                f"{ui.human_bytes(limit)}); pid {os.getpid()}, Ctrl-C or SIGTERM unlocks"
+            )
+        while not got:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        locked.close()
+    if not as_json:
+        ui.console.print("unlocked")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ Kept apart from the pipelines so the Python API stays silent and `--json` stays 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -43,7 +44,10 @@ class _BytesColumn(ProgressColumn):
 
 class LiveTimeline:
     """Shows each phase as a spinner while it runs and its duration once done; phases that
-    move bytes (checksums) also show bytes and throughput."""
+    move bytes (checksums, the restore's read-ahead) also show bytes and throughput. Phases
+    may overlap (the read-ahead runs beside CRIU): each has its own line."""
+
+    BYTE_PHASES = ("verify_checksums", "readahead")
 
     def __init__(self, timeline: Timeline, enabled: bool = True) -> None:
         self.timeline = timeline
@@ -59,21 +63,32 @@ class LiveTimeline:
             transient=False,
             disable=not enabled,
         )
-        self.current: TaskID | None = None
+        self.running_tasks: dict[str, TaskID] = {}
+        self.byte_task: TaskID | None = None  # where on_bytes counts: the byte phase running
+        self._lock = threading.Lock()
         timeline.on_start = self._start
         timeline.on_end = self._end
 
     def _start(self, name: str) -> None:
-        self.current = self.progress.add_task(name, total=None, extra="", bytes=0)
+        task = self.progress.add_task(name, total=None, extra="", bytes=0)
+        with self._lock:
+            self.running_tasks[name] = task
+            if name in self.BYTE_PHASES:
+                self.byte_task = task
 
     def _end(self, phase: Phase) -> None:
-        if self.current is not None:
-            self.progress.update(self.current, total=1, completed=1, extra=f"{phase.duration_s:7.2f} s")
-            self.current = None
+        with self._lock:
+            task = self.running_tasks.pop(phase.name, None)
+            if task is not None and task == self.byte_task:
+                self.byte_task = None
+        if task is not None:
+            self.progress.update(task, total=1, completed=1, extra=f"{phase.duration_s:7.2f} s")
 
     def on_bytes(self, n: int) -> None:
-        task = self.current
-        if task is not None:
+        with self._lock:  # from reader threads
+            task = self.byte_task
+            if task is None:
+                return
             done = self.progress.tasks[task].fields.get("bytes", 0) if task < len(self.progress.tasks) else 0
             self.progress.update(task, bytes=done + n)
 
@@ -105,7 +120,7 @@ def phase_table(timeline: Timeline, title: str) -> Table:
     t.add_column("duration", justify="right")
     t.add_column("")
     total = max((p.start_s + p.duration_s for p in timeline.phases), default=0.0) or 1.0
-    for p in timeline.phases:
+    for p in sorted(timeline.phases, key=lambda p: p.start_s):  # overlapping phases end out of order
         width = 30
         lead = round(p.start_s / total * width)
         bar = " " * lead + "█" * max(1, round(p.duration_s / total * width))

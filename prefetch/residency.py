@@ -1,8 +1,10 @@
 """How much of a file is in the page cache, from mincore(2) over a read-only mapping.
 
 The weight loader asks this to choose O_DIRECT (file cold: skip the page cache's copy) or
-buffered reads (file warm: the page cache is the fastest source there is). Hand-written over
-ctypes because no maintained library exposes mincore; it is a few lines.
+buffered reads (file warm: the page cache is the fastest source there is); `fastvllm prefetch
+status` shows it per file. Hand-written over ctypes because no maintained library exposes
+mincore; it is a few lines. Pages are counted exactly as vmtouch counts them (pages of
+sysconf(PAGESIZE), a partial last page counts, bit 0 of mincore's byte), so the two agree.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastvllm.prefetch.files import os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
@@ -96,3 +100,38 @@ def resident_fraction(path: Path | str) -> float:
     """Share of the file's pages in the page cache, 0.0 to 1.0 (1.0 for an empty file)."""
     resident, total = resident_pages(path)
     return resident / total if total else 1.0
+
+
+@dataclass(frozen=True)
+class FileResidency:
+    path: Path
+    bytes: int
+    resident_pages: int
+    pages: int  # ceil(bytes / page size): vmtouch's count
+
+    @property
+    def fraction(self) -> float:
+        return self.resident_pages / self.pages if self.pages else 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "resident_pages": self.resident_pages,
+            "pages": self.pages,
+            "fraction": self.fraction,
+        }
+
+
+def of_files(paths: Iterable[Path]) -> list[FileResidency]:
+    """Residency of each file (see `prefetch.files.expand`); an unreadable or vanished file is a
+    UsageError naming it, not an OSError."""
+    res = []
+    for p in paths:
+        try:
+            resident, pages = resident_pages(p)
+            size = os.stat(p).st_size
+        except OSError as e:
+            raise os_error(p, e) from None
+        res.append(FileResidency(Path(p), size, resident, pages))
+    return res

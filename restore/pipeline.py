@@ -1,6 +1,12 @@
 """The restore pipeline: validate the manifest, the identity and the checksums, CRIU-restore
 the tree, wait until healthy, and prove it with the canary before calling it serving.
 
+By default the snapshot's files are read ahead in the background (`restore.readahead`), in
+the order the restore needs them, while CRIU restores: the disk's time hides behind CRIU's
+work, and the checksums are checked on the way instead of in a pass of their own before CRIU
+may start. The canary waits for that check. `prefetch=False` keeps the serial order (all
+checksums first), for comparison.
+
 A restored tree that fails any later step is stopped: a server that answers differently
 from the one snapshotted is worse than none.
 """
@@ -13,8 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastvllm.prefetch import warm
+from fastvllm.restore import order
+from fastvllm.restore.readahead import ReadAhead
 from fastvllm.runtime import criu, instances, manifest, proctree, shm, system, vllm_server
-from fastvllm.runtime.errors import CanaryMismatchError, IdentityMismatchError, PortInUseError, UsageError
+from fastvllm.runtime.errors import (
+    CanaryMismatchError,
+    FastVLLMError,
+    IdentityMismatchError,
+    IntegrityError,
+    PortInUseError,
+    UsageError,
+)
 from fastvllm.runtime.timeline import Timeline
 
 
@@ -23,6 +39,8 @@ class RestoreOptions:
     snapshot: Path
     verify: bool = True
     health_timeout: float = 120.0
+    prefetch: bool = True  # read the files ahead while CRIU restores (checksums on the way)
+    prefetch_threads: int = 0  # 0: the measured default
 
 
 @dataclass
@@ -88,7 +106,28 @@ def restore_snapshot(
     proctree.adopt_orphans()
     with tl.phase("validate"):
         m, found = _preflight(path)
-    if opts.verify:
+    ahead: ReadAhead | None = None
+    if opts.prefetch:
+        manifest.check_sizes(path, m.files)  # a missing or truncated file fails before anything starts
+        ordered = order.restore_order(path, m)
+        ahead = ReadAhead(
+            path,
+            ordered,
+            verify=opts.verify,
+            threads=opts.prefetch_threads or warm.DEFAULT_THREADS,
+            timeline=tl,
+            on_bytes=on_verify_bytes,
+        ).start()
+        if opts.verify:
+            # No process runs from an image whose small files (credentials, descriptors,
+            # registers) are unchecked; only the page images are checked while CRIU runs.
+            with tl.phase("check_metadata"):
+                try:
+                    ahead.wait_for(order.before_pages(ordered))
+                except BaseException:
+                    ahead.stop()
+                    raise
+    elif opts.verify:
         with tl.phase("verify_checksums"):
             manifest.verify_files(path, m.files, on_bytes=on_verify_bytes)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -96,11 +135,14 @@ def restore_snapshot(
     logs.mkdir(exist_ok=True)
     server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
     pid: int | None = None
+    criu_ran = False
+    put_back: list[Path] = []
     try:
         with tl.phase("criu_restore"):
-            shm.put_back(path / "shm")
+            put_back = shm.put_back(path / "shm")
             fd = os.open(server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
+                criu_ran = True
                 pid = criu.restore(
                     found,
                     path / "criu",
@@ -116,7 +158,15 @@ def restore_snapshot(
             vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
         if m.weights_file:
             with tl.phase("load_weights"):
-                vllm_server.rpc(server, "fastvllm_reload", path=str(path / m.weights_file))
+                kw = {"path": str(path / m.weights_file)}
+                # The read-ahead stops at the weight file once the loader starts on it; if it had
+                # not checked the whole file yet, the loader checks its per-tensor checksums.
+                if ahead is not None and not ahead.claim(m.weights_file) and opts.verify:
+                    kw["verify"] = "1"
+                vllm_server.rpc(server, "fastvllm_reload", **kw)
+        if ahead is not None:
+            with tl.phase("readahead_wait"):  # the checksums must be in before the canary
+                ahead.wait()
         with tl.phase("first_completion"):
             got = vllm_server.complete(
                 server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
@@ -129,9 +179,23 @@ def restore_snapshot(
                 hint="the snapshot does not reproduce its server; take a new one",
                 detail=f"recorded: {m.canary.text!r}\nrestored: {got.text!r}",
             )
-    except BaseException:
+    except BaseException as exc:
         if pid is not None:
             instances.stop(pid)
+        if criu_ran:  # a failed CRIU restore can leave processes of the tree behind as zombies
+            proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True)
+        if pid is None:  # no tree owns the queues put back for it
+            for f in put_back:
+                f.unlink(missing_ok=True)
+        if ahead is not None:
+            if isinstance(exc, FastVLLMError) and not isinstance(exc, IntegrityError):
+                # CRIU or the server failed: if a file is damaged, that is the cause to report,
+                # so let the read-ahead finish its checks (the rest is in the page cache by now).
+                try:
+                    ahead.wait()
+                except IntegrityError as damaged:
+                    raise damaged from exc
+            ahead.stop()
         raise
     instances.record(
         instances.Instance(

@@ -44,6 +44,10 @@ class NotASnapshotError(UsageError):
     """The directory is missing or holds no valid manifest."""
 
 
+class PermissionDeniedError(UsageError):
+    """A path the user named cannot be read or listed by this user."""
+
+
 class IdentityMismatchError(FastVLLMError):
     """The snapshot was taken on another CRIU, kernel, vLLM, Python or model."""
 

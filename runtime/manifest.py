@@ -179,9 +179,14 @@ def load(directory: Path) -> Manifest:
 _ZEROS = bytes(_CHUNK)
 
 
-def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+def hash_file(
+    path: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> str | None:
     """xxh3-128 of the file's bytes. Holes (the sparse /dev/shm copies are mostly holes) are
-    hashed as the zeros they read as, without reading them: same digest, none of the cost."""
+    hashed as the zeros they read as, without reading them: same digest, none of the cost.
+    `stop()` is asked before each chunk read; once it says True the digest is abandoned (None)."""
     h = xxhash.xxh3_128()
     view = memoryview(bytearray(_CHUNK))
     zeros = memoryview(_ZEROS)
@@ -203,6 +208,8 @@ def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
                     on_bytes(n)
             os.lseek(fd, pos, os.SEEK_SET)
             while pos < end:
+                if stop is not None and stop():
+                    return None
                 n = f.readinto(view[: min(_CHUNK, end - pos)])
                 if not n:  # shrank while being read: the digest will not match
                     return h.hexdigest()
@@ -237,6 +244,23 @@ def collect_files(
 
 def verify_files(root: Path, entries: list[FileEntry], on_bytes: Callable[[int], None] | None = None) -> None:
     """Sizes first (cheap, catches truncation), then content; the first problem is raised."""
+    check_sizes(root, entries)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        results = list(pool.map(lambda e: (e, hash_file(root / e.path, on_bytes)), entries))
+    for e, h in results:
+        check_digest(e, h)
+
+
+def check_digest(e: FileEntry, digest: str | None) -> None:
+    if digest != e.xxh3_128:
+        raise IntegrityError(
+            f"snapshot file {e.path} does not match its checksum (altered or corrupted)",
+            hint="the snapshot is damaged; take a new one",
+        )
+
+
+def check_sizes(root: Path, entries: list[FileEntry]) -> None:
+    """Every file present with its recorded size: catches a missing or truncated file at once."""
     for e in entries:
         p = root / e.path
         if not p.is_file():
@@ -247,14 +271,6 @@ def verify_files(root: Path, entries: list[FileEntry], on_bytes: Callable[[int],
         if size != e.size:
             raise IntegrityError(
                 f"snapshot file {e.path} has {size} bytes, the manifest says {e.size} (truncated or altered)",
-                hint="the snapshot is damaged; take a new one",
-            )
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(lambda e: (e, hash_file(root / e.path, on_bytes)), entries))
-    for e, h in results:
-        if h != e.xxh3_128:
-            raise IntegrityError(
-                f"snapshot file {e.path} does not match its checksum (altered or corrupted)",
                 hint="the snapshot is damaged; take a new one",
             )
 

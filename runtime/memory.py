@@ -9,6 +9,8 @@ import mmap
 
 MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
+MADV_POPULATE_READ = 22  # Linux 5.14: fault a range in (page tables filled) without writing it
+MADV_POPULATE_WRITE = 23  # the same, as if written: private pages allocated (and zeroed) up front
 HUGE_PAGE = 2 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -25,3 +27,10 @@ def advise_interior(ptr: int, nbytes: int, advice: int, align: int = mmap.PAGESI
     if _libc.madvise(start, end - start, advice) != 0:
         raise OSError(ctypes.get_errno(), f"madvise({advice}) failed")
     return end - start
+
+
+def advise(addr: int, nbytes: int, advice: int) -> None:
+    """madvise(`advice`) over an already page-aligned range. ctypes drops the GIL for the call,
+    so threads can populate different parts of one mapping at once."""
+    if _libc.madvise(addr, nbytes, advice) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise({advice}) failed")

@@ -111,6 +111,13 @@ install_criu() {
   echo "installed $CRIU_PREFIX/sbin/criu ($("$CRIU_PREFIX/sbin/criu" --version | head -n1))"
 }
 
+install_tools() {
+  # vmtouch: tests/test_prefetch.py checks `fastvllm prefetch status` against its page counts.
+  step "tools: vmtouch"
+  apt_install vmtouch
+  echo "using $(command -v vmtouch)"
+}
+
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 install_venv() {
@@ -140,6 +147,7 @@ make_tiny_model() {
 }
 
 install_criu
+install_tools
 install_venv
 make_tiny_model
 step "done: activate with 'source $VENV/bin/activate'"

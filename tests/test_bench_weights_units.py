@@ -27,8 +27,9 @@ def test_tiny_is_about_100_mb() -> None:
 def test_select_loaders() -> None:
     assert [li.name for li in bw.select_loaders("all")] == [li.name for li in bw.LOADERS]
     got = [li.name for li in bw.select_loaders("runai,safetensors")]
-    assert got == ["fastvllm", "safetensors.load_file", "safetensors.safe_open", "runai-model-streamer"]
-    assert [li.name for li in bw.select_loaders("none")] == ["fastvllm"]
+    ours = ["fastvllm", "fastvllm (copy)"]
+    assert got == [*ours, "safetensors.load_file", "safetensors.safe_open", "runai-model-streamer"]
+    assert [li.name for li in bw.select_loaders("none")] == ours
     with pytest.raises(SystemExit):
         bw.select_loaders("nosuchloader")
 

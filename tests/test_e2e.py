@@ -39,12 +39,14 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     res = json.loads(r.stdout)
     restored_cleanup.append(res["pid"])
     assert res["canary_ok"] is True
-    assert {p["name"] for p in res["phases"]} >= {
-        "validate",
-        "verify_checksums",
-        "criu_restore",
-        "first_completion",
-    }
+    phases = {p["name"]: p for p in res["phases"]}
+    assert set(phases) >= {"validate", "readahead", "criu_restore", "readahead_wait", "first_completion"}
+    # the read-ahead (with the checksums) runs beside CRIU's restore, not before it
+    assert (
+        phases["readahead"]["start_s"]
+        < phases["criu_restore"]["start_s"] + phases["criu_restore"]["duration_s"]
+    )
+    assert "verify_checksums" not in phases
     after = completions(res["url"], shared_snapshot.served_model_name, PROMPTS)
     assert after == shared_snapshot.before
 
@@ -54,10 +56,12 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     assert snap2.manifest.canary.token_ids == manifest.load(shared_snapshot.path).canary.token_ids
     assert not proctree.alive(res["pid"])  # the dump stopped it
 
-    # 3. restore the second-generation snapshot with the Python API
-    again = fastvllm.restore(snap2.path)
+    # 3. restore the second-generation snapshot with the Python API, the serial way (every
+    #    checksum first, no read-ahead)
+    again = fastvllm.restore(snap2.path, prefetch=False)
     restored_cleanup.append(again.server.pid)
     assert again.canary_ok
+    assert "verify_checksums" in again.timeline.durations() and "readahead" not in again.timeline.durations()
     assert (
         completions(again.server.base_url, shared_snapshot.served_model_name, PROMPTS)
         == shared_snapshot.before
@@ -65,3 +69,22 @@ def test_restore_is_token_identical_and_resnapshot_restores(
 
     fastvllm.stop(again.server.pid)
     assert not servers_on_port(TEST_PORT)
+
+
+def test_restore_order_of_a_real_snapshot(shared_snapshot: SharedSnapshot) -> None:
+    """Every CRIU pagemap names a page image that exists, and the plan reads the small
+    images before the page images and the weight file after them."""
+    from fastvllm.restore import order
+
+    m = manifest.load(shared_snapshot.path)
+    pagemaps = [f.path for f in m.files if f.path.startswith("criu/pagemap-")]
+    assert pagemaps
+    for pm in pagemaps:
+        n = order.pages_id(shared_snapshot.path / pm)
+        assert n is not None and (shared_snapshot.path / f"criu/pages-{n}.img").is_file()
+    got = [e.path for e in order.restore_order(shared_snapshot.path, m)]
+    assert sorted(got) == sorted(f.path for f in m.files)
+    first_pages = min(i for i, p in enumerate(got) if p.startswith("criu/pages-"))
+    assert all(not p.startswith("criu/") or p.startswith("criu/pages-") for p in got[first_pages:])
+    if m.weights_file:
+        assert got.index(m.weights_file) > first_pages

@@ -139,13 +139,40 @@ def test_o_direct_into_page_aligned_tensors(tmp_path: Path) -> None:
     assert _same(dst["a"], src["a"]) and _same(dst["b"], src["b"])
 
 
-def test_load_allocates_the_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["copy", "map"])
+def test_load_allocates_the_model(tmp_path: Path, mode: str) -> None:
     src = _model(torch.Generator().manual_seed(4))
     fileformat.write(tmp_path / "w", src)
-    out, stats = loader.load(tmp_path / "w", "cpu", threads=2, chunk=8192)
+    out, stats = loader.load(tmp_path / "w", "cpu", threads=2, chunk=8192, mode=mode)
     assert set(out) == set(src) and stats.bytes > 0
+    assert stats.mapped == (mode == "map")
     assert all(_same(out[k], src[k]) for k in src)
     assert out["lm_head"] is out["embed"]
+
+
+def test_mapped_tensors_are_copy_on_write(tmp_path: Path) -> None:
+    src = _model(torch.Generator().manual_seed(8))
+    path = tmp_path / "w"
+    fileformat.write(path, src)
+    before = path.read_bytes()
+    out, _ = loader.load(path, "cpu", mode="map", verify=True)
+    out["big"].fill_(1.0)  # a write copies the page; the file and other loads keep the weights
+    assert path.read_bytes() == before
+    again, _ = loader.load(path, "cpu")
+    assert _same(again["big"], src["big"])
+
+
+def test_mapped_load_checks_before_handing_out(tmp_path: Path) -> None:
+    src = _model(torch.Generator().manual_seed(9))
+    path = tmp_path / "w"
+    idx = fileformat.write(path, src)
+    raw = bytearray(path.read_bytes())
+    raw[idx.data_offset + idx.by_name()["big"].offset + 5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="big"):
+        loader.load(path, "cpu", mode="map", verify=True)
+    with pytest.raises(UsageError, match="mode"):
+        loader.load(path, "cuda:0", mode="map")
 
 
 def test_spans_cover_every_byte_once(tmp_path: Path) -> None:
@@ -167,14 +194,16 @@ def test_spans_cover_every_byte_once(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the pinned double-buffer path)"
 )
-def test_gpu_round_trip_double_buffered(tmp_path: Path) -> None:
+def test_gpu_round_trip_double_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _model(torch.Generator().manual_seed(6))
     path = tmp_path / "w"
     fileformat.write(path, src)
-    for direct in (False, True):
+    for pin, direct in (("register", False), ("register", True), ("torch", False)):
+        monkeypatch.setenv("FASTVLLM_PIN", pin)
         out, stats = loader.load(path, "cuda", threads=3, chunk=64 << 10, buffers=2, direct=direct)
         assert stats.device == "cuda"
         assert all(out[k].is_cuda and _same(out[k], src[k]) for k in src)
+        assert out["lm_head"] is out["embed"]
     dst = {k: v.cuda() for k, v in _blank_like(src).items()}
     dst["lm_head"] = dst["embed"]
     loader.load_into(path, dst, chunk=64 << 10, buffers=2, verify=True)

@@ -11,6 +11,11 @@ a cold file.
   contiguous spans of the file; the calling thread issues asynchronous host-to-device copies
   of each span's pieces on a side stream, and a buffer goes back to the pool once its copy's
   event has completed. Reads and copies overlap (double buffering, deeper when more buffers).
+- Fresh CPU tensors (`load`, mode "map"): the file is mapped copy-on-write and the tensors are
+  views of it; N threads fault the mapping in with MADV_POPULATE_READ (the page cache's own
+  pages, read from disk in parallel where they are missing). Nothing is copied, the memory is
+  shared with every other process mapping the same file, and a write to a tensor copies just
+  that page. This is what safetensors does on CPU, but populated eagerly and in parallel.
 - O_DIRECT or not: decided from the file's page-cache residency (`prefetch.residency`) unless
   the caller says. Cold: O_DIRECT skips the kernel's copy into the page cache. Warm: buffered.
 
@@ -36,7 +41,14 @@ from typing import Any
 import xxhash
 from fastvllm.prefetch import residency
 from fastvllm.runtime.errors import IntegrityError, UsageError
-from fastvllm.runtime.memory import HUGE_PAGE, MADV_HUGEPAGE, advise_interior
+from fastvllm.runtime.memory import (
+    HUGE_PAGE,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    advise,
+    advise_interior,
+)
 from fastvllm.weights import fileformat
 
 # From `scripts/sweep_loader.py` on the H100 machine (16 cores, 5.7-6.4 GB files): warm page
@@ -63,6 +75,7 @@ class LoadStats:
     direct: bool = False
     device: str = "cpu"
     pin_s: float = 0.0  # time spent allocating pinned buffers (GPU targets)
+    mapped: bool = False  # CPU tensors are copy-on-write views of the file (mode "map")
 
     @property
     def gbps(self) -> float:
@@ -141,30 +154,42 @@ def load(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    mode: str = "auto",
 ) -> tuple[dict[str, Any], LoadStats]:
     """Allocate every tensor of the file on `device` and fill it (the benchmark's entry point).
 
     All tensors are views into one allocation laid out like the file's data region (one
     cudaMalloc instead of hundreds; offsets are 4 KiB-aligned, so every dtype's view is
-    aligned). Allocation is inside the timed region: a caller loading a fresh model pays for it."""
+    aligned). Allocation is inside the timed region: a caller loading a fresh model pays for it.
+    `mode`: "copy" reads into private memory; "map" (CPU only) makes the tensors copy-on-write
+    views of the file, populated before returning; "auto" maps on CPU and copies on GPU."""
     import torch
 
     path = Path(path)
+    if mode not in ("auto", "map", "copy"):
+        raise UsageError(f"unknown load mode {mode!r}", hint="use auto, map or copy")
+    on_cpu = torch.device(device).type == "cpu"
+    if mode == "map" and not on_cpu:
+        raise UsageError(f"mode 'map' loads into CPU memory, not {device}", hint="use --mode copy or auto")
     t0 = time.perf_counter()
     idx = fileformat.read_index(path)
+    if on_cpu and mode != "copy":
+        out, stats = _load_mapped(path, idx, threads=threads, chunk=chunk, verify=verify, on_bytes=on_bytes)
+        stats.seconds = time.perf_counter() - t0
+        return out, stats
     span = max((e.offset + e.nbytes for e in idx.tensors if e.alias_of is None), default=0)
+    if not on_cpu:
+        if chunk <= 0 or chunk % _DIRECT_ALIGN:
+            raise UsageError(f"chunk size {chunk} is not a positive multiple of 4096", hint="use e.g. 8 MiB")
+        if verify:
+            verify_tensors(path, idx, threads)
+        arena, stats = _load_arena_gpu(path, idx, span, device, threads, chunk, buffers, direct, on_bytes)
+        stats.seconds = time.perf_counter() - t0
+        return _views(idx, arena, device), stats
     arena = torch.empty(span, dtype=torch.uint8, device=device)
-    if arena.device.type == "cpu" and span:
+    if span:
         prefer_huge_pages(arena.data_ptr(), span)
-    out: dict[str, Any] = {}
-    for e in idx.tensors:
-        dtype = getattr(torch, e.dtype)
-        if e.alias_of is not None:
-            out[e.name] = out[e.alias_of]
-        elif not e.nbytes:
-            out[e.name] = torch.empty(e.shape, dtype=dtype, device=device)
-        else:
-            out[e.name] = arena[e.offset : e.offset + e.nbytes].view(dtype).view(e.shape)
+    out = _views(idx, arena, device)
     stats = load_into(
         path,
         out,
@@ -178,6 +203,131 @@ def load(
     )
     stats.seconds = time.perf_counter() - t0
     return out, stats
+
+
+def _views(idx: fileformat.Index, arena: Any, device: str) -> dict[str, Any]:
+    """Every tensor of the file as a view into `arena`, laid out like the file's data region."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for e in idx.tensors:
+        dtype = getattr(torch, e.dtype)
+        if e.alias_of is not None:
+            out[e.name] = out[e.alias_of]
+        elif not e.nbytes:
+            out[e.name] = torch.empty(e.shape, dtype=dtype, device=device)
+        else:
+            out[e.name] = arena[e.offset : e.offset + e.nbytes].view(dtype).view(e.shape)
+    return out
+
+
+def _load_arena_gpu(
+    path: Path,
+    idx: fileformat.Index,
+    nbytes: int,
+    device: str,
+    threads: int,
+    chunk: int,
+    buffers: int | None,
+    direct: bool | None,
+    on_bytes: Callable[[int], None] | None,
+) -> tuple[Any, LoadStats]:
+    """A fresh GPU arena filled with one copy per read: the arena is laid out like the file,
+    so a span needs no splitting into tensors. The arena is allocated while the first reads
+    run, so cudaMalloc's cost hides behind them."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.index is None:
+        dev = torch.device(dev.type, torch.cuda.current_device())
+    use_direct = choose_direct(path, direct)
+    spans = _arena_spans(idx, nbytes, chunk)
+    holder: list[Any] = []
+
+    def allocate() -> None:
+        arena = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        for sp in spans:
+            sp.pieces[0].dst = arena
+        holder.append(arena)
+
+    t0 = time.perf_counter()
+    if not spans:
+        allocate()
+        return holder[0], LoadStats(0, 0.0, len(idx.tensors), use_direct, dev.type)
+    nbuf = max(2, buffers or threads + EXTRA_BUFFERS)
+    total, pin_s = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
+    seconds = time.perf_counter() - t0
+    return holder[0], LoadStats(total, seconds, len(idx.tensors), use_direct, dev.type, pin_s)
+
+
+def _load_mapped(
+    path: Path,
+    idx: fileformat.Index,
+    *,
+    threads: int,
+    chunk: int,
+    verify: bool,
+    on_bytes: Callable[[int], None] | None,
+) -> tuple[dict[str, Any], LoadStats]:
+    """CPU tensors as copy-on-write views of the file. Where part of the file is not in the page
+    cache, `threads` fault the mapping in (MADV_POPULATE_READ), which reads the disk in parallel.
+    A file wholly in the page cache is left to fault in on first touch, 16 pages a fault: filling
+    the page tables up front measured slower (0.09-0.14 s for 6.4 GB here) than the first touch
+    it would save (~0.06 s), so warm it is the same mapping safetensors hands out."""
+    import mmap
+
+    import torch
+
+    if verify:
+        verify_tensors(path, idx, threads)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != idx.file_size:  # changed since its index was read
+            raise IntegrityError(f"weight file {path} changed while loading", hint="load it again")
+        # ACCESS_COPY = MAP_PRIVATE, writable: a tensor written to gets its own copy of the page.
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+    finally:
+        os.close(fd)
+    out: dict[str, Any] = {}
+    if mm is None:
+        return out, LoadStats(0, 0.0, 0, device="cpu", mapped=True)
+    whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds `mm` open as long as a view lives
+    base = whole.data_ptr()
+    start, end = idx.data_offset, idx.file_size
+    ranges = [(a, min(chunk, end - a)) for a in range(start, end, chunk)]  # data_offset is page-aligned
+
+    def populate(r: tuple[int, int]) -> int:
+        a, n = r
+        try:
+            advise(base + a, n, MADV_POPULATE_READ)
+        except OSError:  # kernels before 5.14: touch a byte a page instead
+            whole[a : a + n : mmap.PAGESIZE].sum()
+        if on_bytes:
+            on_bytes(n)
+        return n
+
+    try:
+        cold = residency.sampled_fraction(path) < 1.0
+    except OSError:
+        cold = True
+    if cold:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            total = sum(pool.map(populate, ranges))
+    else:
+        total = end - start
+        if on_bytes:
+            on_bytes(total)
+    for e in idx.tensors:
+        dtype = getattr(torch, e.dtype)
+        if e.alias_of is not None:
+            out[e.name] = out[e.alias_of]
+        elif not e.nbytes:
+            out[e.name] = torch.empty(e.shape, dtype=dtype)
+        else:
+            a = idx.data_offset + e.offset
+            out[e.name] = whole[a : a + e.nbytes].view(dtype).view(e.shape)
+    return out, LoadStats(total, 0.0, len(idx.tensors), device="cpu", mapped=True)
 
 
 def load_into(
@@ -331,6 +481,81 @@ def plan_spans(idx: fileformat.Index, dsts: dict[str, Any], chunk: int) -> list[
     return spans
 
 
+class _PinnedPool:
+    """Page-locked host buffers of `chunk` bytes, allocated one at a time so the first reads
+    can start while the rest are being pinned.
+
+    Two ways to pin, chosen by FASTVLLM_PIN:
+    - "torch" (default): torch's pinned allocator (cudaHostAlloc), one call per buffer.
+    - "register": one anonymous mapping for the whole pool, transparent huge pages asked for,
+      each buffer's pages faulted in (MADV_POPULATE_WRITE) and then cudaHostRegister'ed. It
+      was meant to pin faster (fewer, larger pages), but on the H100 machine warm 6.4 GB loads
+      in fresh processes measured 18-20 GB/s with it against 24-25 with "torch"
+      (results/gpu-reload/pin-*.json), so it stays an option, not the default.
+    """
+
+    def __init__(self, chunk: int, capacity: int) -> None:
+        self.chunk = chunk
+        self.capacity = capacity
+        self.buffers: list[Any] = []  # uint8 CPU tensors
+        self.views: list[memoryview] = []
+        self.seconds = 0.0
+        self.how = os.environ.get("FASTVLLM_PIN", "torch")
+        self._mm: Any = None
+        self._registered: list[int] = []
+        if self.how == "register":
+            try:
+                self._start_register()
+            except (OSError, RuntimeError, AttributeError):
+                self.how = "torch"
+
+    def _start_register(self) -> None:
+        import mmap
+
+        import torch
+
+        t = time.perf_counter()
+        self._mm = mmap.mmap(-1, self.chunk * self.capacity)
+        self._whole = torch.frombuffer(self._mm, dtype=torch.uint8)
+        with contextlib.suppress(OSError):
+            advise(self._whole.data_ptr(), self.chunk * self.capacity, MADV_HUGEPAGE)
+        self._cudart = torch.cuda.cudart()
+        self.seconds += time.perf_counter() - t
+
+    def add(self) -> int:
+        """Pin one more buffer; returns its index. Appended before the index is handed out."""
+        import torch
+
+        t = time.perf_counter()
+        if self.how == "register":
+            i = len(self.buffers)
+            b = self._whole[i * self.chunk : (i + 1) * self.chunk]
+            with contextlib.suppress(OSError):  # without it the registration faults the pages in
+                advise(b.data_ptr(), self.chunk, MADV_POPULATE_WRITE)
+            err = self._cudart.cudaHostRegister(b.data_ptr(), self.chunk, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister failed ({err})")
+            self._registered.append(b.data_ptr())
+        else:
+            b = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+        self.views.append(memoryview(b.numpy()))
+        self.buffers.append(b)
+        self.seconds += time.perf_counter() - t
+        return len(self.buffers) - 1
+
+    def close(self) -> None:
+        """Unpin (after every copy from the pool has completed)."""
+        for ptr in self._registered:
+            self._cudart.cudaHostUnregister(ptr)
+        self._registered.clear()
+        self.views.clear()
+        self.buffers.clear()
+        if self._mm is not None:
+            self._whole = None
+            with contextlib.suppress(BufferError):  # a view still alive keeps the mapping
+                self._mm.close()
+
+
 def _load_gpu(
     path: Path,
     idx: fileformat.Index,
@@ -358,19 +583,43 @@ def _load_gpu(
     if not spans:
         return 0, 0.0
     device = next(iter(flat.values())).device
-    nbuf = min(nbuf, len(spans))
-    pin_t = [0.0]
+    total, pin_s = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
+    for dst, tmp in staged:
+        dst.copy_(tmp)
+    return total, pin_s
 
-    def pin() -> Any:
-        t = time.perf_counter()
-        b = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
-        pin_t[0] += time.perf_counter() - t
-        return b
 
-    pool = [pin() for _ in range(min(nbuf, _FIRST_BUFFERS))]
+def _arena_spans(idx: fileformat.Index, nbytes: int, chunk: int) -> list[_Span]:
+    """Spans for a destination laid out like the file's data region: one copy per read."""
+    spans = []
+    for off in range(0, nbytes, chunk):
+        n = min(chunk, nbytes - off)
+        length = min(fileformat.align(n), idx.file_size - idx.data_offset - off)
+        spans.append(_Span(idx.data_offset + off, length, [_Piece(None, off, 0, n)]))
+    return spans
+
+
+def _stream_to_gpu(
+    path: Path,
+    spans: list[_Span],
+    device: Any,
+    threads: int,
+    chunk: int,
+    nbuf: int,
+    use_direct: bool,
+    on_bytes: Callable[[int], None] | None,
+    before_copies: Callable[[], None] | None = None,
+) -> tuple[int, float]:
+    """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
+    side stream. `before_copies` runs once the readers are going (it allocates the destination
+    in `load`, so cudaMalloc overlaps the first reads)."""
+    import torch
+
+    nbuf = max(1, min(nbuf, len(spans)))
+    pool = _PinnedPool(chunk, nbuf)
     free: queue.Queue[int] = queue.Queue()
-    for i in range(len(pool)):
-        free.put(i)
+    for _ in range(min(nbuf, _FIRST_BUFFERS)):
+        free.put(pool.add())
     ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
     todo: queue.Queue[int] = queue.Queue()
     for i in range(len(spans)):
@@ -378,14 +627,6 @@ def _load_gpu(
     stop = threading.Event()
     fd = os.open(path, os.O_RDONLY)
     dfd = _open_direct(path) if use_direct else None
-    views = [memoryview(b.numpy()) for b in pool]
-
-    def grow() -> None:  # the rest of the pool, while the first buffers are already in use
-        while len(pool) < nbuf and not stop.is_set():
-            b = pin()
-            views.append(memoryview(b.numpy()))  # appended before its index is handed out
-            pool.append(b)
-            free.put(len(pool) - 1)
 
     def reader() -> None:
         try:
@@ -398,7 +639,7 @@ def _load_gpu(
                 if stop.is_set():
                     return
                 s = spans[si]
-                _read_exact(dfd if dfd is not None else fd, views[bi][: s.length], s.file_off, path)
+                _read_exact(dfd if dfd is not None else fd, pool.views[bi][: s.length], s.file_off, path)
                 ready.put((si, bi))
         except BaseException as exc:
             ready.put(exc)
@@ -407,7 +648,11 @@ def _load_gpu(
     releases: queue.Queue[tuple[Any, int] | None] = queue.Queue()
 
     def releaser() -> None:
-        grow()
+        try:
+            while len(pool.buffers) < nbuf and not stop.is_set():  # grow while reads run
+                free.put(pool.add())
+        except BaseException as exc:
+            ready.put(exc)
         while (item := releases.get()) is not None:
             ev, bi = item
             ev.synchronize()
@@ -420,23 +665,27 @@ def _load_gpu(
         rel.start()
         for w in workers:
             w.start()
+        if before_copies is not None:
+            before_copies()
         with torch.cuda.stream(stream):
             for _ in range(len(spans)):
                 got = ready.get()
                 if isinstance(got, BaseException):
                     raise got
                 si, bi = got
-                buf = pool[bi]
+                buf = pool.buffers[bi]
+                n_span = 0
                 for p in spans[si].pieces:
                     p.dst[p.dst_off : p.dst_off + p.n].copy_(
                         buf[p.span_off : p.span_off + p.n], non_blocking=True
                     )
-                    total += p.n
+                    n_span += p.n
+                total += n_span
                 ev = torch.cuda.Event()
                 ev.record(stream)
                 releases.put((ev, bi))
                 if on_bytes:
-                    on_bytes(sum(p.n for p in spans[si].pieces))
+                    on_bytes(n_span)
         stream.synchronize()
     finally:
         stop.set()
@@ -449,8 +698,9 @@ def _load_gpu(
         os.close(fd)
         if dfd is not None:
             os.close(dfd)
-    for dst, tmp in staged:
-        dst.copy_(tmp)
+        with contextlib.suppress(Exception):
+            stream.synchronize()  # no copy may still read a buffer when it is unpinned
+        pool.close()
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
-    return total, pin_t[0]
+    return total, pool.seconds

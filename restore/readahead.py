@@ -1,0 +1,188 @@
+"""Reads a snapshot's files in the background while the restore runs, in the order the restore
+needs them (`restore.order`): CRIU and the weight loader then find their bytes in the page
+cache instead of waiting on the disk, and the time to read the files hides behind CRIU's
+own work.
+
+With verification on, the read-ahead is also the checksum check: each file is hashed as it is
+read, so the restore no longer reads everything once up front before CRIU may start. The
+restore waits for the result before its canary, and a mismatch stops the restored tree.
+When the weight loader starts on the weight file, it claims it: the read-ahead stops reading
+that file (two readers of one file only slow each other down), and the loader checks the
+file's own per-tensor checksums instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastvllm.prefetch import warm
+from fastvllm.runtime import manifest
+from fastvllm.runtime.errors import FastVLLMError, IntegrityError
+from fastvllm.runtime.timeline import Timeline
+
+
+@dataclass
+class ReadAheadStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    verified: list[str] = field(default_factory=list)  # files whose checksum matched
+    stopped: list[str] = field(default_factory=list)  # files left to a claimant part-way
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+class ReadAhead:
+    """One background reader over `entries` (relative to `root`), earliest-needed first.
+
+    `threads` readers take whole files from the head of the list (a file is read start to end
+    by one reader, which its checksum needs; the measured default is one, see
+    `prefetch.warm.DEFAULT_THREADS`)."""
+
+    def __init__(
+        self,
+        root: Path,
+        entries: list[manifest.FileEntry],
+        *,
+        verify: bool,
+        threads: int = warm.DEFAULT_THREADS,
+        timeline: Timeline | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.entries = entries
+        self.verify = verify
+        self.threads = max(1, threads)
+        self.timeline = timeline
+        self.on_bytes = on_bytes
+        self.stats = ReadAheadStats()
+        self._claimed: set[str] = set()
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a file finished, or the readers stopped
+        self._finished = False
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ReadAhead:
+        self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
+        self._thread.start()
+        return self
+
+    def claim(self, rel: str) -> bool:
+        """A reader of its own takes over file `rel`: stop reading it. Returns True when the
+        read-ahead had already read it whole (and, when verifying, found its checksum right)."""
+        with self._lock:
+            self._claimed.add(rel)
+            return rel in self._done
+
+    def wait_for(self, rels: set[str]) -> None:
+        """Block until every file in `rels` was read whole (and checked, when verifying), or the
+        read-ahead stopped; raise what went wrong. The restore lets CRIU start only once the
+        small images that say what the processes are (credentials, files, registers) passed."""
+        with self._changed:
+            while not rels <= self._done and self._error is None and not self._finished:
+                self._changed.wait()
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> ReadAheadStats:
+        """Block until every file was read (or handed to a claimant); raise what went wrong."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.stats
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the read-ahead (a checksum mismatch, an unreadable file), if anything."""
+        return self._error
+
+    def stop(self) -> None:
+        """Abandon the rest (the restore failed) and wait for the readers to notice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.stats.bytes += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def _take(self) -> manifest.FileEntry | None:
+        with self._lock:
+            while self._next < len(self.entries) and not self._stop.is_set():
+                e = self.entries[self._next]
+                self._next += 1
+                if e.path not in self._claimed:
+                    return e
+            return None
+
+    def _one(self, e: manifest.FileEntry) -> None:
+        def left() -> bool:
+            return self._stop.is_set() or e.path in self._claimed
+
+        path = self.root / e.path
+        if self.verify:
+            digest = manifest.hash_file(path, self._count, stop=left)
+            if digest is None:
+                with self._lock:
+                    self.stats.stopped.append(e.path)
+                return
+            manifest.check_digest(e, digest)
+            with self._changed:
+                self.stats.verified.append(e.path)
+                self._done.add(e.path)
+                self._changed.notify_all()
+            return
+        st = warm.warm([path], should_stop=lambda _p: left(), stop=self._stop, on_bytes=self._count)
+        with self._changed:
+            if st.stopped or st.skipped_bytes:
+                self.stats.stopped.append(e.path)
+            else:
+                self._done.add(e.path)
+                self._changed.notify_all()
+
+    def _worker(self) -> None:
+        try:
+            while self._error is None and (e := self._take()) is not None:
+                self._one(e)
+        except (FastVLLMError, OSError) as exc:
+            self._error = (
+                exc
+                if isinstance(exc, FastVLLMError)
+                else IntegrityError(
+                    f"cannot read a snapshot file: {exc}", hint="the snapshot is damaged; take a new one"
+                )
+            )
+            self._stop.set()
+            with self._changed:
+                self._changed.notify_all()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        phase = self.timeline.phase("readahead") if self.timeline else None
+        if phase is not None:
+            phase.__enter__()
+        try:
+            workers = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        finally:
+            self.stats.seconds = time.perf_counter() - t0
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
+            if phase is not None:
+                phase.__exit__(None, None, None)
