@@ -15,7 +15,7 @@ import types
 from typing import Any
 
 from fastvllm import api
-from fastvllm.api import running, stop
+from fastvllm.api import running, snapshot_process, stop
 from fastvllm.restore.pipeline import RestoreResult
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.snapshot.pipeline import SnapshotResult
@@ -35,5 +35,5 @@ for _name in ("snapshot", "restore"):
     _mod.__class__ = _CallablePackage
     _mod._api_call = getattr(api, _name)
 
-__all__ = ["FastVLLMError", "RestoreResult", "SnapshotResult", "api", "running", "stop"]
+__all__ = ["FastVLLMError", "RestoreResult", "SnapshotResult", "api", "running", "snapshot_process", "stop"]
 __version__ = "0.1.0"

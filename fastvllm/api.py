@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
-from fastvllm.runtime import instances, vllm_server
+from fastvllm.restore.process import ProcessRestoreResult, restore_process_snapshot
+from fastvllm.runtime import cuda_checkpoint, instances, manifest, vllm_server
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
+from fastvllm.snapshot.process import ProcessSnapshotResult, take_process_snapshot
 
 
 def snapshot(
@@ -51,6 +53,30 @@ def snapshot(
     return take_snapshot(opts, timeline, on_bytes)
 
 
+def snapshot_process(
+    pid: int,
+    out: str | Path,
+    *,
+    leave_running: bool = False,
+    lock_timeout_s: float = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S,
+    timeline: Timeline | None = None,
+) -> ProcessSnapshotResult:
+    """Snapshot any process tree rooted at `pid` (GPU or not), with no vLLM steps: GPU
+    processes are checkpointed through the CUDA driver first. `fastvllm.restore` brings it back."""
+    return take_process_snapshot(
+        pid, Path(out), leave_running=leave_running, lock_timeout_s=lock_timeout_s, timeline=timeline
+    )
+
+
+def is_fastvllm_server(pid: int) -> bool:
+    """Was `pid` launched or restored by fastvllm as a vLLM server (vLLM snapshot path)?"""
+    try:
+        instances.get(pid)
+    except UsageError:
+        return False
+    return True
+
+
 def restore(
     path: str | Path,
     *,
@@ -60,11 +86,15 @@ def restore(
     prefetch_threads: int = 0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
-) -> RestoreResult:
-    """Restore the snapshot at `path`; returns once its canary matched and it is serving.
+) -> RestoreResult | ProcessRestoreResult:
+    """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
+    plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
+    ProcessRestoreResult.
     `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
     counts as files are read ahead or verified (for progress bars)."""
+    if manifest.kind(Path(path).expanduser()) == "process":
+        return restore_process_snapshot(Path(path), verify=verify, timeline=timeline)
     opts = RestoreOptions(Path(path), verify, health_timeout, prefetch, prefetch_threads)
     return restore_snapshot(opts, timeline, on_bytes)
 

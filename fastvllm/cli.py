@@ -81,8 +81,15 @@ def snapshot(
     ] = Path(),
     pid: Annotated[
         int | None,
-        typer.Option(help="Snapshot a running server fastvllm launched or restored (see 'fastvllm ps')."),
+        typer.Option(
+            help="Snapshot a running tree instead of launching one: a vLLM server fastvllm launched or "
+            "restored (see 'fastvllm ps'), or any other process tree (plain process mode: GPU state "
+            "through the CUDA checkpoint API, no vLLM steps)."
+        ),
     ] = None,
+    lock_timeout: Annotated[
+        float, typer.Option(help="Plain process mode: seconds to wait for the CUDA lock.")
+    ] = 30.0,
     port: Annotated[int, typer.Option(help="Port the server listens on; a restore gets it back.")] = 8000,
     host: Annotated[str, typer.Option(help="Address the server binds.")] = "127.0.0.1",
     leave_running: Annotated[bool, typer.Option(help="Keep the server serving after the snapshot.")] = False,
@@ -102,6 +109,23 @@ def snapshot(
         raise typer.Exit(2)
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
+    if pid is not None and model is None and not api.is_fastvllm_server(pid):
+        with live.running():
+            pres = _guard(
+                lambda: api.snapshot_process(
+                    pid, out, leave_running=leave_running, lock_timeout_s=lock_timeout, timeline=tl
+                )
+            )
+        if as_json:
+            _emit_json(pres.as_dict())
+            return
+        ui.console.print(ui.phase_table(tl, f"snapshot {pres.path} (plain process tree)"))
+        gpu = f", {len(pres.manifest.cuda_pids)} GPU processes" if pres.manifest.cuda_pids else ""
+        ui.console.print(
+            f"{len(pres.manifest.tree_pids)} processes{gpu}, image "
+            f"{ui.human_bytes(pres.manifest.image_bytes)}, written to [bold]{pres.path}[/]"
+        )
+        return
 
     def run() -> Any:
         with live.running():
@@ -177,6 +201,9 @@ def restore(
         _emit_json(res.as_dict())
         return
     ui.console.print(ui.phase_table(tl, f"restore {res.snapshot}"))
+    if not hasattr(res, "server"):  # a plain process tree: no server, no canary
+        ui.console.print(f"restored process tree, root pid [bold]{res.pid}[/] in {tl.elapsed():.2f} s")
+        return
     ui.console.print(
         f"serving at [bold]{res.server.base_url}[/] (pid {res.server.pid}); first completion after "
         f"[bold green]{res.time_to_first_completion_s:.2f} s[/], canary identical; stop with "

@@ -166,23 +166,31 @@ def dump(
     *,
     leave_running: bool = False,
     action_script: Path | None = None,
+    shell_job: bool = False,
 ) -> None:
-    """Dump the tree rooted at `pid` (a session leader) into `images`."""
+    """Dump the tree rooted at `pid` into `images`. `shell_job` when the root is not a session
+    leader (a process started from a shell): its session then lives outside the tree."""
     images.mkdir(parents=True, exist_ok=True)
     args = ["dump", "-t", str(pid), "-D", str(images), *COMMON_FLAGS, "--network-lock", "skip"]
     if leave_running:
         args.append("--leave-running")
+    if shell_job:
+        args.append("--shell-job")
     if action_script is not None:
         args += ["--action-script", str(action_script)]
     _run(criu, args, log, "dump")
 
 
-def restore(criu: Criu, images: Path, log: Path, pidfile: Path, inherit: dict[str, int]) -> int:
+def restore(
+    criu: Criu, images: Path, log: Path, pidfile: Path, inherit: dict[str, int], *, shell_job: bool = False
+) -> int:
     """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
     (without its leading '/') to an open descriptor that replaces it: the server's log, which
     has moved or grown since the dump, is handed over this way."""
     pidfile.unlink(missing_ok=True)  # CRIU creates it with O_EXCL
     args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached", "--pidfile", str(pidfile)]
+    if shell_job:
+        args.append("--shell-job")
     for key, fd in inherit.items():
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
     _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())

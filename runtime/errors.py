@@ -88,3 +88,9 @@ class EnvironmentNotReadyError(FastVLLMError):
     """Something the machine needs is missing (CRIU, vLLM, a sysctl)."""
 
     exit_code = 9
+
+
+class CudaCheckpointError(FastVLLMError):
+    """The CUDA driver could not lock, checkpoint, restore or unlock a process's GPU state."""
+
+    exit_code = 10

@@ -140,8 +140,76 @@ class Manifest:
         os.replace(tmp, directory / MANIFEST)
 
 
+@dataclass
+class ProcessManifest:
+    """A plain process snapshot (`fastvllm snapshot --pid` of a tree fastvllm did not launch):
+    no vLLM steps, no canary; GPU state, when the tree held any, came through the CUDA
+    checkpoint API and must go back onto the same GPU model and driver."""
+
+    identity: HostIdentity
+    root_pid: int
+    tree_pids: list[int]
+    cmdline: list[str]
+    cuda_pids: list[int] = field(default_factory=list)
+    shell_job: bool = False  # the root was not a session leader (CRIU's --shell-job)
+    gpu: dict[str, Any] | None = None  # runtime.cuda_checkpoint.GpuIdentity as a dict
+    files: list[FileEntry] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    image_bytes: int = 0
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    format_version: int = FORMAT_VERSION
+    kind: str = "process"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProcessManifest:
+        d = dict(d)
+        d["identity"] = HostIdentity(**d["identity"])
+        d["files"] = [FileEntry(**f) for f in d["files"]]
+        return cls(**d)
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, directory / MANIFEST)
+
+
+def kind(directory: Path) -> str:
+    """'vllm' (a served model, with canary) or 'process' (a plain process tree)."""
+    return str(_read_raw(directory).get("kind", "vllm"))
+
+
+def load_process(directory: Path) -> ProcessManifest:
+    raw = _read_raw(directory)
+    if raw.get("kind") != "process":
+        raise NotASnapshotError(f"{directory} is a vLLM snapshot, not a process snapshot", hint="restore it")
+    try:
+        return ProcessManifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise NotASnapshotError(
+            f"{directory / MANIFEST} is incomplete ({e})", hint="the snapshot is damaged; take a new one"
+        ) from e
+
+
 def load(directory: Path) -> Manifest:
-    """Read and parse a snapshot's manifest; any problem is a NotASnapshotError."""
+    """Read and parse a vLLM snapshot's manifest; any problem is a NotASnapshotError."""
+    raw = _read_raw(directory)
+    if raw.get("kind", "vllm") != "vllm":
+        raise NotASnapshotError(
+            f"{directory} is a plain process snapshot, not a vLLM one",
+            hint="'fastvllm restore' handles both; the vLLM-only commands do not apply to it",
+        )
+    try:
+        return Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise NotASnapshotError(
+            f"{directory / MANIFEST} is incomplete ({e})", hint="the snapshot is damaged; take a new one"
+        ) from e
+
+
+def _read_raw(directory: Path) -> dict[str, Any]:
     if not directory.exists():
         raise NotASnapshotError(f"snapshot directory {directory} does not exist", hint="check the path")
     if not directory.is_dir():
@@ -168,12 +236,7 @@ def load(directory: Path) -> Manifest:
             f"{path} has format version {version!r}, this fastvllm reads {FORMAT_VERSION}",
             hint="take a new snapshot with this fastvllm",
         )
-    try:
-        return Manifest.from_dict(raw)
-    except (KeyError, TypeError) as e:
-        raise NotASnapshotError(
-            f"{path} is incomplete ({e})", hint="the snapshot is damaged; take a new one"
-        ) from e
+    return raw
 
 
 _ZEROS = bytes(_CHUNK)

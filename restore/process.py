@@ -1,0 +1,98 @@
+"""Restore a plain process snapshot (`snapshot.process`): CRIU restore, then the CUDA driver
+gives each GPU process its device state back and unlocks it. No health check or canary:
+fastvllm does not know what the tree serves. Any failure kills what was restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastvllm.runtime import criu, cuda_checkpoint, manifest, proctree, system
+from fastvllm.runtime.errors import IdentityMismatchError, UsageError
+from fastvllm.runtime.timeline import Timeline
+
+
+@dataclass
+class ProcessRestoreResult:
+    snapshot: Path
+    pid: int
+    manifest: manifest.ProcessManifest
+    timeline: Timeline
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "snapshot": str(self.snapshot),
+            "kind": "process",
+            "pid": self.pid,
+            "cuda_pids": self.manifest.cuda_pids,
+            "phases": self.timeline.as_list(),
+            "restore_s": round(self.timeline.elapsed(), 4),
+        }
+
+
+def _check_host(m: manifest.ProcessManifest, found: criu.Criu) -> None:
+    here = manifest.HostIdentity.here(found.version)
+    diffs = [d for d in m.identity.differences(here) if d.startswith(("criu", "kernel"))]
+    if m.gpu is not None:
+        gpu_here = cuda_checkpoint.gpu_identity()
+        if gpu_here is None:
+            diffs.append(f"GPU: snapshot on a {m.gpu['model']}, none here")
+        else:
+            diffs += cuda_checkpoint.GpuIdentity(**m.gpu).differences(gpu_here)
+    if diffs:
+        raise IdentityMismatchError(
+            "snapshot was taken on a different host setup: " + "; ".join(diffs),
+            hint="restore on a host with the same CRIU, kernel, GPU model and driver",
+        )
+    busy = [p for p in m.tree_pids if proctree.alive(p)]
+    if busy:
+        raise UsageError(
+            f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
+            hint="stop that process (is the snapshotted tree still running?)",
+        )
+
+
+def restore_process_snapshot(
+    path: Path, *, verify: bool = True, timeline: Timeline | None = None
+) -> ProcessRestoreResult:
+    tl = timeline or Timeline()
+    path = path.expanduser().absolute()
+    system.require_criu_privileges()
+    proctree.adopt_orphans()
+    with tl.phase("validate"):
+        m = manifest.load_process(path)
+        found = criu.find_criu()
+        _check_host(m, found)
+        proctree.wait_gone(m.tree_pids, 30.0, reaped=True)
+    if verify:
+        with tl.phase("verify_checksums"):
+            manifest.verify_files(path, m.files)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = path / "logs"
+    logs.mkdir(exist_ok=True)
+    pid: int | None = None
+    try:
+        with tl.phase("criu_restore"):
+            pid = criu.restore(
+                found,
+                path / "criu",
+                logs / f"criu-restore-{stamp}-{os.getpid()}.log",
+                logs / f".restore-{os.getpid()}.pid",
+                {},
+                shell_job=m.shell_job,
+            )
+        if m.cuda_pids:
+            with tl.phase("cuda_restore"):
+                cuda_checkpoint.resume(m.cuda_pids)
+    except BaseException:
+        for p in m.tree_pids:  # CRIU gave them their old PIDs; none may outlive a failed restore
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        proctree.wait_gone(m.tree_pids, 30.0, reaped=True)
+        raise
+    return ProcessRestoreResult(path, pid, m, tl)

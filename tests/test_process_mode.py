@@ -1,0 +1,111 @@
+"""Plain process mode on a real PyTorch process (a transformers Llama with random weights):
+`fastvllm snapshot --pid` of a tree fastvllm did not launch, the tree killed by the dump,
+`fastvllm restore`, and the same greedy tokens and parameter bytes afterwards. On a GPU the
+device memory goes through the CUDA checkpoint API; that case skips without one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastvllm.runtime import manifest, proctree
+
+from .conftest import needs_criu, run_cli
+
+pytestmark = [pytest.mark.slow, needs_criu]
+WORKER = Path(__file__).parent / "progs" / "llama_worker.py"
+
+
+def _wait_for(path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _ask(work: Path, n: int) -> dict[str, object]:
+    (work / f"go-{n}").write_text("1")
+    _wait_for(work / f"out-{n}.json")
+    return json.loads((work / f"out-{n}.json").read_text())
+
+
+@pytest.fixture
+def worker_tree(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[int, Path]]:
+    """The worker in a session of its own; killed at teardown whatever happened (the PID may
+    belong to the restored copy by then: CRIU gives it back its PID)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    log = open(work / "worker.log", "ab")  # noqa: SIM115 (the worker holds it for its lifetime)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), request.param, str(work)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        _wait_for(work / "ready")
+        yield proc.pid, work
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            proc.wait(timeout=30)
+        proctree.wait_gone([proc.pid], 30.0, reaped=True)
+
+
+@pytest.mark.parametrize(
+    "worker_tree",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA checkpoint API)"
+                ),
+            ],
+        ),
+    ],
+    indirect=True,
+)
+def test_process_snapshot_restores_the_same_tokens(worker_tree: tuple[int, Path], tmp_path: Path) -> None:
+    pid, work = worker_tree
+    before = _ask(work, 0)
+    snap = tmp_path / "snap"
+    r = run_cli("snapshot", "--pid", str(pid), "--out", str(snap), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["kind"] == "process" and doc["root_pid"] == pid
+    m = manifest.load_process(snap)
+    assert (m.gpu is not None) == (before["device"] != "cpu")
+    assert bool(m.cuda_pids) == (before["device"] != "cpu")
+    proctree.wait_gone([pid], 10.0, reaped=True)
+    assert not proctree.alive(pid)  # the dump stopped it
+
+    r = run_cli("restore", str(snap), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pid"] == pid
+    after = _ask(work, 1)
+    assert after["tokens"] == before["tokens"]
+    assert after["digest"] == before["digest"]  # every parameter byte, on the device it lives on
+    assert after["device"] == before["device"]
+
+
+def test_process_snapshot_of_a_missing_pid(tmp_path: Path) -> None:
+    r = run_cli("snapshot", "--pid", "999999", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2
+    assert "999999" in r.stderr
+    assert not (tmp_path / "s").exists()
