@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 from fastvllm.runtime import atomic, criu, cuda_checkpoint, manifest, proctree, system
-from fastvllm.runtime.errors import SnapshotExistsError, UsageError
+from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
+from fastvllm.snapshot.pipeline import _keep_logs as keep_logs
 
 
 @dataclass
@@ -107,10 +108,13 @@ def take_process_snapshot(
             m.timings = tl.durations()
             m.write(staging)
             atomic.publish(staging, out)
-    except BaseException:
+    except BaseException as e:
         if suspended and all(proctree.alive(p) for p in cuda):
             cuda_checkpoint.resume(cuda)  # the tree keeps serving, GPU state and all
+        kept = keep_logs(staging, out)
         atomic.discard(staging)
+        if kept is not None and isinstance(e, FastVLLMError):
+            e.hint = f"{e.hint}; logs kept in {kept}" if e.hint else f"logs kept in {kept}"
         raise
     return ProcessSnapshotResult(out, m, tl)
 
