@@ -31,6 +31,7 @@ def snapshot(
     vllm_args: Sequence[str] = (),
     leave_running: bool = False,
     sleep: bool = True,
+    sleep_level: int = 2,
     health_timeout: float = 900.0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
@@ -38,7 +39,8 @@ def snapshot(
     """Launch vLLM on `model` ('tiny' for the built-in one), or take the running server `pid`,
     and write a CRIU snapshot of it to `out`. With `sleep` (the default) the weights and the KV
     cache are released before the dump and reloaded on restore, so the image holds only the
-    process skeleton."""
+    process skeleton. On a GPU, `sleep_level` is vLLM's: 2 (default) discards weights and KV
+    cache, 1 offloads the weights into host memory (and so into the image), 0 keeps both."""
     opts = SnapshotOptions(
         out=Path(out),
         model=model,
@@ -49,6 +51,7 @@ def snapshot(
         leave_running=leave_running,
         health_timeout=health_timeout,
         sleep=sleep,
+        sleep_level=sleep_level,
     )
     return take_snapshot(opts, timeline, on_bytes)
 
@@ -93,7 +96,10 @@ def restore(
     `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
     counts as files are read ahead or verified (for progress bars)."""
-    if manifest.kind(Path(path).expanduser()) == "process":
+    where = Path(path).expanduser()
+    # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
+    # checks (privileges first) produce the right error.
+    if (where / manifest.MANIFEST).is_file() and manifest.kind(where) == "process":
         return restore_process_snapshot(Path(path), verify=verify, timeline=timeline)
     opts = RestoreOptions(Path(path), verify, health_timeout, prefetch, prefetch_threads)
     return restore_snapshot(opts, timeline, on_bytes)

@@ -100,10 +100,23 @@ def snapshot(
             "--no-sleep keeps them in the image."
         ),
     ] = True,
+    sleep_level: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=2,
+            help="GPU: vLLM's sleep level before the CUDA checkpoint. 2 discards weights and KV cache "
+            "(reloaded by fastvllm's loader), 1 offloads the weights to host memory (into the "
+            "image), 0 keeps everything in the image.",
+        ),
+    ] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become healthy.")] = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Launch vLLM on MODEL, warm it up, record a canary, and CRIU-dump it into --out."""
+    """Launch vLLM on MODEL, warm it up, record a canary, and CRIU-dump it into --out.
+
+    On a GPU the server sleeps (--sleep-level) and every process holding a CUDA context is
+    checkpointed through the CUDA driver before the dump."""
     if out == Path():
         ui.print_error(FastVLLMError("--out is required", hint="e.g. --out /srv/snapshots/tiny"))
         raise typer.Exit(2)
@@ -138,6 +151,7 @@ def snapshot(
                 vllm_args=ctx.args,
                 leave_running=leave_running,
                 sleep=sleep,
+                sleep_level=sleep_level,
                 health_timeout=timeout,
                 timeline=tl,
                 on_bytes=live.on_bytes,

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastvllm.prefetch import warm
 from fastvllm.restore import order
 from fastvllm.restore.readahead import ReadAhead
-from fastvllm.runtime import criu, instances, manifest, proctree, shm, system, vllm_server
+from fastvllm.runtime import criu, cuda_checkpoint, instances, manifest, proctree, shm, system, vllm_server
 from fastvllm.runtime.errors import (
     CanaryMismatchError,
     FastVLLMError,
@@ -74,6 +74,18 @@ def _preflight(path: Path) -> tuple[manifest.Manifest, criu.Criu]:
             "snapshot was taken on a different host setup: " + "; ".join(diffs),
             hint="restore with the same CRIU, kernel, Python and vLLM, or take a new snapshot here",
         )
+    if m.gpu is not None:
+        here = cuda_checkpoint.gpu_identity()
+        gdiffs = (
+            [f"GPU: snapshot on a {m.gpu['model']}, none here"]
+            if here is None
+            else cuda_checkpoint.GpuIdentity(**m.gpu).differences(here)
+        )
+        if gdiffs:
+            raise IdentityMismatchError(
+                "snapshot was taken on a different GPU setup: " + "; ".join(gdiffs),
+                hint="restore on a host with the same GPU model and driver, or take a new snapshot here",
+            )
     manifest.check_model_unchanged(m.model)
     try:
         vllm_server.ensure_port_free(m.server.host, m.server.port)
@@ -152,11 +164,20 @@ def restore_snapshot(
                 )
             finally:
                 os.close(fd)
+        if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
+            with tl.phase("cuda_restore"):
+                cuda_checkpoint.resume(m.cuda_pids)
         server = vllm_server.Server(pid, m.server.host, m.server.port, server_log)
         root = pid
         with tl.phase("health"):
             vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
-        if m.weights_file:
+        if m.sleep_level == 1:
+            with tl.phase("wake_up"):
+                vllm_server.wake_up(server)
+        elif m.weights_file:
+            if m.sleep_level == 2:
+                with tl.phase("wake_weights"):
+                    vllm_server.wake_up(server, "weights")
             with tl.phase("load_weights"):
                 kw = {"path": str(path / m.weights_file)}
                 # The read-ahead stops at the weight file once the loader starts on it; if it had
@@ -164,6 +185,9 @@ def restore_snapshot(
                 if ahead is not None and not ahead.claim(m.weights_file) and opts.verify:
                     kw["verify"] = "1"
                 vllm_server.rpc(server, "fastvllm_reload", **kw)
+            if m.sleep_level == 2:
+                with tl.phase("wake_kv_cache"):
+                    vllm_server.wake_up(server, "kv_cache")
         if ahead is not None:
             with tl.phase("readahead_wait"):  # the checksums must be in before the canary
                 ahead.wait()

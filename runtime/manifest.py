@@ -111,6 +111,11 @@ class Manifest:
     # it is hard-linked to ("" when it could not be shared).
     weights_key: str | None = None
     weights_store_path: str = ""
+    # GPU: vLLM's sleep level before the CUDA checkpoint (0: none), the processes whose GPU
+    # state the CUDA driver checkpointed, and the GPU they ran on (a restore must match it).
+    sleep_level: int = 0
+    cuda_pids: list[int] = field(default_factory=list)
+    gpu: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -132,6 +137,9 @@ class Manifest:
             released_bytes=d.get("released_bytes", {}),
             weights_key=d.get("weights_key"),
             weights_store_path=d.get("weights_store_path", ""),
+            sleep_level=d.get("sleep_level", 0),
+            cuda_pids=d.get("cuda_pids", []),
+            gpu=d.get("gpu"),
         )
 
     def write(self, directory: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from fastvllm.runtime import (
     atomic,
     criu,
+    cuda_checkpoint,
     instances,
     manifest,
     proctree,
@@ -44,7 +45,12 @@ class SnapshotOptions:
     vllm_args: list[str] = field(default_factory=list)
     leave_running: bool = False
     health_timeout: float = 900.0
-    sleep: bool = True  # release weights + KV cache before the dump (CPU path; GPU: issue 5)
+    sleep: bool = True  # release weights + KV cache before the dump
+    # GPU: vLLM's sleep level before the CUDA checkpoint. 2 discards weights and KV cache (the
+    # restore reloads the weights with fastvllm's loader); 1 offloads the weights to host memory
+    # (they land in the CRIU image); 0 keeps everything on the GPU (all of it in the image).
+    sleep_level: int = 2
+    lock_timeout_s: float = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S
 
 
 @dataclass
@@ -78,6 +84,8 @@ def _preflight(opts: SnapshotOptions) -> criu.Criu:
             f"output directory {opts.out} already exists",
             hint="choose another --out or delete the old snapshot",
         )
+    if opts.sleep_level not in (0, 1, 2):
+        raise UsageError(f"--sleep-level {opts.sleep_level} is not 0, 1 or 2", hint="use 2 (the default)")
     if opts.model is not None:
         opts.model = tiny_model.resolve_model(opts.model)
         vllm_server.validate_model_dir(opts.model)
@@ -108,14 +116,21 @@ def take_snapshot(
     staging = atomic.staging_dir(opts.out)
     server: vllm_server.Server | None = None
     launched = False
+    suspended: list[int] = []  # PIDs whose GPU state is checkpointed and not yet given back
+    gpu_level = 0
+    sleeping = False
+    weights = staging / WEIGHTS_FILE
     cold_start_s: float | None = None
     try:
+        on_gpu = vllm_server.cuda_present()
         if opts.model is not None:
             model_dir = vllm_server.validate_model_dir(opts.model)
+            args = list(opts.vllm_args)
+            if on_gpu and opts.sleep and opts.sleep_level and "--enable-sleep-mode" not in args:
+                args.append("--enable-sleep-mode")
             spec = vllm_server.LaunchSpec(
-                str(model_dir), opts.port, opts.host, list(opts.vllm_args),
-                worker_extension=opts.sleep and not vllm_server.cuda_present(),
-            )  # fmt: skip
+                str(model_dir), opts.port, opts.host, args, worker_extension=opts.sleep
+            )
             system.ensure_io_uring_disabled()
             with tl.phase("launch_to_healthy"):
                 server = vllm_server.launch(spec, staging / "logs" / LOG_NAME)
@@ -146,11 +161,23 @@ def take_snapshot(
             )
         with tl.phase("model_identity"):
             model_id = manifest.model_identity(model_dir)
-        sleeping = opts.sleep and spec.worker_extension
+        sleeping = opts.sleep and spec.worker_extension and not (on_gpu and opts.sleep_level == 0)
+        gpu_level = opts.sleep_level if (on_gpu and sleeping) else 0
         weights = staging / WEIGHTS_FILE
         released: dict[str, int] = {}
         shared: store.Shared | None = None
-        if sleeping:
+        if sleeping and on_gpu:
+            with tl.phase("sleep"):
+                for r in vllm_server.rpc(server, "fastvllm_weight_bytes"):
+                    for k, v in dict(r).items():  # type: ignore[call-overload]
+                        released[k] = released.get(k, 0) + int(v)
+                if gpu_level == 2:  # the weights leave the GPU for good: keep them in a file first
+                    weights.parent.mkdir(exist_ok=True)
+                    vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
+                    shared = store.share(weights)
+                vllm_server.reset_prefix_cache(server)
+                vllm_server.sleep(server, gpu_level)
+        elif sleeping:
             with tl.phase("release_weights_kv"):
                 weights.parent.mkdir(exist_ok=True)
                 vllm_server.reset_prefix_cache(server)
@@ -171,6 +198,12 @@ def take_snapshot(
         hook = staging / "logs" / "criu-action.sh"
         hook.write_text(shm.hook_script(shm_files, staging / "shm"))
         hook.chmod(0o700)
+        cuda_pids = cuda_checkpoint.gpu_pids(tree) if on_gpu else []
+        gpu = cuda_checkpoint.gpu_identity() if cuda_pids else None
+        if cuda_pids:  # the API server holds a CUDA context too: checkpoint every such process
+            with tl.phase("cuda_checkpoint"):
+                cuda_checkpoint.suspend(cuda_pids, opts.lock_timeout_s)
+                suspended = cuda_pids
         with tl.phase("criu_dump"):
             criu.dump(
                 found,
@@ -180,9 +213,16 @@ def take_snapshot(
                 leave_running=opts.leave_running,
                 action_script=hook,
             )
-        if opts.leave_running and sleeping:
-            with tl.phase("reload_weights"):  # the original keeps serving: give it its weights back
-                vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+        if opts.leave_running:
+            if suspended:
+                with tl.phase("cuda_resume"):
+                    cuda_checkpoint.resume(suspended)
+                suspended = []
+            if sleeping:
+                with tl.phase("reload_weights"):  # the original keeps serving: give it its weights back
+                    wake(server, gpu_level, weights, sleeping)
+        else:
+            suspended = []  # the dumped tree is gone; its GPU state lives in the image
         if not opts.leave_running:
             if server.proc is not None:
                 server.proc.wait()
@@ -211,7 +251,10 @@ def take_snapshot(
             files=files,
             image_bytes=criu.image_bytes(staging / "criu"),
             source_snapshot=source_snapshot,
-            weights_file=WEIGHTS_FILE if sleeping else None,
+            weights_file=WEIGHTS_FILE if (sleeping and gpu_level in (0, 2)) else None,
+            sleep_level=gpu_level,
+            cuda_pids=cuda_pids,
+            gpu=gpu.as_dict() if gpu else None,
             released_bytes=released,
             weights_key=shared.key if shared else None,
             weights_store_path=str(shared.store_path or "") if shared else "",
@@ -221,6 +264,12 @@ def take_snapshot(
             m.write(staging)
             atomic.publish(staging, opts.out)
     except BaseException as e:
+        if suspended and all(proctree.alive(p) for p in suspended):
+            # The dump failed after the CUDA checkpoint: the tree gets its GPU state back and,
+            # unless we launched it (then it is stopped below), its weights, and keeps serving.
+            cuda_checkpoint.resume(suspended)
+            if not launched and server is not None:
+                wake(server, gpu_level, weights, sleeping)
         if launched and server is not None:
             instances.stop(server.pid)
             if server.proc is not None:
@@ -246,3 +295,17 @@ def take_snapshot(
             )
         )
     return SnapshotResult(opts.out, m, tl, cold_start_s, server if opts.leave_running else None)
+
+
+def wake(server: vllm_server.Server, level: int, weights: Path, sleeping: bool) -> None:
+    """Give a sleeping server back what sleep took: GPU level 2 re-allocates the weights, fills
+    them with fastvllm's loader, then re-allocates the KV cache; level 1 wakes everything (the
+    weights come back from host memory); the CPU path reloads into the released tensors."""
+    if level == 2:
+        vllm_server.wake_up(server, "weights")
+        vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+        vllm_server.wake_up(server, "kv_cache")
+    elif level == 1:
+        vllm_server.wake_up(server)
+    elif sleeping and not vllm_server.cuda_present():
+        vllm_server.rpc(server, "fastvllm_reload", path=str(weights))

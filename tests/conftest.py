@@ -4,6 +4,7 @@ vLLM takes 30-50 s to start on a 2-core machine, everything else is seconds."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,11 @@ def shared_snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     import fastvllm
 
     root = tmp_path_factory.mktemp("snapshots")
-    snap = fastvllm.snapshot(str(tiny_model), out=root / "tiny", port=TEST_PORT, leave_running=True)
+    # e.g. FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN" on the GPU machine (DESIGN.md)
+    extra = shlex.split(os.environ.get("FASTVLLM_TEST_VLLM_ARGS", ""))
+    snap = fastvllm.snapshot(
+        str(tiny_model), out=root / "tiny", port=TEST_PORT, leave_running=True, vllm_args=extra
+    )
     assert snap.server is not None
     try:
         name = snap.manifest.server.served_model_name
