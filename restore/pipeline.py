@@ -41,6 +41,9 @@ class RestoreOptions:
     health_timeout: float = 120.0
     prefetch: bool = True  # read the files ahead while CRIU restores (checksums on the way)
     prefetch_threads: int = 0  # 0: the measured default
+    # GPU sleep-2 snapshots: "fastvllm" refills the weights from the snapshot's weight file;
+    # "vllm" uses vLLM's own reload_weights from the model directory (benchmarks compare them).
+    reloader: str = "fastvllm"
 
 
 @dataclass
@@ -174,6 +177,15 @@ def restore_snapshot(
         if m.sleep_level == 1:
             with tl.phase("wake_up"):
                 vllm_server.wake_up(server)
+        elif m.weights_file and m.sleep_level == 2 and opts.reloader == "vllm":
+            with tl.phase("wake_weights"):
+                vllm_server.wake_up(server, "weights")
+            with tl.phase("load_weights"):
+                if ahead is not None:
+                    ahead.claim(m.weights_file)  # vLLM reads the model's own files instead
+                vllm_server.rpc(server, "reload_weights")
+            with tl.phase("wake_kv_cache"):
+                vllm_server.wake_up(server, "kv_cache")
         elif m.weights_file:
             if m.sleep_level == 2:
                 with tl.phase("wake_weights"):
