@@ -132,7 +132,10 @@ def restore_snapshot(
             threads=opts.prefetch_threads or warm.DEFAULT_THREADS,
             timeline=tl,
             on_bytes=on_verify_bytes,
-        ).start()
+        )
+        if m.weights_file:
+            ahead.hold(m.weights_file)  # released once CRIU has read its page images
+        ahead.start()
         if opts.verify:
             # No process runs from an image whose small files (credentials, descriptors,
             # registers) are unchecked; only the page images are checked while CRIU runs.
@@ -167,6 +170,8 @@ def restore_snapshot(
                 )
             finally:
                 os.close(fd)
+        if ahead is not None:
+            ahead.release()
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)
@@ -224,6 +229,7 @@ def restore_snapshot(
             for f in put_back:
                 f.unlink(missing_ok=True)
         if ahead is not None:
+            ahead.release()
             if isinstance(exc, FastVLLMError) and not isinstance(exc, IntegrityError):
                 # CRIU or the server failed: if a file is damaged, that is the cause to report,
                 # so let the read-ahead finish its checks (the rest is in the page cache by now).

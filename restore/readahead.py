@@ -70,6 +70,20 @@ class ReadAhead:
         self._error: BaseException | None = None
         self._next = 0
         self._thread: threading.Thread | None = None
+        self._held: set[str] = set()
+        self._go_on = threading.Event()
+        self._go_on.set()
+
+    def hold(self, rel: str) -> ReadAhead:
+        """Do not start on file `rel` before `release()`: from a cold disk, reading the weight file
+        while CRIU still reads its page images only slows CRIU down (measured on the GPU machine:
+        CRIU 3.3 s instead of 2.4 s), and the loader reads that file itself soon after."""
+        self._held.add(rel)
+        self._go_on.clear()
+        return self
+
+    def release(self) -> None:
+        self._go_on.set()
 
     def start(self) -> ReadAhead:
         self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
@@ -109,6 +123,7 @@ class ReadAhead:
     def stop(self) -> None:
         """Abandon the rest (the restore failed) and wait for the readers to notice."""
         self._stop.set()
+        self._go_on.set()
         if self._thread is not None:
             self._thread.join()
 
@@ -122,10 +137,17 @@ class ReadAhead:
         with self._lock:
             while self._next < len(self.entries) and not self._stop.is_set():
                 e = self.entries[self._next]
+                if e.path in self._held and not self._go_on.is_set():
+                    break
                 self._next += 1
                 if e.path not in self._claimed:
                     return e
-            return None
+            else:
+                return None
+        while not self._go_on.wait(0.05):  # a held file is next: wait for release (or stop)
+            if self._stop.is_set():
+                return None
+        return self._take()
 
     def _one(self, e: manifest.FileEntry) -> None:
         def left() -> bool:

@@ -155,6 +155,10 @@ def take_snapshot(
         with tl.phase("warmup"):
             for prompt in vllm_server.WARMUP_PROMPTS:
                 vllm_server.complete(server, name, prompt, 16)
+        # The canary is computed with a full prefill, as a restored server (whose prefix cache is
+        # emptied before the dump) will compute it: a prefix-cache hit takes other kernels, and
+        # bf16 greedy tokens can differ between the two (seen on the H100 machine at token 9).
+        vllm_server.reset_prefix_cache(server)
         with tl.phase("canary"):
             canary = vllm_server.complete(
                 server, name, vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS
@@ -189,6 +193,8 @@ def take_snapshot(
                 for r in vllm_server.rpc(server, "fastvllm_release"):
                     for k, v in dict(r).items():  # type: ignore[call-overload]
                         released[k] = released.get(k, 0) + int(v)
+        if not sleeping:
+            vllm_server.reset_prefix_cache(server)  # (sleeping paths reset it before releasing)
         # CRIU records the log by the path the tree has open; the restore hands a fresh file
         # in its place (--inherit-fd), so the image does not depend on the log staying put.
         log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
