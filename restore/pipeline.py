@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastvllm.prefetch import warm
+from fastvllm.prefetch import residency, warm
 from fastvllm.restore import order
 from fastvllm.restore.readahead import ReadAhead
 from fastvllm.runtime import criu, cuda_checkpoint, instances, manifest, proctree, shm, system, vllm_server
@@ -133,8 +133,11 @@ def restore_snapshot(
             timeline=tl,
             on_bytes=on_verify_bytes,
         )
-        if m.weights_file:
-            ahead.hold(m.weights_file)  # released once CRIU has read its page images
+        if m.weights_file and _cold(path / m.weights_file):
+            # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s
+            # instead of 2.4 s on the GPU machine); from the page cache, checking it during
+            # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
+            ahead.hold(m.weights_file)  # released once CRIU has restored
         ahead.start()
         if opts.verify:
             # No process runs from an image whose small files (credentials, descriptors,
@@ -254,6 +257,13 @@ def restore_snapshot(
         )
     )
     return RestoreResult(path, server, tl, ttfc, True, m)
+
+
+def _cold(path: Path) -> bool:
+    try:
+        return residency.sampled_fraction(path) < 0.5
+    except OSError:
+        return True
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

@@ -77,7 +77,8 @@ class ReadAhead:
     def hold(self, rel: str) -> ReadAhead:
         """Do not start on file `rel` before `release()`: from a cold disk, reading the weight file
         while CRIU still reads its page images only slows CRIU down (measured on the GPU machine:
-        CRIU 3.3 s instead of 2.4 s), and the loader reads that file itself soon after."""
+        CRIU 3.3 s instead of 2.4 s), and the loader reads that file itself soon after. (From
+        the page cache, holding it costs more: see restore.pipeline.)"""
         self._held.add(rel)
         self._go_on.clear()
         return self
