@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -115,13 +116,23 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _run_and_clean(a: argparse.Namespace) -> dict[str, Any]:
+    """The work directory holds a 30 GB image: it goes, whatever happens."""
+    before = set(Path("/var/tmp").glob("fastvllm-gpu-restore-*"))
+    try:
+        return run(a)
+    finally:
+        for d in set(Path("/var/tmp").glob("fastvllm-gpu-restore-*")) - before:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="3b", help="tiny, small, 3b (made here) or a model directory")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--out", type=Path, default=Path("results/gpu-restore"))
-    doc = run(ap.parse_args(argv))
+    doc = _run_and_clean(ap.parse_args(argv))
     print(json.dumps(doc.get("median_ttfc_s"), indent=2))
 
 
