@@ -3,19 +3,28 @@
 # Earlier calls put the vLLM bundle's parts in /root/parts (../shared/gpu-vllm/build.sh) and
 # the loader peers' wheels in .whl/ (see README: "GPU runs"). Usage there, from the repo root:
 #   bash scripts/gpu/session.sh setup          # unpack vLLM, install peers + fastvllm
-#   bash scripts/gpu/session.sh tests|reload|weights|sweep
+#   bash scripts/gpu/session.sh tests|reload|weights|sweep|e2e|restore
+# e2e and restore need CRIU there: `bash scripts/gpu/pack_criu.sh` here, carry .criu-dev.
 set -euo pipefail
 SITE=/root/site FV=/root/fv PEERS=/root/peers
 export PYTHONPATH=$FV:$PEERS:$SITE PYTHONUNBUFFERED=1
 export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE=1
+[ -x .criu-dev/criu.sh ] && export FASTVLLM_CRIU=$PWD/.criu-dev/criu.sh
 OUT=${OUT:-/tmp/out}
-case "${1:?setup|tests|reload|weights|sweep}" in
+case "${1:?setup|tests|reload|weights|sweep|e2e|restore}" in
   setup)
     [ -d $SITE/vllm ] || [ ! -f /root/parts/unpack.sh ] || bash /root/parts/unpack.sh /root/parts $SITE
     if compgen -G ".whl/*.whl" >/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $PEERS .whl/*.whl
     fi
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV . ;;
+  e2e)  # vLLM snapshot/restore on the GPU (CUDA graphs on) and plain process mode
+    export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
+    (cd /tmp && python3 -m pytest -v -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_e2e.py" \
+      "$OLDPWD/tests/test_process_mode.py" 2>&1 | tee $OUT/gpu-e2e.log) ;;
+  restore)
+    (cd /tmp && python3 -m fastvllm.scripts.bench_gpu_restore --model "${MODEL:-3b}" --reps "${REPS:-2}" \
+      --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) ;;
   tests)
     # importlib mode: the repo's own fastvllm/ folder must not shadow the installed package
     (cd /tmp && python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_weights.py" 2>&1 | tee $OUT/gpu-tests.log) ;;
