@@ -231,6 +231,29 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a snapshot's manifest: identity, server, timings, files."""
+    if _guard(lambda: manifest.kind(snapshot_dir)) == "process":
+        pm = _guard(lambda: manifest.load_process(snapshot_dir))
+        if as_json:
+            _emit_json(json.loads(pm.to_json()))
+            return
+        title = f"snapshot {snapshot_dir} (plain process tree)"
+        pt = Table(title=title, show_header=False, title_justify="left")
+        pt.add_column(style="bold")
+        pt.add_column()
+        gpu = f"{pm.gpu['model']}, driver {pm.gpu['driver']}" if pm.gpu else "-"
+        for k, v in [
+            ("created", pm.created_at),
+            ("command", " ".join(pm.cmdline)[:100]),
+            ("processes", f"{len(pm.tree_pids)} (root {pm.root_pid}), GPU: {pm.cuda_pids or '-'}"),
+            ("GPU", gpu),
+            ("CRIU", pm.identity.criu),
+            ("kernel", pm.identity.kernel),
+            ("image", f"{ui.human_bytes(pm.image_bytes)} in {len(pm.files)} files"),
+            *((f"timing {k}", f"{v:.2f} s") for k, v in pm.timings.items()),
+        ]:
+            pt.add_row(k, v)
+        ui.out.print(pt)
+        return
     m = _guard(lambda: manifest.load(snapshot_dir))
     if as_json:
         _emit_json(json.loads(m.to_json()))

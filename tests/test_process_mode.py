@@ -46,8 +46,9 @@ def worker_tree(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tupl
     work = tmp_path / "work"
     work.mkdir()
     log = open(work / "worker.log", "ab")  # noqa: SIM115 (the worker holds it for its lifetime)
+    device, *mode = request.param.split(":")  # "cuda:busy": the worker keeps the GPU spinning
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), request.param, str(work)],
+        [sys.executable, str(WORKER), device, str(work), *mode],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -97,6 +98,8 @@ def test_process_snapshot_restores_the_same_tokens(worker_tree: tuple[int, Path]
     proctree.wait_gone([pid], 10.0, reaped=True)
     assert not proctree.alive(pid)  # the dump stopped it
 
+    r = run_cli("inspect", str(snap))
+    assert r.returncode == 0 and "plain process tree" in r.stdout
     r = run_cli("restore", str(snap), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["pid"] == pid
@@ -111,3 +114,46 @@ def test_process_snapshot_of_a_missing_pid(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "999999" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA checkpoint API)"),
+]
+
+
+@pytest.mark.parametrize("worker_tree", [pytest.param("cuda:busy", marks=GPU)], indirect=True)
+def test_cuda_lock_timeout_leaves_the_process_running(worker_tree: tuple[int, Path], tmp_path: Path) -> None:
+    from fastvllm.runtime import cuda_checkpoint
+
+    pid, _ = worker_tree
+    time.sleep(1.0)  # spin kernels queued
+    r = run_cli("snapshot", "--pid", str(pid), "--out", str(tmp_path / "s"), "--lock-timeout", "0.3")
+    assert r.returncode == 10, r.stderr
+    assert "timed out" in r.stderr
+    assert not (tmp_path / "s").exists()
+    assert proctree.alive(pid) and cuda_checkpoint.state(pid) == "running"
+
+
+@pytest.mark.parametrize("worker_tree", [pytest.param("cuda", marks=GPU)], indirect=True)
+def test_failed_criu_restore_after_a_cuda_checkpoint_leaves_nothing(
+    worker_tree: tuple[int, Path], tmp_path: Path
+) -> None:
+    pid, work = worker_tree
+    _ask(work, 0)
+    snap = tmp_path / "snap"
+    r = run_cli("snapshot", "--pid", str(pid), "--out", str(snap), "--json")
+    assert r.returncode == 0, r.stderr
+    m = manifest.load_process(snap)
+    assert m.cuda_pids
+    # an image CRIU cannot read, with its checksum updated so that only CRIU notices
+    (snap / "criu/pstree.img").write_bytes(b"\x00" * 16)
+    doc = json.loads((snap / "manifest.json").read_text())
+    for f in doc["files"]:
+        if f["path"] == "criu/pstree.img":
+            f["size"], f["xxh3_128"] = 16, manifest.hash_file(snap / "criu/pstree.img")
+    (snap / "manifest.json").write_text(json.dumps(doc))
+    r = run_cli("restore", str(snap))
+    assert r.returncode == 6, r.stderr
+    assert "CRIU restore failed" in r.stderr
+    assert not any(proctree.alive(p) for p in m.tree_pids)

@@ -1,7 +1,8 @@
 """A user's own PyTorch server, for plain process mode: a transformers Llama with random
 weights (seeded) that generates greedily each time a trigger file appears, and writes the
 tokens with a digest of its parameters' bytes (on the GPU when asked: device memory must come
-back bit for bit). Run: python llama_worker.py DEVICE DIR."""
+back bit for bit). Run: python llama_worker.py DEVICE DIR [busy]. With `busy` (GPU) it keeps
+the GPU running spin kernels of seconds each, so a CUDA lock cannot be had quickly."""
 
 import hashlib
 import json
@@ -38,8 +39,13 @@ def answer() -> dict[str, object]:
 
 
 n = 0
+busy = len(sys.argv) > 3 and sys.argv[3] == "busy"
 (work / "ready").write_text("1")
 while True:
+    if busy:
+        torch.cuda._sleep(5_000_000_000)  # ~3 s of spinning on the GPU, queued back to back
+        torch.cuda.synchronize()
+        continue
     if (work / f"go-{n}").exists():
         (work / f"out-{n}.json.tmp").write_text(json.dumps(answer()))
         (work / f"out-{n}.json.tmp").rename(work / f"out-{n}.json")
