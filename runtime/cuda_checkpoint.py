@@ -103,7 +103,7 @@ def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> 
             try:
                 _step(driver, "lock", pid, driver.cuCheckpointProcessLock, args)
             except CudaCheckpointError as e:
-                if "TIMEOUT" in e.message:
+                if "TIMEOUT" in e.message or "NOT_READY" in e.message:  # 580 says NOT_READY
                     e.message = f"CUDA lock of PID {pid} timed out after {lock_timeout_s:.0f} s"
                     e.hint = "it kept launching GPU work; retry when idle or raise --lock-timeout"
                 raise
