@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from fastvllm import api, doctor, ui
-from fastvllm.runtime import manifest, tiny_model
+from fastvllm.runtime import manifest, tiny_model, units
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Timeline
 
@@ -673,7 +673,7 @@ def prefetch_lock(
 
     from fastvllm.prefetch import warm
 
-    limit = _guard(lambda: warm.parse_size(budget)) if budget else warm.default_budget()
+    limit = _guard(lambda: units.parse_size(budget)) if budget else warm.default_budget()
     fs = _prefetch_files(paths)
     total = _guard(lambda: warm.check_budget(fs, limit))
     bar, advance = ui.bytes_bar(total, "read in", not as_json)

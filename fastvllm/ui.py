@@ -26,6 +26,7 @@ from rich.text import Text
 
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Phase, Timeline
+from fastvllm.runtime.units import human_bytes
 
 console = Console(stderr=True)  # human output on stderr; stdout is reserved for --json
 out = Console()
@@ -132,11 +133,3 @@ def print_error(e: FastVLLMError) -> None:
     console.print(f"[bold red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
     if e.detail:
         console.print(e.detail, style="dim", highlight=False, markup=False)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -25,7 +25,6 @@ import ctypes
 import errno
 import mmap
 import os
-import re
 import resource
 import threading
 import time
@@ -38,6 +37,7 @@ from fastvllm.prefetch.files import os_error
 from fastvllm.prefetch.residency import _mapped, resident_pages
 from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.runtime.memory import MADV_POPULATE_READ, advise
+from fastvllm.runtime.units import human_bytes
 
 METHODS = ("read", "populate", "fadvise", "readahead")
 # From `scripts/sweep_prefetch.py` on the 2-core dev VM (ext4 on a virtio disk, read_ahead_kb
@@ -276,28 +276,6 @@ def default_budget() -> int:
     return psutil.virtual_memory().available // 2
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1.5GiB', '100000' -> bytes (binary units, as vmtouch reads them)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"cannot read {text!r} as a size", hint="write it like 4G, 512M or 1.5GiB")
-    n = int(float(m.group(1)) * 1024 ** "_kmgtp".index((m.group(2) or "_").lower()))
-    if n <= 0:
-        raise UsageError(f"size {text!r} is not positive", hint="write it like 4G, 512M or 1.5GiB")
-    return n
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def locked_bytes(paths: Sequence[Path]) -> int:
     """What locking `paths` pins: whole pages, the last partial page of each file included."""
     total = 0
@@ -315,8 +293,8 @@ def check_budget(paths: Sequence[Path], budget: int) -> int:
     total = locked_bytes(paths)
     if total > budget:
         raise UsageError(
-            f"locking {len(paths)} files needs {format_size(total)}, "
-            f"over the budget of {format_size(budget)}",
+            f"locking {len(paths)} files needs {human_bytes(total)}, "
+            f"over the budget of {human_bytes(budget)}",
             hint=f"raise it, e.g. --budget {-(-total // (1 << 30))}G, or name fewer files",
         )
     return total
@@ -343,10 +321,10 @@ class Locked:
 
 def _mlock_error(path: Path, err: int, total: int) -> FastVLLMError:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else format_size(soft)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else human_bytes(soft)
     what = os.strerror(err)
     return UsageError(
-        f"mlock of {path} failed ({what}): locking {format_size(total)} needs RLIMIT_MEMLOCK "
+        f"mlock of {path} failed ({what}): locking {human_bytes(total)} needs RLIMIT_MEMLOCK "
         f"(now {limit}) and that much free memory",
         hint="raise the limit (ulimit -l unlimited, or LimitMEMLOCK=infinity in a systemd unit), "
         "run as root, or lock fewer files",

@@ -193,12 +193,7 @@ def load_process(directory: Path) -> ProcessManifest:
     raw = _read_raw(directory)
     if raw.get("kind") != "process":
         raise NotASnapshotError(f"{directory} is a vLLM snapshot, not a process snapshot", hint="restore it")
-    try:
-        return ProcessManifest.from_dict(raw)
-    except (KeyError, TypeError) as e:
-        raise NotASnapshotError(
-            f"{directory / MANIFEST} is incomplete ({e})", hint="the snapshot is damaged; take a new one"
-        ) from e
+    return _parse(ProcessManifest, raw, directory)
 
 
 def load(directory: Path) -> Manifest:
@@ -209,8 +204,12 @@ def load(directory: Path) -> Manifest:
             f"{directory} is a plain process snapshot, not a vLLM one",
             hint="'fastvllm restore' handles both; the vLLM-only commands do not apply to it",
         )
+    return _parse(Manifest, raw, directory)
+
+
+def _parse(cls: Any, raw: dict[str, Any], directory: Path) -> Any:
     try:
-        return Manifest.from_dict(raw)
+        return cls.from_dict(raw)
     except (KeyError, TypeError) as e:
         raise NotASnapshotError(
             f"{directory / MANIFEST} is incomplete ({e})", hint="the snapshot is damaged; take a new one"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from fastvllm.prefetch import files, residency, warm
+from fastvllm.runtime import units
 from fastvllm.runtime.errors import UsageError
 from typer.testing import CliRunner
 
@@ -157,13 +158,13 @@ def test_expand_sorts_dedupes_and_skips_non_files(disk_dir: Path) -> None:
     ],
 )
 def test_parse_size(text: str, n: int) -> None:
-    assert warm.parse_size(text) == n
+    assert units.parse_size(text) == n
 
 
 @pytest.mark.parametrize("text", ["", "G", "4Q", "-1G", "0", "four"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(UsageError):
-        warm.parse_size(text)
+        units.parse_size(text)
 
 
 # ---- warm, evict, stop ---------------------------------------------------------------------
