@@ -225,6 +225,33 @@ def restore(
     )
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog='e.g. in a Dockerfile:  ENTRYPOINT ["fastvllm", "entrypoint", "/models/llama", '
+    '"--snapshots", "/snapshots", "--", "--max-model-len", "4096"]',
+)
+def entrypoint(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Local model directory, or 'tiny'.")],
+    snapshots: Annotated[
+        Path, typer.Option(help="Directory (a mounted volume) that keeps this model's snapshot.")
+    ] = Path("/snapshots"),
+    port: Annotated[int, typer.Option(help="Port the server listens on.")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="Address the server binds (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve MODEL the fastest way there is: restore its snapshot from --snapshots, or cold-start
+    vLLM and snapshot it for next time. Foreground until SIGTERM (a container's entrypoint).
+
+    Prints one JSON line on stdout once the server has answered: {"event": "serving", "how":
+    "restored" | "cold-start", ...}. A snapshot that cannot be restored is moved aside and
+    reported, and a cold start follows."""
+    from fastvllm import entrypoint as ep
+
+    raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args)))
+
+
 @app.command()
 def inspect(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
