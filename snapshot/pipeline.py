@@ -93,7 +93,7 @@ def _preflight(opts: SnapshotOptions) -> criu.Criu:
     return found
 
 
-def _keep_logs(staging: Path, out: Path) -> Path | None:
+def keep_logs(staging: Path, out: Path) -> Path | None:
     """A failed snapshot leaves nothing at `out`, but its logs are what explains the failure."""
     logs = staging / "logs"
     if not logs.is_dir() or not any(logs.iterdir()):
@@ -280,7 +280,7 @@ def take_snapshot(
             instances.stop(server.pid)
             if server.proc is not None:
                 server.proc.wait()
-        kept = _keep_logs(staging, opts.out)
+        kept = keep_logs(staging, opts.out)
         atomic.discard(staging)
         if kept is not None and isinstance(e, FastVLLMError):
             e.hint = f"logs kept in {kept}"

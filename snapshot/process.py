@@ -17,7 +17,7 @@ import psutil
 from fastvllm.runtime import atomic, criu, cuda_checkpoint, manifest, proctree, system
 from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
-from fastvllm.snapshot.pipeline import _keep_logs as keep_logs
+from fastvllm.snapshot.pipeline import keep_logs
 
 
 @dataclass
