@@ -135,3 +135,16 @@ def of_files(paths: Iterable[Path]) -> list[FileResidency]:
             raise os_error(p, e) from None
         res.append(FileResidency(Path(p), size, resident, pages))
     return res
+
+
+COLD_BELOW = 0.5  # below this share of sampled pages in the page cache, a file counts as cold
+
+
+def is_cold(path: Path | str, below: float = COLD_BELOW, *, if_unreadable: bool = True) -> bool:
+    """Is less than `below` of the file in the page cache (by `sampled_fraction`)? The one
+    test the loader (O_DIRECT or not, populate or not) and the restore (hold the weight file
+    back or not) share; `if_unreadable` answers when the file cannot be mapped."""
+    try:
+        return sampled_fraction(path) < below
+    except OSError:
+        return if_unreadable

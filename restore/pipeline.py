@@ -133,7 +133,7 @@ def restore_snapshot(
             timeline=tl,
             on_bytes=on_verify_bytes,
         )
-        if m.weights_file and _cold(path / m.weights_file):
+        if m.weights_file and residency.is_cold(path / m.weights_file):
             # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s
             # instead of 2.4 s on the GPU machine); from the page cache, checking it during
             # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
@@ -257,13 +257,6 @@ def restore_snapshot(
         )
     )
     return RestoreResult(path, server, tl, ttfc, True, m)
-
-
-def _cold(path: Path) -> bool:
-    try:
-        return residency.sampled_fraction(path) < 0.5
-    except OSError:
-        return True
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

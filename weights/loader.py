@@ -63,7 +63,7 @@ EXTRA_BUFFERS = 4  # pinned buffers beyond one per reader thread
 # (cudaHostAlloc costs about as much as copying the bytes it pins).
 _FIRST_BUFFERS = 2
 # Below this share of resident pages the file counts as cold and O_DIRECT is used.
-COLD_BELOW = 0.5
+COLD_BELOW = residency.COLD_BELOW
 _DIRECT_ALIGN = 4096
 
 
@@ -113,10 +113,7 @@ def choose_direct(path: Path, direct: bool | None) -> bool:
     """O_DIRECT when asked, else when less than COLD_BELOW of the file is in the page cache."""
     if direct is not None:
         return direct
-    try:
-        return residency.sampled_fraction(path) < COLD_BELOW
-    except OSError:
-        return False
+    return residency.is_cold(path, COLD_BELOW, if_unreadable=False)
 
 
 def _open_direct(path: Path) -> int | None:
@@ -307,11 +304,7 @@ def _load_mapped(
             on_bytes(n)
         return n
 
-    try:
-        cold = residency.sampled_fraction(path) < 1.0
-    except OSError:
-        cold = True
-    if cold:
+    if residency.is_cold(path, 1.0):  # any part missing from the page cache
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             total = sum(pool.map(populate, ranges))
     else:
