@@ -140,6 +140,26 @@ def resume(pids: list[int]) -> None:
         _step(driver, "unlock", pid, driver.cuCheckpointProcessUnlock, None)
 
 
+def give_back(pids: list[int]) -> list[int]:
+    """Best effort after a failed snapshot: restore and unlock every PID of `pids` that is
+    still alive, whatever step it reached, so none stays locked. Returns the PIDs given back;
+    a PID that died meanwhile is skipped (its GPU state went with it)."""
+    driver = _driver()
+    back = []
+    for pid in pids:
+        try:
+            st = state(pid)
+        except CudaCheckpointError:
+            continue  # gone, or never a CUDA process
+        if st == "checkpointed":
+            driver.cuCheckpointProcessRestore(pid, None)
+            st = state(pid)
+        if st == "locked":
+            driver.cuCheckpointProcessUnlock(pid, None)
+        back.append(pid)
+    return back
+
+
 @dataclass(frozen=True)
 class GpuIdentity:
     """What a restore needs to match: device state only comes back on the same GPU model

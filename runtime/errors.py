@@ -94,3 +94,10 @@ class CudaCheckpointError(FastVLLMError):
     """The CUDA driver could not lock, checkpoint, restore or unlock a process's GPU state."""
 
     exit_code = 10
+
+
+class TreeChangedError(FastVLLMError):
+    """A process of the tree being snapshotted exited mid-snapshot (e.g. between the CUDA
+    checkpoint and the CRIU dump): the image would miss it, so nothing is written."""
+
+    exit_code = 11

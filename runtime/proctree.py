@@ -11,6 +11,7 @@ import signal
 import time
 
 import psutil
+from fastvllm.runtime.errors import TreeChangedError
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -88,3 +89,15 @@ def stop_session(sid: int, grace: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     wait_gone(left, 10.0)
+
+
+def require_alive(pids: list[int], when: str) -> None:
+    """Raise TreeChangedError naming the PIDs of `pids` that are gone (or zombies) `when`."""
+    dead = [p for p in pids if not alive(p)]
+    if dead:
+        which = ", ".join(map(str, dead))
+        raise TreeChangedError(
+            f"process {which} of the tree exited {when}; nothing was written",
+            hint="the rest of the tree was given its GPU state back and keeps running; "
+            "find why it exited (its log), then snapshot again",
+        )

@@ -210,6 +210,7 @@ def take_snapshot(
             with tl.phase("cuda_checkpoint"):
                 cuda_checkpoint.suspend(cuda_pids, opts.lock_timeout_s)
                 suspended = cuda_pids
+            proctree.require_alive(tree, "after the CUDA checkpoint, before the CRIU dump")
         with tl.phase("criu_dump"):
             criu.dump(
                 found,
@@ -270,11 +271,12 @@ def take_snapshot(
             m.write(staging)
             atomic.publish(staging, opts.out)
     except BaseException as e:
-        if suspended and all(proctree.alive(p) for p in suspended):
+        if suspended:
             # The dump failed after the CUDA checkpoint: the tree gets its GPU state back and,
-            # unless we launched it (then it is stopped below), its weights, and keeps serving.
-            cuda_checkpoint.resume(suspended)
-            if not launched and server is not None:
+            # unless we launched it (then it is stopped below) or part of it died, its
+            # weights, and keeps serving.
+            back = cuda_checkpoint.give_back(suspended)
+            if back == suspended and not launched and server is not None:
                 wake(server, gpu_level, weights, sleeping)
         if launched and server is not None:
             instances.stop(server.pid)

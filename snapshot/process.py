@@ -10,6 +10,7 @@ snapshot leaves the tree serving as it was. All-or-nothing on disk, as the vLLM 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def take_process_snapshot(
     leave_running: bool = False,
     lock_timeout_s: float = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S,
     timeline: Timeline | None = None,
+    after_checkpoint: Callable[[], None] | None = None,
 ) -> ProcessSnapshotResult:
+    """Dump the tree rooted at `pid` into `out`. `after_checkpoint` runs between the CUDA
+    checkpoint and the CRIU dump: the failure-injection tests kill a process there."""
     tl = timeline or Timeline()
     out = out.expanduser().absolute()
     system.require_criu_privileges()
@@ -75,6 +79,13 @@ def take_process_snapshot(
             with tl.phase("cuda_checkpoint"):
                 cuda_checkpoint.suspend(cuda, lock_timeout_s)
                 suspended = True
+        if after_checkpoint is not None:
+            after_checkpoint()
+        # A process that died here would be missing from the image (CRIU dumps what is left
+        # of the tree, or fails on a vanished root): refuse, and give the rest its GPU back.
+        proctree.require_alive(
+            tree, "after the CUDA checkpoint, before the CRIU dump" if cuda else "before the CRIU dump"
+        )
         with tl.phase("criu_dump"):
             criu.dump(
                 found,
@@ -109,8 +120,8 @@ def take_process_snapshot(
             m.write(staging)
             atomic.publish(staging, out)
     except BaseException as e:
-        if suspended and all(proctree.alive(p) for p in cuda):
-            cuda_checkpoint.resume(cuda)  # the tree keeps serving, GPU state and all
+        if suspended:
+            cuda_checkpoint.give_back(cuda)  # what is left of the tree keeps serving, GPU state and all
         kept = keep_logs(staging, out)
         atomic.discard(staging)
         if kept is not None and isinstance(e, FastVLLMError):

@@ -157,3 +157,43 @@ def test_failed_criu_restore_after_a_cuda_checkpoint_leaves_nothing(
     assert r.returncode == 6, r.stderr
     assert "CRIU restore failed" in r.stderr
     assert not any(proctree.alive(p) for p in m.tree_pids)
+
+
+@pytest.mark.parametrize("worker_tree", ["cpu:pair", pytest.param("cuda:pair", marks=GPU)], indirect=True)
+@pytest.mark.parametrize("victim", ["child", "root"])
+def test_a_process_dying_between_checkpoint_and_dump(
+    worker_tree: tuple[int, Path], victim: str, tmp_path: Path
+) -> None:
+    """A process of the tree is killed after the CUDA checkpoint (on a GPU) and before the
+    CRIU dump: the snapshot is refused naming it, nothing is written, and the survivor is
+    unlocked with its GPU state back (and, when it is the root, still answers the same)."""
+    from fastvllm.runtime import cuda_checkpoint
+    from fastvllm.runtime.errors import TreeChangedError
+    from fastvllm.snapshot.process import take_process_snapshot
+
+    pid, work = worker_tree
+    before = _ask(work, 0)
+    child = int((work / "child.pid").read_text())
+    target, survivor = (child, pid) if victim == "child" else (pid, child)
+    on_gpu = before["device"] != "cpu"
+
+    def kill() -> None:
+        if on_gpu:
+            assert cuda_checkpoint.state(target) == "checkpointed"
+        os.kill(target, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while proctree.alive(target) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    snap = tmp_path / "snap"
+    with pytest.raises(TreeChangedError) as err:
+        take_process_snapshot(pid, snap, after_checkpoint=kill)
+    print(err.value.one_line())
+    assert str(target) in err.value.message and "exited" in err.value.message
+    assert not snap.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert proctree.alive(survivor)
+    if on_gpu:
+        assert cuda_checkpoint.state(survivor) == "running"
+    if victim == "child":
+        assert _ask(work, 1)["tokens"] == before["tokens"]

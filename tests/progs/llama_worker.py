@@ -6,6 +6,7 @@ the GPU running spin kernels of seconds each, so a CUDA lock cannot be had quick
 
 import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,17 @@ def answer() -> dict[str, object]:
 
 n = 0
 busy = len(sys.argv) > 3 and sys.argv[3] == "busy"
+if len(sys.argv) > 3 and sys.argv[3] == "pair":
+    child_code = (
+        "import sys, time, torch, pathlib\n"
+        "x = torch.ones(1 << 20, device=sys.argv[1])\n"
+        "pathlib.Path(sys.argv[2], 'child-ready').write_text('1')\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", child_code, device, str(work)], stdin=subprocess.DEVNULL)
+    while not (work / "child-ready").exists():
+        time.sleep(0.02)
+    (work / "child.pid").write_text(str(child.pid))
 (work / "ready").write_text("1")
 while True:
     if busy:
