@@ -480,7 +480,8 @@ def _load_fastvllm(
     from fastvllm.weights import fileformat, loader
 
     if hasattr(loader, "load"):
-        kw = {"mode": mode} if mode != "auto" else {}
+        kw: dict[str, Any] = {"mode": mode} if mode != "auto" else {}
+        threads = threads or loader.DEFAULT_THREADS  # 0: the loader's tuned default
         tensors, stats = loader.load(path, device=dev, threads=threads, **kw)
         info = {"direct": getattr(stats, "direct", None), "mapped": getattr(stats, "mapped", False)}
         return tensors, {**info, "entry": "load"}
@@ -957,7 +958,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
                     "loader": li.name,
                     "path": str(path),
                     "device": args.device,
-                    "threads": args.threads,
+                    # Each loader runs as tuned: ours with its own default reader count
+                    # (--our-threads overrides), the peers that take one with --threads.
+                    "threads": (args.our_threads or 0) if li.kind == "ours" else args.threads,
                     "stamp": str(stamp_path(args.workdir, args.size)),
                 }
                 at = round(time.monotonic() - t_start, 1)
@@ -1007,6 +1010,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
             "device": args.device,
             "reps": args.reps,
             "threads": args.threads,
+            "our_threads": args.our_threads or "loader default",
             "model": stamp["model"],
             "params": total // 2,
             "total_bytes": total,
@@ -1203,7 +1207,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default="3b", help="3b (~6.4 GB bf16) or tiny (~100 MB)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="reader threads for the read bound and the peers that take a count",
+    )
+    p.add_argument(
+        "--our-threads", type=int, default=None, help="fastvllm's reader threads (default: the loader's own)"
+    )
     p.add_argument(
         "--peers",
         default="all",

@@ -55,8 +55,10 @@ from fastvllm.weights import fileformat
 # cache, 8 to 12 threads with 8 MiB reads gave 32-36 GB/s; 2 MiB reads halved that, 64 MiB
 # lost a third. Cold, every setting gave the disk's 1.7-1.9 GB/s (O_DIRECT a little ahead).
 # Pinning host memory runs at only ~2.5 GB/s, so the pool is threads + 4 buffers, not more.
-# results/gpu-reload/sweep*.json holds the grids.
-DEFAULT_THREADS = min(12, os.cpu_count() or 4)
+# results/gpu-reload/sweep*.json holds the grids. Fresh processes on the H200 machine (16
+# cores, 2026-11-21, results/weights/lab-h200.json): 10 threads 37-39 GB/s, 12 threads 32-37,
+# 16 threads 23-26 (readers then starve the copy-issuing thread of a core).
+DEFAULT_THREADS = min(10, os.cpu_count() or 4)
 DEFAULT_CHUNK = 8 << 20
 EXTRA_BUFFERS = 4  # pinned buffers beyond one per reader thread
 # Pinned buffers allocated before the first read; the rest are allocated while reads run
