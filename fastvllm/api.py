@@ -89,19 +89,26 @@ def restore(
     prefetch_threads: int = 0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    criu_restore: str = "auto",
 ) -> RestoreResult | ProcessRestoreResult:
     """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
     plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
     ProcessRestoreResult.
     `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
-    counts as files are read ahead or verified (for progress bars)."""
+    counts as files are read ahead or verified (for progress bars). `criu_restore` picks how CRIU
+    fills memory: "mmap" (the page images mapped copy-on-write: the snapshot must then stay in
+    place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto"."""
     where = Path(path).expanduser()
     # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
     # checks (privileges first) produce the right error.
     if (where / manifest.MANIFEST).is_file() and manifest.kind(where) == "process":
-        return restore_process_snapshot(Path(path), verify=verify, timeline=timeline)
-    opts = RestoreOptions(Path(path), verify, health_timeout, prefetch, prefetch_threads)
+        return restore_process_snapshot(
+            Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore
+        )
+    opts = RestoreOptions(
+        Path(path), verify, health_timeout, prefetch, prefetch_threads, criu_restore=criu_restore
+    )
     return restore_snapshot(opts, timeline, on_bytes)
 
 
