@@ -9,12 +9,13 @@ fastvllm.stop(srv.server.pid)
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
 from fastvllm.restore.process import ProcessRestoreResult, restore_process_snapshot
-from fastvllm.runtime import cuda_checkpoint, instances, manifest, vllm_server
+from fastvllm.runtime import cuda_checkpoint, instances, manifest, mapped, vllm_server
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
@@ -110,6 +111,22 @@ def restore(
         Path(path), verify, health_timeout, prefetch, prefetch_threads, criu_restore=criu_restore
     )
     return restore_snapshot(opts, timeline, on_bytes)
+
+
+def remove(path: str | Path) -> None:
+    """Delete the snapshot at `path`, unless a running process maps its page images (restored
+    in mmap mode: its memory is those files until it exits or is snapshotted again)."""
+    where = Path(path).expanduser()
+    manifest.kind(where)  # not a snapshot: NotASnapshotError, nothing removed
+    users = mapped.snapshot_mappers(where)
+    if users:
+        pids = ", ".join(str(u.pid) for u in users)
+        raise UsageError(
+            f"snapshot {where} is in use: PIDs {pids} map its page images (restored with "
+            "--criu-restore mmap); removing it would take their memory away",
+            hint=f"stop them first (fastvllm stop {users[0].pid}, or kill the tree), then remove it",
+        )
+    shutil.rmtree(where)
 
 
 def stop(pid: int, grace: float = 10.0) -> None:

@@ -395,6 +395,16 @@ def stop(pid: Annotated[int, typer.Argument(help="Root PID from 'fastvllm ps'.")
     ui.console.print(f"stopped {pid}")
 
 
+@app.command(name="rm")
+def rm_cmd(
+    snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
+) -> None:
+    """Delete a snapshot; refused while a server restored from it in mmap mode still maps its
+    page images ('fastvllm inspect DIR' shows who)."""
+    _guard(lambda: api.remove(snapshot_dir))
+    ui.console.print(f"removed {snapshot_dir}")
+
+
 @model_app.command("make-tiny")
 def make_tiny(
     out: Annotated[

@@ -5,8 +5,9 @@ CRIU reads every page), `mmap` (fastvllm's patched CRIU maps the page images cop
 Each restore goes through fastvllm's restore pipeline (checksums read ahead beside CRIU, weight
 reload, canary) and is timed twice: CRIU's restore alone, and restore start to the first
 completion (the canary, which must match). Page cache warm (the snapshot's files read just
-before) and cold (dropped; in a VM only the guest's cache). Modes alternate within each
-repetition so that a drift of the machine's load hits all of them alike.
+before, the libraries cached by the previous restores) and cold (all dropped; in a VM only the
+guest's cache). Modes alternate within each repetition so that a drift of the machine's load
+hits all of them alike.
 
     python -m fastvllm.scripts.bench_criu_restore --reps 5 --out results/criu-restore
     # GPU machine (sleeping server, sleep level 2; FASTVLLM_CRIU pointing at the patched CRIU):
@@ -46,8 +47,9 @@ def _say(msg: str) -> None:
 
 def _restore(snap: Path, mode: str, cold: bool) -> dict[str, Any]:
     files = [snap / f.path for f in manifest.load(snap).files]
-    system.drop_page_cache()
-    if not cold:
+    if cold:  # a cold host: the snapshot, Python, torch and vLLM's libraries all from disk
+        system.drop_page_cache()
+    else:  # a host that has run this server before: its libraries and the snapshot cached
         warm.warm(files)
     res = restore_snapshot(RestoreOptions(snap, criu_restore=mode))
     try:
