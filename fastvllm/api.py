@@ -9,12 +9,13 @@ fastvllm.stop(srv.server.pid)
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
 from fastvllm.restore.process import ProcessRestoreResult, restore_process_snapshot
-from fastvllm.runtime import cuda_checkpoint, instances, manifest, vllm_server
+from fastvllm.runtime import cuda_checkpoint, instances, manifest, mapped, vllm_server
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
@@ -89,20 +90,43 @@ def restore(
     prefetch_threads: int = 0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    criu_restore: str = "auto",
 ) -> RestoreResult | ProcessRestoreResult:
     """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
     plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
     ProcessRestoreResult.
     `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
-    counts as files are read ahead or verified (for progress bars)."""
+    counts as files are read ahead or verified (for progress bars). `criu_restore` picks how CRIU
+    fills memory: "mmap" (the page images mapped copy-on-write: the snapshot must then stay in
+    place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto"."""
     where = Path(path).expanduser()
     # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
     # checks (privileges first) produce the right error.
     if (where / manifest.MANIFEST).is_file() and manifest.kind(where) == "process":
-        return restore_process_snapshot(Path(path), verify=verify, timeline=timeline)
-    opts = RestoreOptions(Path(path), verify, health_timeout, prefetch, prefetch_threads)
+        return restore_process_snapshot(
+            Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore
+        )
+    opts = RestoreOptions(
+        Path(path), verify, health_timeout, prefetch, prefetch_threads, criu_restore=criu_restore
+    )
     return restore_snapshot(opts, timeline, on_bytes)
+
+
+def remove(path: str | Path) -> None:
+    """Delete the snapshot at `path`, unless a running process maps its page images (restored
+    in mmap mode: its memory is those files until it exits or is snapshotted again)."""
+    where = Path(path).expanduser()
+    manifest.kind(where)  # not a snapshot: NotASnapshotError, nothing removed
+    users = mapped.snapshot_mappers(where)
+    if users:
+        pids = ", ".join(str(u.pid) for u in users)
+        raise UsageError(
+            f"snapshot {where} is in use: PIDs {pids} map its page images (restored with "
+            "--criu-restore mmap); removing it would take their memory away",
+            hint=f"stop them first (fastvllm stop {users[0].pid}, or kill the tree), then remove it",
+        )
+    shutil.rmtree(where)
 
 
 def stop(pid: int, grace: float = 10.0) -> None:

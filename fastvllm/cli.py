@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -17,7 +18,7 @@ import typer
 from rich.table import Table
 
 from fastvllm import api, doctor, ui
-from fastvllm.runtime import manifest, tiny_model, units
+from fastvllm.runtime import manifest, mapped, tiny_model, units
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Timeline
 
@@ -40,6 +41,16 @@ prefetch_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(prefetch_app, name="prefetch")
+
+
+class CriuRestore(StrEnum):
+    """--criu-restore: how CRIU fills a restored tree's memory (runtime/criu.py)."""
+
+    auto = "auto"
+    mmap = "mmap"
+    copy = "copy"
+    lazy = "lazy"
+
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
@@ -190,6 +201,19 @@ def restore(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the restored server to be healthy.")
     ] = 120.0,
+    criu_restore: Annotated[
+        CriuRestore,
+        typer.Option(
+            "--criu-restore",
+            case_sensitive=False,
+            help="How CRIU fills the tree's memory. mmap: maps the page images copy-on-write "
+            "(fastvllm's patched CRIU; restore time independent of image size; the snapshot must "
+            "stay in place and unchanged while the server runs). copy: reads every page (stock "
+            "CRIU). lazy: CRIU's userfaultfd restore (pages served on first touch by a "
+            "'criu lazy-pages' daemon). auto: mmap where the CRIU supports it, else copy. "
+            "'fastvllm doctor' lists what this host has.",
+        ),
+    ] = CriuRestore.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a snapshot, prove it with the canary, and leave it serving.
@@ -208,13 +232,19 @@ def restore(
                 prefetch_threads=prefetch_threads,
                 timeline=tl,
                 on_bytes=live.on_bytes,
+                criu_restore=criu_restore.value,
             )
 
     res = _guard(run)
     if as_json:
         _emit_json(res.as_dict())
         return
-    ui.console.print(ui.phase_table(tl, f"restore {res.snapshot}"))
+    ui.console.print(ui.phase_table(tl, f"restore {res.snapshot} (CRIU {res.criu_restore} mode)"))
+    if res.criu_restore == "mmap":
+        ui.console.print(
+            "[dim]the restored tree maps this snapshot's page images: keep the snapshot in place "
+            "and unchanged while it runs ('fastvllm inspect' shows who maps it)[/]"
+        )
     if not hasattr(res, "server"):  # a plain process tree: no server, no canary
         ui.console.print(f"restored process tree, root pid [bold]{res.pid}[/] in {tl.elapsed():.2f} s")
         return
@@ -257,11 +287,18 @@ def inspect(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a snapshot's manifest: identity, server, timings, files."""
+    """Show a snapshot's manifest: identity, server, timings, files, and which running
+    processes map its page images (restored in mmap mode: the snapshot is in use)."""
+    users = mapped.snapshot_mappers(snapshot_dir)
+    in_use = (
+        ", ".join(f"pid {u.pid} ({u.name}, {ui.human_bytes(u.mapped_bytes)})" for u in users)
+        if users
+        else "-"
+    )
     if _guard(lambda: manifest.kind(snapshot_dir)) == "process":
         pm = _guard(lambda: manifest.load_process(snapshot_dir))
         if as_json:
-            _emit_json(json.loads(pm.to_json()))
+            _emit_json({**json.loads(pm.to_json()), "mapped_by": [u.as_dict() for u in users]})
             return
         title = f"snapshot {snapshot_dir} (plain process tree)"
         pt = Table(title=title, show_header=False, title_justify="left")
@@ -276,6 +313,7 @@ def inspect(
             ("CRIU", pm.identity.criu),
             ("kernel", pm.identity.kernel),
             ("image", f"{ui.human_bytes(pm.image_bytes)} in {len(pm.files)} files"),
+            ("mapped by", in_use),
             *((f"timing {k}", f"{v:.2f} s") for k, v in pm.timings.items()),
         ]:
             pt.add_row(k, v)
@@ -283,7 +321,7 @@ def inspect(
         return
     m = _guard(lambda: manifest.load(snapshot_dir))
     if as_json:
-        _emit_json(json.loads(m.to_json()))
+        _emit_json({**json.loads(m.to_json()), "mapped_by": [u.as_dict() for u in users]})
         return
     t = Table(title=f"snapshot {snapshot_dir}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -300,6 +338,7 @@ def inspect(
         ("image", f"{ui.human_bytes(m.image_bytes)} in {len(m.files)} files"),
         ("canary", f"{len(m.canary.token_ids)} tokens: {m.canary.text[:60]!r}"),
         ("from snapshot", m.source_snapshot or "-"),
+        ("mapped by", in_use),
     ]
     rows += [(f"timing {k}", f"{v:.2f} s") for k, v in m.timings.items()]
     for k, v in rows:
@@ -354,6 +393,16 @@ def stop(pid: Annotated[int, typer.Argument(help="Root PID from 'fastvllm ps'.")
     _guard(lambda: instances.get(pid))
     api.stop(pid)
     ui.console.print(f"stopped {pid}")
+
+
+@app.command(name="rm")
+def rm_cmd(
+    snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
+) -> None:
+    """Delete a snapshot; refused while a server restored from it in mmap mode still maps its
+    page images ('fastvllm inspect DIR' shows who)."""
+    _guard(lambda: api.remove(snapshot_dir))
+    ui.console.print(f"removed {snapshot_dir}")
 
 
 @model_app.command("make-tiny")

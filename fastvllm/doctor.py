@@ -41,7 +41,22 @@ def _criu_checks() -> list[Check]:
         )
     else:
         checks.append(Check("criu check", False, "needs root", "run 'sudo fastvllm doctor'"))
+    checks.append(_restore_modes_check(found))
     return checks
+
+
+def _restore_modes_check(found: criu.Criu) -> Check:
+    """Which --criu-restore modes this CRIU can run: mmap needs fastvllm's patch (patches/criu)."""
+    modes = criu.restore_modes(found)
+    patched = "fastvllm-patched" if "mmap" in modes else "stock"
+    default = criu.resolve_mode(found, "auto")
+    return Check(
+        "CRIU restore modes",
+        "mmap" in modes,
+        f"{', '.join(modes)} ({patched} CRIU; restore default: {default})",
+        "" if "mmap" in modes else f"run scripts/setup.sh to build the patched CRIU into {criu.PATCHED_CRIU}",
+        required=False,
+    )
 
 
 def _privilege_check() -> Check:

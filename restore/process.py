@@ -23,6 +23,7 @@ class ProcessRestoreResult:
     pid: int
     manifest: manifest.ProcessManifest
     timeline: Timeline
+    criu_restore: str = "copy"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -32,6 +33,7 @@ class ProcessRestoreResult:
             "cuda_pids": self.manifest.cuda_pids,
             "phases": self.timeline.as_list(),
             "restore_s": round(self.timeline.elapsed(), 4),
+            "criu_restore": self.criu_restore,
         }
 
 
@@ -58,8 +60,10 @@ def _check_host(m: manifest.ProcessManifest, found: criu.Criu) -> None:
 
 
 def restore_process_snapshot(
-    path: Path, *, verify: bool = True, timeline: Timeline | None = None
+    path: Path, *, verify: bool = True, timeline: Timeline | None = None, criu_restore: str = "auto"
 ) -> ProcessRestoreResult:
+    """`criu_restore`: see criu.resolve_mode; in mmap mode the tree keeps the snapshot's page
+    images mapped while it runs."""
     tl = timeline or Timeline()
     path = path.expanduser().absolute()
     system.require_criu_privileges()
@@ -67,6 +71,7 @@ def restore_process_snapshot(
     with tl.phase("validate"):
         m = manifest.load_process(path)
         found = criu.find_criu()
+        mode = criu.resolve_mode(found, criu_restore)
         _check_host(m, found)
         proctree.wait_gone(m.tree_pids, 30.0, reaped=True)
     if verify:
@@ -85,6 +90,7 @@ def restore_process_snapshot(
                 logs / f".restore-{os.getpid()}.pid",
                 {},
                 shell_job=m.shell_job,
+                mode=mode,
             )
         if m.cuda_pids:
             with tl.phase("cuda_restore"):
@@ -95,4 +101,4 @@ def restore_process_snapshot(
                 os.kill(p, signal.SIGKILL)
         proctree.wait_gone(m.tree_pids, 30.0, reaped=True)
         raise
-    return ProcessRestoreResult(path, pid, m, tl)
+    return ProcessRestoreResult(path, pid, m, tl, mode)

@@ -4,26 +4,42 @@ Flags are the ones that dumped and restored vLLM's process tree here (DESIGN.md)
 established TCP and external unix sockets, link-remap for unlinked files, file locks.
 The network lock is skipped because hosts without iptables fail with it, and a snapshot
 is taken with no client connection open.
+
+Restore modes (how CRIU fills private anonymous memory): `copy` reads every page from the
+pages images (stock CRIU); `mmap` maps the images copy-on-write instead (fastvllm's CRIU
+patch, patches/criu: restore time no longer grows with the image, the images must stay in
+place while the tree runs); `lazy` is CRIU's own userfaultfd restore (`criu lazy-pages`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import xxhash
-from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError
+from fastvllm.runtime import mapped
+from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
 
 MIN_VERSION = (4, 2)
 # --link-remap is needed for POSIX semaphores (sem_open maps a temporary name it then renames);
 # CRIU leaves /dev/shm/link_remap.N hard links that a restore consumes, so fastvllm keeps copies
 # of them with the snapshot (runtime/shm.py).
 COMMON_FLAGS = ["--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks", "--ghost-limit", "64M"]
+# scripts/setup.sh installs fastvllm's patched CRIU (stock 4.2.1 + patches/criu) here, beside a
+# stock /usr/local/sbin/criu it leaves alone; it is a superset (copy stays its default), so it
+# comes first.
+PATCHED_CRIU = "/usr/local/libexec/fastvllm/criu"
 _CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu")
+RESTORE_MODES = ("copy", "mmap", "lazy")
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,7 @@ class Criu:
 
 def find_criu() -> Criu:
     """CRIU from $FASTVLLM_CRIU, the PATH, or where scripts/setup.sh installs it."""
-    candidates = [os.environ.get("FASTVLLM_CRIU"), shutil.which("criu"), *_CANDIDATES]
+    candidates = [os.environ.get("FASTVLLM_CRIU"), PATCHED_CRIU, shutil.which("criu"), *_CANDIDATES]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             version = criu_version(c)
@@ -56,6 +72,58 @@ def criu_version(path: str) -> str:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"Version:\s*(\S+)", out)
     return m.group(1) if m else "unknown"
+
+
+@functools.cache
+def supports_mmap(criu: Criu) -> bool:
+    """Whether this CRIU has fastvllm's --mmap-pages restore (patches/criu)."""
+    r = subprocess.run([criu.path, "--help"], capture_output=True, text=True, check=False)
+    return "--mmap-pages" in r.stdout + r.stderr
+
+
+@functools.cache
+def supports_lazy(criu: Criu) -> bool:
+    """Whether CRIU's lazy restore works here (userfaultfd for non-cooperative tasks)."""
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(
+        [criu.path, "check", "--feature", "uffd-noncoop"], capture_output=True, text=True, check=False
+    )
+    return r.returncode == 0
+
+
+def restore_modes(criu: Criu) -> list[str]:
+    """The restore modes this CRIU can run here, fastest first."""
+    modes = ["mmap"] if supports_mmap(criu) else []
+    modes.append("copy")
+    if supports_lazy(criu):
+        modes.append("lazy")
+    return modes
+
+
+def resolve_mode(criu: Criu, requested: str) -> str:
+    """`auto` is the fastest mode that works (mmap with the patched CRIU, else copy); an explicit
+    mode this CRIU cannot run fails here, before anything is restored."""
+    if requested == "auto":
+        return "mmap" if supports_mmap(criu) else "copy"
+    if requested not in RESTORE_MODES:
+        raise UsageError(
+            f"unknown CRIU restore mode {requested!r}",
+            hint="choose one of: auto, " + ", ".join(RESTORE_MODES),
+        )
+    if requested == "mmap" and not supports_mmap(criu):
+        raise EnvironmentNotReadyError(
+            f"CRIU {criu.version} at {criu.path} cannot restore in mmap mode (no --mmap-pages: "
+            "a CRIU without fastvllm's patch)",
+            hint=f"run scripts/setup.sh to build the patched CRIU into {PATCHED_CRIU} (or set "
+            "FASTVLLM_CRIU to it), or restore with --criu-restore copy",
+        )
+    if requested == "lazy" and not supports_lazy(criu):
+        raise EnvironmentNotReadyError(
+            "CRIU's lazy restore needs userfaultfd for other processes, which this host lacks",
+            hint="criu check --feature uffd-noncoop says why; restore with --criu-restore copy or mmap",
+        )
+    return requested
 
 
 def criu_check(criu: Criu) -> tuple[bool, str]:
@@ -170,6 +238,14 @@ def dump(
 ) -> None:
     """Dump the tree rooted at `pid` into `images`. `shell_job` when the root is not a session
     leader (a process started from a shell): its session then lives outside the tree."""
+    mapping = mapped.pages_image_mappers([pid, *_descendants(pid)])
+    if mapping and not supports_mmap(criu):
+        # Stock CRIU would record those mappings as files: the new snapshot would need the old one.
+        raise CriuError(
+            f"PID {mapping[0]} maps the page images of the snapshot it was restored from (mmap "
+            f"mode), and CRIU at {criu.path} has no fastvllm patch to dump them as memory",
+            hint=f"dump with fastvllm's patched CRIU ({PATCHED_CRIU}, built by scripts/setup.sh)",
+        )
     images.mkdir(parents=True, exist_ok=True)
     args = ["dump", "-t", str(pid), "-D", str(images), *COMMON_FLAGS, "--network-lock", "skip"]
     if leave_running:
@@ -181,20 +257,93 @@ def dump(
     _run(criu, args, log, "dump")
 
 
+def _descendants(pid: int) -> list[int]:
+    with contextlib.suppress(psutil.Error):
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return []
+
+
 def restore(
-    criu: Criu, images: Path, log: Path, pidfile: Path, inherit: dict[str, int], *, shell_job: bool = False
+    criu: Criu,
+    images: Path,
+    log: Path,
+    pidfile: Path,
+    inherit: dict[str, int],
+    *,
+    shell_job: bool = False,
+    mode: str = "copy",
 ) -> int:
     """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
     (without its leading '/') to an open descriptor that replaces it: the server's log, which
-    has moved or grown since the dump, is handed over this way."""
+    has moved or grown since the dump, is handed over this way. `mode` is one of
+    RESTORE_MODES (see resolve_mode); with `mmap` the restored tree keeps the page images
+    mapped, so they must stay in place and unchanged while it runs."""
     pidfile.unlink(missing_ok=True)  # CRIU creates it with O_EXCL
     args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached", "--pidfile", str(pidfile)]
     if shell_job:
         args.append("--shell-job")
     for key, fd in inherit.items():
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
-    _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())
+    if mode == "mmap":
+        args.append("--mmap-pages")
+    daemon: int | None = None
+    if mode == "lazy":
+        # The lazy-pages daemon and the restore meet on a socket in a work directory of their own
+        # (not the snapshot's image directory, which stays as it was published).
+        work = _lazy_work(log)
+        work.mkdir(parents=True, exist_ok=True)
+        daemon = _start_lazy_daemon(criu, images, work, log.with_name(log.stem + "-lazy.log"))
+        args += ["--lazy-pages", "-W", str(work)]
+    try:
+        _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())
+    except BaseException:
+        if daemon is not None:  # nothing will ask it for pages
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGKILL)
+        raise
     return int(pidfile.read_text().strip())
+
+
+def _start_lazy_daemon(criu: Criu, images: Path, work: Path, log: Path) -> int:
+    """`criu lazy-pages --daemon`: returns once its socket listens; the daemon serves the
+    restored tree's page faults and pushes the remaining pages in the background, then exits
+    by itself once every page is in (the tree hangs on a fault if it is killed before)."""
+    pidfile = work / "lazy-pages.pid"
+    pidfile.unlink(missing_ok=True)
+    _run(
+        criu,
+        ["lazy-pages", "-D", str(images), "-W", str(work), "--daemon", "--pidfile", str(pidfile)],
+        log,
+        "lazy-pages",
+    )
+    return int(pidfile.read_text().strip())
+
+
+def _lazy_work(log: Path) -> Path:
+    return log.parent / f".lazy-{log.stem}"
+
+
+def lazy_daemon_pid(log: Path) -> int | None:
+    """The lazy-pages daemon started for the restore logged at `log`, if it still runs."""
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        pid = int((_lazy_work(log) / "lazy-pages.pid").read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return pid
+        with contextlib.suppress(ChildProcessError):  # ours when we are a subreaper
+            os.waitpid(pid, os.WNOHANG)
+    return None
+
+
+def wait_lazy_done(log: Path, timeout: float) -> bool:
+    """Wait until the lazy-pages daemon of the restore logged at `log` has pushed every page
+    and exited; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while lazy_daemon_pid(log) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def image_bytes(images: Path) -> int:

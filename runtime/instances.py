@@ -36,6 +36,8 @@ class Instance:
     snapshot: str | None  # the snapshot it was restored from, if any
     log_path: str
     worker_extension: bool = False
+    # "mmap": the tree maps its snapshot's page images (the snapshot must stay in place)
+    criu_restore: str = "copy"
 
 
 def record(inst: Instance) -> Path:

@@ -6,6 +6,7 @@
 #
 #   scripts/setup.sh                      # everything
 #   CRIU_GIT_REF=v4.2 scripts/setup.sh    # build CRIU from an upstream git tag (needs internet)
+#   CRIU_MMAP_BIN=/opt/criu scripts/setup.sh  # where the patched CRIU (patches/criu) goes
 #   FASTVLLM_VENV=/opt/fv scripts/setup.sh
 #
 # Why Debian's sid source package by default: this machine reaches Debian's archive but not
@@ -111,6 +112,37 @@ install_criu() {
   echo "installed $CRIU_PREFIX/sbin/criu ($("$CRIU_PREFIX/sbin/criu" --version | head -n1))"
 }
 
+# fastvllm's patched CRIU (patches/criu: restore --mmap-pages maps the page images instead of
+# copying them; dump copes with such mappings). Built from the same source as the stock one and
+# installed beside it, at $CRIU_MMAP_BIN, which fastvllm prefers; the stock /usr/local/sbin/criu
+# stays as it is. Rebuilt when the patches change (their hash is stamped next to the binary).
+CRIU_MMAP_BIN=${CRIU_MMAP_BIN:-$CRIU_PREFIX/libexec/fastvllm/criu}
+install_criu_mmap() {
+  step "fastvllm's patched CRIU (restore --mmap-pages) -> $CRIU_MMAP_BIN"
+  local stamp; stamp=$(cat "$ROOT"/patches/criu/*.patch | sha256sum | cut -c1-16)
+  if [ -x "$CRIU_MMAP_BIN" ] && [ "$(cat "$CRIU_MMAP_BIN.patches" 2>/dev/null)" = "$stamp" ] \
+     && "$CRIU_MMAP_BIN" --help 2>&1 | grep -q -- --mmap-pages; then
+    echo "up to date ($("$CRIU_MMAP_BIN" --version | head -n1), patches $stamp)"; return
+  fi
+  apt_install build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev \
+    libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler \
+    protobuf-compiler python3-protobuf uuid-dev libaio-dev iproute2 git xz-utils patch
+  local src; src=$(fetch_criu_source)
+  local build=$DEPS/criu-mmap
+  rm -rf "$build" && cp -a "$src" "$build"
+  make -C "$build" clean >/dev/null 2>&1 || true
+  for p in "$ROOT"/patches/criu/*.patch; do
+    patch -s -d "$build" -p1 <"$p" || die "patch $(basename "$p") does not apply to $src"
+  done
+  echo "building patched CRIU in $build"
+  make -C "$build" -j"$(nproc)" criu >"$DEPS/criu-mmap-build.log" 2>&1 \
+    || { tail -n 30 "$DEPS/criu-mmap-build.log" >&2; die "patched CRIU build failed (log: $DEPS/criu-mmap-build.log)"; }
+  as_root install -D -m 0755 "$build/criu/criu" "$CRIU_MMAP_BIN"
+  echo "$stamp" | as_root tee "$CRIU_MMAP_BIN.patches" >/dev/null
+  criu_ok "$CRIU_MMAP_BIN" || { as_root "$CRIU_MMAP_BIN" check || true; die "the patched CRIU does not pass 'criu check'"; }
+  echo "installed $CRIU_MMAP_BIN ($("$CRIU_MMAP_BIN" --version | head -n1), patches $stamp)"
+}
+
 install_tools() {
   # vmtouch: tests/test_prefetch.py checks `fastvllm prefetch status` against its page counts.
   step "tools: vmtouch"
@@ -147,6 +179,7 @@ make_tiny_model() {
 }
 
 install_criu
+install_criu_mmap
 install_tools
 install_venv
 make_tiny_model
