@@ -5,7 +5,11 @@
   image; restored with fastvllm's defaults;
 - (b) sleep level 2 + vLLM's own `reload_weights` from the model directory (what vLLM's
   built-in snapshot does), no read-ahead and no checksums;
-- (c) sleep level 2 + fastvllm's loader from the weight file, read-ahead overlapped (default).
+- (c) sleep level 2 + fastvllm's loader from the weight file, read-ahead overlapped, CRIU
+  restore in fastvllm's default mode (mmap with the patched CRIU: patches/criu);
+- (c-copy) the same as (c) with CRIU's copy restore, to show what the mapping adds.
+
+(a) and (b) restore with CRIU's copy mode, as stock CRIU (and vLLM's own snapshot) does.
 
 Each restore is timed to its first completion (the canary, which must match), page cache warm
 (files read just before) and cold (dropped; in a VM only the guest's cache). One launch serves
@@ -28,7 +32,7 @@ from typing import Any
 
 from fastvllm.prefetch import warm
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-from fastvllm.runtime import cuda_checkpoint, manifest, system, vllm_server
+from fastvllm.runtime import criu, cuda_checkpoint, manifest, system, vllm_server
 from fastvllm.runtime.tiny_model import make_tiny
 
 from fastvllm import api
@@ -48,12 +52,17 @@ def _restore(snap: Path, variant: str, cold: bool, model_dir: Path) -> dict[str,
     if not cold:
         warm.warm(files + (sorted(model_dir.glob("*.safetensors")) if variant == "b" else []))
     opts = RestoreOptions(snap)
+    opts.criu_restore = "auto" if variant == "c" else "copy"
     if variant == "b":
         opts.prefetch = opts.verify = False
         opts.reloader = "vllm"
     r = restore_snapshot(opts)
     try:
-        return {"ttfc_s": r.time_to_first_completion_s, "phases": r.timeline.durations()}
+        return {
+            "ttfc_s": r.time_to_first_completion_s,
+            "criu_restore": r.criu_restore,
+            "phases": r.timeline.durations(),
+        }
     finally:
         api.stop(r.server.pid)
 
@@ -70,6 +79,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "vllm": vllm_server.vllm_version(),
         "model": a.model,
         "vllm_args": GPU_ARGS,
+        "criu": str(criu.find_criu().path),
         "reps": a.reps,
         "runs": {},
         "errors": [],
@@ -90,10 +100,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     doc["snapshot_sleep0"] = {"image_bytes": s0.manifest.image_bytes, "phases": s0.timeline.durations()}
     _say(f"sleep-0 image {s0.manifest.image_bytes / 1e9:.2f} GB")
     save()
-    snaps = {"a": s0.path, "b": s2.path, "c": s2.path}
+    snaps = {"a": s0.path, "b": s2.path, "c": s2.path, "c-copy": s2.path}
     for rep in range(1, a.reps + 1):
         for cond in ("warm", "cold"):
-            for v in ("a", "b", "c"):
+            for v in a.variants.split(","):
                 key = f"{v}/{cond}"
                 try:
                     res = _restore(snaps[v], v, cond == "cold", model_dir)
@@ -131,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="3b", help="tiny, small, 3b (made here) or a model directory")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--variants", default="a,b,c,c-copy", help="which restores, comma-separated")
     ap.add_argument("--out", type=Path, default=Path("results/gpu-restore"))
     doc = _run_and_clean(ap.parse_args(argv))
     print(json.dumps(doc.get("median_ttfc_s"), indent=2))
