@@ -124,7 +124,7 @@ def remove(path: str | Path) -> None:
         raise UsageError(
             f"snapshot {where} is in use: PIDs {pids} map its page images (restored with "
             "--criu-restore mmap); removing it would take their memory away",
-            hint=f"stop them first (fastvllm stop {users[0].pid}, or kill the tree), then remove it",
+            hint=f"stop them first: fastvllm stop {users[0].pid}; then remove it",
         )
     shutil.rmtree(where)
 
