@@ -47,7 +47,7 @@ def shapes_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("needs a C compiler (scripts/setup.sh installs build-essential)")
     out = tmp_path_factory.mktemp("bin") / "mmap_shapes"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(out), str(PROG)], check=True)
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(PROG)], check=True)
     return out
 
 
