@@ -133,7 +133,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             if a.model in ("tiny", "small", "3b")
             else Path(a.model)
         )
-        _say(f"launching vLLM on {model} and taking a sleeping snapshot")
+        _say(f"launching vLLM on {model} and taking a {'awake' if a.awake else 'sleeping'} snapshot")
         s = api.snapshot(
             str(model), work / "snap", port=a.port, vllm_args=GPU_ARGS if a.gpu else [], sleep=not a.awake
         )
