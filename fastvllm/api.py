@@ -115,7 +115,8 @@ def restore(
 
 def remove(path: str | Path) -> None:
     """Delete the snapshot at `path`, unless a running process maps its page images (restored
-    in mmap mode: its memory is those files until it exits or is snapshotted again)."""
+    in mmap mode: its memory is those files until it exits or is snapshotted again; unlinked,
+    they would live on invisibly, holding their disk space)."""
     where = Path(path).expanduser()
     manifest.kind(where)  # not a snapshot: NotASnapshotError, nothing removed
     users = mapped.snapshot_mappers(where)
@@ -123,8 +124,8 @@ def remove(path: str | Path) -> None:
         pids = ", ".join(str(u.pid) for u in users)
         raise UsageError(
             f"snapshot {where} is in use: PIDs {pids} map its page images (restored with "
-            "--criu-restore mmap); removing it would take their memory away",
-            hint=f"stop them first (fastvllm stop {users[0].pid}, or kill the tree), then remove it",
+            "--criu-restore mmap; deleted, they would hold its disk space until they exit)",
+            hint=f"stop them first: fastvllm stop {users[0].pid}; then remove it",
         )
     shutil.rmtree(where)
 

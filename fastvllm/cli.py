@@ -381,7 +381,9 @@ def ps(as_json: JsonOpt = False) -> None:
     for col in ("pid", "url", "model", "snapshot"):
         t.add_column(col)
     for i in insts:
-        t.add_row(str(i.pid), f"http://{i.host}:{i.port}", i.model, i.snapshot or "-")
+        # a mmap restore keeps its snapshot's page images mapped: the snapshot is in use
+        snap = f"{i.snapshot} (mapped)" if i.snapshot and i.criu_restore == "mmap" else i.snapshot
+        t.add_row(str(i.pid), f"http://{i.host}:{i.port}", i.model, snap or "-")
     ui.out.print(t)
 
 

@@ -90,7 +90,7 @@ def _chart(doc: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"CRIU restore modes, {doc['model']} sleeping vLLM server, image "
+        f"CRIU restore modes, {doc['model']} {'sleeping' if doc['sleeping'] else 'awake'} vLLM server, image "
         f"{doc['image_bytes'] / 1e9:.2f} GB ({doc['host']}, {doc['date']}, {doc['reps']} reps)",
         fontsize=9,
     )
@@ -113,6 +113,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "gpu": (g.as_dict() if (g := cuda_checkpoint.gpu_identity()) else None),
         "vllm": vllm_server.vllm_version(),
         "model": a.model,
+        "sleeping": not a.awake,
         "modes": modes,
         "reps": a.reps,
         "load_before": os.getloadavg(),
@@ -132,8 +133,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             if a.model in ("tiny", "small", "3b")
             else Path(a.model)
         )
-        _say(f"launching vLLM on {model} and taking a sleeping snapshot")
-        s = api.snapshot(str(model), work / "snap", port=a.port, vllm_args=GPU_ARGS if a.gpu else [])
+        _say(f"launching vLLM on {model} and taking a {'awake' if a.awake else 'sleeping'} snapshot")
+        s = api.snapshot(
+            str(model), work / "snap", port=a.port, vllm_args=GPU_ARGS if a.gpu else [], sleep=not a.awake
+        )
         doc["cold_start_s"] = s.cold_start_s
         snap = s.path
     m = manifest.load(snap)
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="tiny", help="tiny, small, 3b (made here) or a model directory")
     ap.add_argument("--snapshot", type=Path, help="an existing snapshot to restore instead of taking one")
     ap.add_argument("--gpu", action="store_true", help="launch vLLM with the GPU machine's arguments")
+    ap.add_argument(
+        "--awake", action="store_true", help="snapshot without sleeping (weights and KV cache in the image)"
+    )
     ap.add_argument("--modes", default="copy,mmap,lazy")
     ap.add_argument("--cache", default="warm,cold")
     ap.add_argument("--reps", type=int, default=3)

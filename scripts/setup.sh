@@ -128,19 +128,10 @@ install_criu_mmap() {
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler \
     protobuf-compiler python3-protobuf uuid-dev libaio-dev iproute2 git xz-utils patch
   local src; src=$(fetch_criu_source)
-  local build=$DEPS/criu-mmap
-  rm -rf "$build" && cp -a "$src" "$build"
-  make -C "$build" clean >/dev/null 2>&1 || true
-  for p in "$ROOT"/patches/criu/*.patch; do
-    patch -s -d "$build" -p1 <"$p" || die "patch $(basename "$p") does not apply to $src"
-  done
-  echo "building patched CRIU in $build"
-  make -C "$build" -j"$(nproc)" criu >"$DEPS/criu-mmap-build.log" 2>&1 \
-    || { tail -n 30 "$DEPS/criu-mmap-build.log" >&2; die "patched CRIU build failed (log: $DEPS/criu-mmap-build.log)"; }
-  as_root install -D -m 0755 "$build/criu/criu" "$CRIU_MMAP_BIN"
-  echo "$stamp" | as_root tee "$CRIU_MMAP_BIN.patches" >/dev/null
+  echo "building patched CRIU in $DEPS/criu-mmap"
+  as_root "$ROOT/scripts/build_criu_mmap.sh" "$src" "$CRIU_MMAP_BIN" "$DEPS/criu-mmap" \
+    || die "patched CRIU build failed"
   criu_ok "$CRIU_MMAP_BIN" || { as_root "$CRIU_MMAP_BIN" check || true; die "the patched CRIU does not pass 'criu check'"; }
-  echo "installed $CRIU_MMAP_BIN ($("$CRIU_MMAP_BIN" --version | head -n1), patches $stamp)"
 }
 
 install_tools() {

@@ -47,7 +47,7 @@ def shapes_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("needs a C compiler (scripts/setup.sh installs build-essential)")
     out = tmp_path_factory.mktemp("bin") / "mmap_shapes"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(out), str(PROG)], check=True)
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(PROG)], check=True)
     return out
 
 
@@ -249,3 +249,24 @@ def test_mmap_mode_with_a_stock_criu_is_refused(shapes: Shapes, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["criu_restore"] == "copy"
     assert shapes.check(1).startswith("ok")
+
+
+@needs_patched
+def test_deleted_page_images_still_back_the_process_and_dump_as_memory(
+    shapes: Shapes, tmp_path: Path
+) -> None:
+    """Unlinking the images under a mmap-restored process (what `fastvllm rm` refuses, but a
+    user's rm -rf does not) keeps its memory: the inodes live on, and a new dump copies them."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _snapshot(shapes, first)
+    restore_process_snapshot(first, criu_restore="mmap")
+    shutil.rmtree(first)
+    assert all(
+        p.endswith("(deleted)")
+        for p in Path(f"/proc/{shapes.pid}/maps").read_text().splitlines()
+        if "/pages-" in p
+    )
+    assert shapes.check(1).startswith("ok")
+    _snapshot(shapes, second)
+    restore_process_snapshot(second, criu_restore="copy")
+    assert shapes.check(2).startswith("ok")

@@ -3,7 +3,7 @@
 # Earlier calls put the vLLM bundle's parts in /root/parts (../shared/gpu-vllm/build.sh) and
 # the loader peers' wheels in .whl/ (see README: "GPU runs"). Usage there, from the repo root:
 #   bash scripts/gpu/session.sh setup          # unpack vLLM, install peers + fastvllm
-#   bash scripts/gpu/session.sh tests|reload|weights|sweep|e2e|restore|criu-modes
+#   bash scripts/gpu/session.sh tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests
 # e2e and restore need CRIU there: `bash scripts/gpu/pack_criu.sh` here, carry .criu-dev.
 set -euo pipefail
 SITE=/root/site FV=/root/fv PEERS=/root/peers
@@ -11,7 +11,7 @@ export PYTHONPATH=$FV:$PEERS:$SITE PYTHONUNBUFFERED=1
 export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE=1
 [ -x .criu-dev/criu.sh ] && export FASTVLLM_CRIU=$PWD/.criu-dev/criu.sh
 OUT=${OUT:-/tmp/out}
-case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes}" in
+case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests}" in
   setup)
     [ -d $SITE/vllm ] || [ ! -f /root/parts/unpack.sh ] || bash /root/parts/unpack.sh /root/parts $SITE
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -25,10 +25,11 @@ case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes}" in
   restore)
     (cd /tmp && python3 -m fastvllm.scripts.bench_gpu_restore --model "${MODEL:-3b}" --reps "${REPS:-2}" \
       --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) ;;
-  criu-modes)  # issue 8: CRIU restore copy / mmap / lazy of a sleeping GPU server, then the mode tests.
+  criu-modes)  # issue 8: CRIU restore copy / mmap / lazy of a sleeping GPU server, side by side.
     # Needs the patched CRIU carried: here `bash scripts/gpu/pack_criu.sh /usr/local/libexec/fastvllm/criu`.
     (cd /tmp && python3 -m fastvllm.scripts.bench_criu_restore --model "${MODEL:-3b}" --gpu --reps "${REPS:-3}" \
-      --out $OUT/criu-restore-gpu 2>&1 | tee $OUT/criu-restore-gpu.log)
+      --out $OUT/criu-restore-gpu 2>&1 | tee $OUT/criu-restore-gpu.log) ;;
+  criu-tests)  # issue 8: the restore-mode tests and the spine's e2e (auto = mmap) on the GPU machine
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && python3 -m pytest -v -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_criu_mmap.py" \
       "$OLDPWD/tests/test_e2e_criu_modes.py" "$OLDPWD/tests/test_e2e.py" 2>&1 | tee $OUT/gpu-criu-modes.log) ;;
