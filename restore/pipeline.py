@@ -76,7 +76,7 @@ def _preflight(path: Path, criu_restore: str) -> tuple[manifest.Manifest, criu.C
     system.require_criu_privileges()  # first: without it nothing below can succeed
     m = manifest.load(path)
     found = criu.find_criu()
-    mode = criu.resolve_mode(found, criu_restore)
+    mode = criu.resolve_mode(found, criu_restore, gpu=bool(m.cuda_pids))
     diffs = m.identity.differences(manifest.HostIdentity.here(found.version))
     if diffs:
         raise IdentityMismatchError(

@@ -87,6 +87,13 @@ class ReadAhead:
         self._go_on.set()
 
     def start(self) -> ReadAhead:
+        # A held file does not block the files behind it: they are read first. (In mmap mode
+        # the page images are held while CRIU maps them; the weight file behind them must still
+        # be checked during CRIU, or the loader pays a checksum pass of its own: 3.3 s instead
+        # of 0.27 s for a 3B model on the GPU machine.)
+        self.entries = [e for e in self.entries if e.path not in self._held] + [
+            e for e in self.entries if e.path in self._held
+        ]
         self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
         self._thread.start()
         return self

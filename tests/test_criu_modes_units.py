@@ -78,3 +78,9 @@ def test_rm_removes_only_snapshots(tmp_path: Path) -> None:
     snap = _fake_snapshot(tmp_path)
     fastvllm.api.remove(snap)
     assert not snap.exists()
+
+
+def test_auto_is_copy_for_gpu_snapshots_until_mmap_is_measured_faster_there(tmp_path: Path) -> None:
+    patched = _fake_criu(tmp_path, "  --mmap-pages          on restore, map ...")
+    assert criu.resolve_mode(patched, "auto", gpu=True) == "copy"
+    assert criu.resolve_mode(patched, "mmap", gpu=True) == "mmap"  # asked for: done

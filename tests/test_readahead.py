@@ -148,3 +148,15 @@ def test_a_held_file_waits_for_release(tmp_path: Path) -> None:
     stopped.wait_for({pages.path})
     stopped.stop()  # a restore that fails before CRIU finishes must not hang on a held file
     assert weights.path not in stopped.stats.verified
+
+
+def test_a_held_file_does_not_block_the_files_behind_it(tmp_path: Path) -> None:
+    """mmap restore: the page images are held while CRIU maps them, and the weight file behind
+    them is checked meanwhile (else the loader pays a checksum pass of its own)."""
+    pages = _entry(tmp_path, "criu/pages-1.img", os.urandom(1 << 20))
+    weights = _entry(tmp_path, "weights/model.fvw", os.urandom(1 << 20))
+    ahead = ReadAhead(tmp_path, [pages, weights], verify=True).hold(pages.path).start()
+    ahead.wait_for({weights.path})
+    assert pages.path not in ahead.stats.verified  # still held
+    ahead.release()
+    assert sorted(ahead.wait().verified) == sorted([pages.path, weights.path])
