@@ -240,6 +240,13 @@ def entrypoint(
     host: Annotated[
         str, typer.Option(help="Address the server binds (0.0.0.0 in a container).")
     ] = "127.0.0.1",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Snapshot directory name under --snapshots (default: derived from the model, the "
+            "vLLM arguments and the image, so each configuration has its own)."
+        ),
+    ] = None,
 ) -> None:
     """Serve MODEL the fastest way there is: restore its snapshot from --snapshots, or cold-start
     vLLM and snapshot it for next time. Foreground until SIGTERM (a container's entrypoint).
@@ -249,7 +256,7 @@ def entrypoint(
     reported, and a cold start follows."""
     from fastvllm import entrypoint as ep
 
-    raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args)))
+    raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args), name))
 
 
 @app.command()

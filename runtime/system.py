@@ -32,6 +32,21 @@ CRIU_CAPABILITIES: dict[str, int] = {
 }
 
 
+# Written by Dockerfile.criu: a hash of the image's software (CRIU, Python, pip freeze, fastvllm).
+IMAGE_ID_FILE = Path("/etc/fastvllm/image-id")
+
+
+def image_identity() -> str:
+    """The container image's identity ("" outside a fastvllm image): a snapshot records it, and
+    one taken on another image is not restored."""
+    if os.environ.get("FASTVLLM_IMAGE_ID"):
+        return os.environ["FASTVLLM_IMAGE_ID"]
+    try:
+        return IMAGE_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
 def kernel_release() -> str:
     return platform.release()
 
