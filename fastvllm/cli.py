@@ -190,11 +190,29 @@ def restore(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the restored server to be healthy.")
     ] = 120.0,
+    container: Annotated[
+        str | None,
+        typer.Option(
+            metavar="IMAGE",
+            help="Restore inside a new container of IMAGE (built from Dockerfile.criu; Docker SDK): "
+            "DIR's parent is mounted as its /snapshots volume and its entrypoint restores DIR, "
+            "while this host reads DIR's files into the shared page cache. DIR must have been "
+            "taken by that image's entrypoint.",
+        ),
+    ] = None,
+    container_name: Annotated[
+        str | None, typer.Option(help="Name for the container (with --container).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a snapshot, prove it with the canary, and leave it serving.
 
-    The timeline shows the read-ahead running beside CRIU's restore."""
+    The timeline shows the read-ahead running beside CRIU's restore. With --container IMAGE the
+    restore runs in a new container (its own PID and network namespace: one snapshot can be
+    restored in several containers at once)."""
+    if container is not None:
+        _restore_in_container(snapshot_dir, container, container_name, prefetch, as_json)
+        return
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
 
@@ -222,6 +240,34 @@ def restore(
         f"serving at [bold]{res.server.base_url}[/] (pid {res.server.pid}); first completion after "
         f"[bold green]{res.time_to_first_completion_s:.2f} s[/], canary identical; stop with "
         f"'fastvllm stop {res.server.pid}'"
+    )
+
+
+def _restore_in_container(
+    snapshot_dir: Path, image: str, name: str | None, prefetch: bool, as_json: bool
+) -> None:
+    from fastvllm import container
+
+    def run() -> Any:
+        if as_json:
+            return container.restore(image, snapshot_dir, name=name, prefetch=prefetch)
+        with ui.console.status(f"restoring {snapshot_dir} in a container of {image}", spinner="dots"):
+            return container.restore(image, snapshot_dir, name=name, prefetch=prefetch)
+
+    res = _guard(run)
+    if as_json:
+        _emit_json(res.as_dict())
+        return
+    if res.how != "restored":
+        ui.console.print(f"[yellow]the container did not restore the snapshot: {res.set_aside}[/]")
+    pf = res.prefetch
+    read = ""
+    if "bytes" in pf:
+        read = f"; host read-ahead {ui.human_bytes(int(pf['bytes']))} in {float(pf['seconds']):.2f} s"
+    ui.console.print(
+        f"container [bold]{res.container_name}[/] {res.how}, serving at [bold]{res.url}[/] "
+        f"[bold green]{res.seconds:.2f} s[/] after it was started{read}; stop it with "
+        f"'docker stop {res.container_name}'"
     )
 
 

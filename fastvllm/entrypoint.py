@@ -4,9 +4,10 @@ running) and serve. Either way, stay in the foreground until SIGTERM, then stop 
 
 The snapshot's name is derived from the model, the vLLM arguments and the image's identity,
 so one volume can hold several models and image versions. A snapshot is only ever seen
-complete: the pipeline writes to a hidden staging directory and renames it into place. A snapshot that fails to restore (damaged,
-taken on another image, canary mismatch) is moved aside as `<name>.broken-<time>` with the
-reason printed, and a cold start follows: never a crash loop.
+complete: the pipeline writes to a hidden staging directory and renames it into place. A
+snapshot that fails to restore (damaged, taken on another image, canary mismatch) is moved
+aside as `<name>.broken-<time>` with the reason printed, and a cold start follows: never a
+crash loop.
 """
 
 from __future__ import annotations

@@ -64,7 +64,12 @@ def effective_capabilities() -> int:
 
 def missing_capabilities() -> list[str]:
     eff = effective_capabilities()
-    return [name for name, bit in CRIU_CAPABILITIES.items() if not eff & (1 << bit)]
+    missing = [name for name, bit in CRIU_CAPABILITIES.items() if not eff & (1 << bit)]
+    if "CAP_CHECKPOINT_RESTORE" in missing and eff & (1 << CRIU_CAPABILITIES["CAP_SYS_ADMIN"]):
+        # The kernel accepts CAP_SYS_ADMIN wherever it asks for CAP_CHECKPOINT_RESTORE (the
+        # latter was split out of it in 5.9), and engines such as Docker 20.10 cannot grant it.
+        missing.remove("CAP_CHECKPOINT_RESTORE")
+    return missing
 
 
 def require_criu_privileges() -> None:
