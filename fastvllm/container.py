@@ -36,10 +36,12 @@ LABEL = "fastvllm"  # every container started here carries it (value: the snapsh
 CAPABILITIES = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH"]
 RUN_PRIVILEGES: dict[str, Any] = {
     "cap_add": CAPABILITIES,
-    "security_opt": ["seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"],
+    "security_opt": ["seccomp=unconfined", "apparmor=unconfined"],
     "shm_size": "2g",
     "cgroupns": "private",
 }
+# `--security-opt systempaths=unconfined` is the CLI's spelling; the API's is empty lists here.
+UNMASKED = {"MaskedPaths": [], "ReadonlyPaths": []}
 
 
 def docker_client(timeout: int = 600) -> Any:
@@ -88,18 +90,24 @@ def start(
     import docker
 
     volume.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The low-level API: the SDK's run() cannot express unmasked /proc paths.
+    host_config = dc.api.create_host_config(
+        binds={str(volume.resolve()): {"bind": SNAPSHOTS_MOUNT, "mode": "rw"}}, **RUN_PRIVILEGES
+    )
+    host_config.update(UNMASKED)
     try:
-        return dc.containers.run(
-            image,
-            list(command),
-            name=name,
-            detach=True,
-            labels=labels or {},
-            volumes={str(volume.resolve()): {"bind": SNAPSHOTS_MOUNT, "mode": "rw"}},
-            **RUN_PRIVILEGES,
+        created = dc.api.create_container(
+            image, list(command), name=name, labels=labels or {}, host_config=host_config
         )
     except docker.errors.ImageNotFound as e:
         raise UsageError(f"image {image} not found", hint="build it from Dockerfile.criu") from e
+    c = dc.containers.get(created["Id"])
+    try:
+        c.start()
+    except BaseException:
+        c.remove(force=True)
+        raise
+    return c
 
 
 def address(container: Any, port: int) -> str:
