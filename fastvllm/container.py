@@ -33,7 +33,7 @@ LABEL = "fastvllm"  # every container started here carries it (value: the snapsh
 # entrypoint uses to keep the snapshot's PIDs free (entrypoint.make_room_for_pids). A private
 # cgroup namespace makes every container's cgroup "/" to CRIU, so a tree dumped in one
 # container restores into another's cgroup instead of looking for the first one's.
-CAPABILITIES = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH"]
+CAPABILITIES = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME"]
 RUN_PRIVILEGES: dict[str, Any] = {
     "cap_add": CAPABILITIES,
     "security_opt": ["seccomp=unconfined", "apparmor=unconfined"],

@@ -85,6 +85,29 @@ def make_room_for_pids(snap: Path, say: Callable[[str], None]) -> None:
         say(f"could not move the PID counter above the snapshot's PIDs ({e}); restoring anyway")
 
 
+# Caches whose files vLLM's processes keep open or mapped (torch.compile's compiled kernels are
+# loaded as shared objects from vLLM's cache). CRIU reopens them by path on restore, so in a
+# container they must outlive the container: they go on the volume, one directory per image.
+CACHE_ENV = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "TRITON_CACHE_DIR": "triton",
+}
+
+
+def caches_on_volume(snapshots: Path, image: str) -> Path | None:
+    """In a fastvllm image, point the compile caches at `<snapshots>/.cache-<image>/` (unless the
+    user set them): a snapshot taken in one container then restores in the next, whose own
+    filesystem starts without them. Returns the directory, or None outside an image."""
+    if not image:
+        return None
+    root = snapshots / f".cache-{image}"
+    for var, sub in CACHE_ENV.items():
+        os.environ.setdefault(var, str(root / sub))
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
 def start(
     model: str,
     snapshots: Path,
@@ -101,7 +124,9 @@ def start(
     t0 = time.perf_counter()
     model = tiny_model.resolve_model(model)
     snapshots.mkdir(parents=True, exist_ok=True)
-    snap = snapshots / (name or snapshot_name(model, vllm_args, system.image_identity()))
+    image = system.image_identity()
+    caches_on_volume(snapshots, image)
+    snap = snapshots / (name or snapshot_name(model, vllm_args, image))
     set_aside = None
     for attempt in range(2):
         if snap.is_dir():
