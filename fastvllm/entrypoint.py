@@ -95,15 +95,21 @@ CACHE_ENV = {
 }
 
 
-def caches_on_volume(snapshots: Path, image: str) -> Path | None:
-    """In a fastvllm image, point the compile caches at `<snapshots>/.cache-<image>/` (unless the
-    user set them): a snapshot taken in one container then restores in the next, whose own
-    filesystem starts without them. Returns the directory, or None outside an image."""
+def container_environment(snapshots: Path, image: str) -> Path | None:
+    """In a fastvllm image, make what the server holds independent of the container it ran in
+    (each setting only where the user has not set it):
+    - the compile caches go to `<snapshots>/.cache-<image>/`: a snapshot taken in one container
+      then restores in the next, whose own filesystem starts without them;
+    - vLLM binds its internal sockets (torch.distributed's store) to 127.0.0.1 instead of the
+      container's address, which the next container does not have (CRIU: "Can't bind inet
+      socket ... Cannot assign requested address"). One server per container is one node.
+    Returns the cache directory, or None outside an image."""
     if not image:
         return None
     root = snapshots / f".cache-{image}"
     for var, sub in CACHE_ENV.items():
         os.environ.setdefault(var, str(root / sub))
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     return root
 
@@ -125,7 +131,7 @@ def start(
     model = tiny_model.resolve_model(model)
     snapshots.mkdir(parents=True, exist_ok=True)
     image = system.image_identity()
-    caches_on_volume(snapshots, image)
+    container_environment(snapshots, image)
     snap = snapshots / (name or snapshot_name(model, vllm_args, image))
     set_aside = None
     for attempt in range(2):

@@ -28,7 +28,8 @@ from fastvllm import container as ctr
 
 from .conftest import FASTVLLM, PROMPTS, completions, needs_criu
 
-pytestmark = [pytest.mark.slow, needs_criu]
+# The first test builds the image when Docker's cache does not have it (8 min here under load).
+pytestmark = [pytest.mark.slow, needs_criu, pytest.mark.timeout(2400)]
 PORT = 8000  # inside each container: every container has its own network namespace
 PREFIX = "fastvllm-test"
 
