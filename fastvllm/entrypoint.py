@@ -100,9 +100,10 @@ def container_environment(snapshots: Path, image: str) -> Path | None:
     (each setting only where the user has not set it):
     - the compile caches go to `<snapshots>/.cache-<image>/`: a snapshot taken in one container
       then restores in the next, whose own filesystem starts without them;
-    - vLLM binds its internal sockets (torch.distributed's store) to 127.0.0.1 instead of the
-      container's address, which the next container does not have (CRIU: "Can't bind inet
-      socket ... Cannot assign requested address"). One server per container is one node.
+    - vLLM's internal sockets (torch.distributed's store, Gloo's listeners) bind 127.0.0.1 / lo
+      instead of the container's address, which the next container does not have (CRIU:
+      "Can't bind inet socket ... Cannot assign requested address"). One server per container
+      is one node.
     Returns the cache directory, or None outside an image."""
     if not image:
         return None
@@ -110,6 +111,7 @@ def container_environment(snapshots: Path, image: str) -> Path | None:
     for var, sub in CACHE_ENV.items():
         os.environ.setdefault(var, str(root / sub))
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     return root
 

@@ -131,7 +131,7 @@ def test_first_container_cold_starts_snapshots_and_stops_on_sigterm(first: First
 def test_second_container_restores_with_identical_tokens(engine: Engine, first: First) -> None:
     c = engine.run(first.volume)
     doc = ctr.wait_serving(c)
-    assert doc["how"] == "restored", doc
+    assert doc["how"] == "restored", doc["set_aside"]
     assert completions(ctr.address(c, PORT), first.model_name, PROMPTS) == first.before
     assert _stop(c) == 0
 
@@ -150,7 +150,7 @@ def test_two_containers_restore_one_snapshot_at_once_from_the_host(engine: Engin
                 results.append(f.result())
     engine.started += [engine.dc.containers.get(n) for n in names if _exists(engine, n)]
     assert len(results) == 2, "both restores must report serving"
-    assert {r.how for r in results} == {"restored"}
+    assert {r.how for r in results} == {"restored"}, [r.set_aside for r in results]
     assert results[0].url != results[1].url
     for r in results:
         assert r.prefetch.get("bytes", 0) > 0, r.prefetch
