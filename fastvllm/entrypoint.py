@@ -190,11 +190,21 @@ def main(
     def say(msg: str) -> None:
         print(f"fastvllm entrypoint: {msg}", file=sys.stderr, flush=True)
 
+    def terminated(*_: object) -> None:
+        raise SystemExit(143)
+
+    # SIGTERM before the server serves (docker stop during a cold start or a restore): unwind
+    # through the pipelines' cleanup (the server stopped, no half-written snapshot). As PID 1
+    # of a container, a signal without a handler would be ignored until Docker's SIGKILL.
+    signal.signal(signal.SIGTERM, terminated)
     try:
         served = start(model, snapshots, port=port, host=host, vllm_args=vllm_args, name=name, say=say)
     except FastVLLMError as e:
         say(f"error: {e.one_line()}")
         return e.exit_code
+    except SystemExit:
+        say("stopped by SIGTERM before serving")
+        return 143
     doc = {"event": "serving", "how": served.how, "pid": served.pid, "url": served.url}
     doc |= {
         "seconds": round(served.seconds, 3),

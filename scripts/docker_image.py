@@ -221,13 +221,18 @@ def prepare_context() -> None:
     """Put the CRIU source tarball, the local wheels and pip's CA bundle where Dockerfile.criu
     looks for them (the bundle: a network that intercepts TLS has its own CA, which the base
     image does not trust)."""
-    criu_src = DEPS / "criu-src"
-    if not list(criu_src.glob("criu_*.orig.tar.*")):
+    # The context is the repository root: whatever FASTVLLM_DEPS says, the Dockerfile reads them
+    # from <root>/.deps/ (hard links, or copies across filesystems).
+    tarballs = sorted((DEPS / "criu-src").glob("criu_*.orig.tar.*"))
+    if not tarballs:
         raise EnvironmentNotReadyError(
-            f"no CRIU source tarball in {criu_src}",
+            f"no CRIU source tarball in {DEPS / 'criu-src'}",
             hint="run scripts/setup.sh (it fetches criu_*.orig.tar.xz there)",
         )
-    extra = DEPS / "docker-build"
+    context_deps = ROOT / ".deps"
+    for t in tarballs:
+        _link(t, context_deps / "criu-src" / t.name)
+    extra = context_deps / "docker-build"
     wheels = extra / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     certs = [Path(c) for c in _pip_setting("PIP_CERT", "cert") if Path(c).is_file()]
@@ -235,12 +240,17 @@ def prepare_context() -> None:
         shutil.copyfile(certs[0], extra / "pip-cert.pem")
     for d in _pip_find_links():
         for whl in d.glob("*.whl"):
-            dest = wheels / whl.name
-            if not dest.exists():
-                try:
-                    os.link(whl, dest)
-                except OSError:
-                    shutil.copy2(whl, dest)
+            _link(whl, wheels / whl.name)
+
+
+def _link(src: Path, dest: Path) -> None:
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def build_image(

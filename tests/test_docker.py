@@ -226,3 +226,25 @@ def test_damaged_snapshot_is_set_aside_and_a_cold_start_follows(engine: Engine, 
     assert completions(ctr.address(c, PORT), first.model_name, PROMPTS) == first.before
     assert _stop(c) == 0
     assert manifest.load(first.snapshot).identity.image  # a fresh snapshot took its place
+
+
+def test_sigterm_during_a_cold_start_leaves_no_snapshot_and_exits(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """docker stop while the first container is still starting vLLM: the entrypoint (PID 1)
+    unwinds through the snapshot pipeline's cleanup and exits 143 well before Docker's SIGKILL,
+    leaving neither a snapshot nor its staging directory on the volume."""
+    import time
+
+    volume = tmp_path_factory.mktemp("volume-sigterm")
+    c = engine.run(volume)
+    deadline = time.monotonic() + 600
+    while not any(".partial-" in p.name for p in volume.iterdir()):  # vLLM is being launched
+        assert time.monotonic() < deadline, "the entrypoint never started a snapshot"
+        c.reload()
+        assert c.status == "running", ctr.logs_tail(c)
+        time.sleep(0.2)
+    c.stop(timeout=120)
+    assert int(c.wait(timeout=180)["StatusCode"]) == 143, ctr.logs_tail(c)
+    assert "stopped by SIGTERM" in ctr.logs_tail(c)
+    assert [p.name for p in volume.iterdir() if not p.name.startswith(".cache-")] == []
