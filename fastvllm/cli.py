@@ -214,11 +214,29 @@ def restore(
             "'fastvllm doctor' lists what this host has.",
         ),
     ] = CriuRestore.auto,
+    container: Annotated[
+        str | None,
+        typer.Option(
+            metavar="IMAGE",
+            help="Restore inside a new container of IMAGE (built from Dockerfile.criu; Docker SDK): "
+            "DIR's parent is mounted as its /snapshots volume and its entrypoint restores DIR, "
+            "while this host reads DIR's files into the shared page cache. DIR must have been "
+            "taken by that image's entrypoint.",
+        ),
+    ] = None,
+    container_name: Annotated[
+        str | None, typer.Option(help="Name for the container (with --container).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a snapshot, prove it with the canary, and leave it serving.
 
-    The timeline shows the read-ahead running beside CRIU's restore."""
+    The timeline shows the read-ahead running beside CRIU's restore. With --container IMAGE the
+    restore runs in a new container (its own PID and network namespace: one snapshot can be
+    restored in several containers at once)."""
+    if container is not None:
+        _restore_in_container(snapshot_dir, container, container_name, prefetch, as_json)
+        return
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
 
@@ -255,6 +273,34 @@ def restore(
     )
 
 
+def _restore_in_container(
+    snapshot_dir: Path, image: str, name: str | None, prefetch: bool, as_json: bool
+) -> None:
+    from fastvllm import container
+
+    def run() -> Any:
+        if as_json:
+            return container.restore(image, snapshot_dir, name=name, prefetch=prefetch)
+        with ui.console.status(f"restoring {snapshot_dir} in a container of {image}", spinner="dots"):
+            return container.restore(image, snapshot_dir, name=name, prefetch=prefetch)
+
+    res = _guard(run)
+    if as_json:
+        _emit_json(res.as_dict())
+        return
+    if res.how != "restored":
+        ui.console.print(f"[yellow]the container did not restore the snapshot: {res.set_aside}[/]")
+    pf = res.prefetch
+    read = ""
+    if "bytes" in pf:
+        read = f"; host read-ahead {ui.human_bytes(int(pf['bytes']))} in {float(pf['seconds']):.2f} s"
+    ui.console.print(
+        f"container [bold]{res.container_name}[/] {res.how}, serving at [bold]{res.url}[/] "
+        f"[bold green]{res.seconds:.2f} s[/] after it was started{read}; stop it with "
+        f"'docker stop {res.container_name}'"
+    )
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     epilog='e.g. in a Dockerfile:  ENTRYPOINT ["fastvllm", "entrypoint", "/models/llama", '
@@ -270,6 +316,13 @@ def entrypoint(
     host: Annotated[
         str, typer.Option(help="Address the server binds (0.0.0.0 in a container).")
     ] = "127.0.0.1",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Snapshot directory name under --snapshots (default: derived from the model, the "
+            "vLLM arguments and the image, so each configuration has its own)."
+        ),
+    ] = None,
 ) -> None:
     """Serve MODEL the fastest way there is: restore its snapshot from --snapshots, or cold-start
     vLLM and snapshot it for next time. Foreground until SIGTERM (a container's entrypoint).
@@ -279,7 +332,7 @@ def entrypoint(
     reported, and a cold start follows."""
     from fastvllm import entrypoint as ep
 
-    raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args)))
+    raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args), name))
 
 
 @app.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,9 @@ def restore_snapshot(
     elif opts.verify:
         with tl.phase("verify_checksums"):
             manifest.verify_files(path, m.files, on_bytes=on_verify_bytes)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # Unique per restore, not just per PID: containers sharing a volume restore the same
+    # snapshot as PID 1 each, and CRIU's pidfile must not be another restore's.
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     logs = path / "logs"
     logs.mkdir(exist_ok=True)
     server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
@@ -183,7 +186,7 @@ def restore_snapshot(
                     found,
                     path / "criu",
                     logs / f"criu-restore-{stamp}-{os.getpid()}.log",
-                    logs / f".restore-{os.getpid()}.pid",
+                    logs / f".restore-{stamp}-{os.getpid()}.pid",
                     inherit={m.server.log_path_at_dump.lstrip("/"): fd},
                     mode=mode,
                 )

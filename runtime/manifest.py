@@ -57,6 +57,7 @@ class HostIdentity:
     kernel: str
     python: str
     vllm: str
+    image: str = ""  # the fastvllm container image's identity ("" on a host)
 
     @classmethod
     def here(cls, criu_version: str) -> HostIdentity:
@@ -66,6 +67,7 @@ class HostIdentity:
             kernel=system.kernel_release(),
             python=system.python_version(),
             vllm=vllm_server.vllm_version(),
+            image=system.image_identity(),
         )
 
     def differences(self, other: HostIdentity) -> list[str]:

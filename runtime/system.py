@@ -32,6 +32,21 @@ CRIU_CAPABILITIES: dict[str, int] = {
 }
 
 
+# Written by Dockerfile.criu: a hash of the image's software (CRIU, Python, pip freeze, fastvllm).
+IMAGE_ID_FILE = Path("/etc/fastvllm/image-id")
+
+
+def image_identity() -> str:
+    """The container image's identity ("" outside a fastvllm image): a snapshot records it, and
+    one taken on another image is not restored."""
+    if os.environ.get("FASTVLLM_IMAGE_ID"):
+        return os.environ["FASTVLLM_IMAGE_ID"]
+    try:
+        return IMAGE_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
 def kernel_release() -> str:
     return platform.release()
 
@@ -49,7 +64,12 @@ def effective_capabilities() -> int:
 
 def missing_capabilities() -> list[str]:
     eff = effective_capabilities()
-    return [name for name, bit in CRIU_CAPABILITIES.items() if not eff & (1 << bit)]
+    missing = [name for name, bit in CRIU_CAPABILITIES.items() if not eff & (1 << bit)]
+    if "CAP_CHECKPOINT_RESTORE" in missing and eff & (1 << CRIU_CAPABILITIES["CAP_SYS_ADMIN"]):
+        # The kernel accepts CAP_SYS_ADMIN wherever it asks for CAP_CHECKPOINT_RESTORE (the
+        # latter was split out of it in 5.9), and engines such as Docker 20.10 cannot grant it.
+        missing.remove("CAP_CHECKPOINT_RESTORE")
+    return missing
 
 
 def require_criu_privileges() -> None:

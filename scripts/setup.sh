@@ -65,6 +65,26 @@ debian_mirror() { # the URI the machine's own apt config uses for the main Debia
   echo "$uri"
 }
 
+fetch_criu_tarball() { # prints the path of CRIU's source tarball in $DEPS/criu-src (downloaded once)
+  local work=$DEPS/criu-src
+  mkdir -p "$work"
+  local tarball
+  tarball=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | sort -V | tail -n1 || true)
+  if [ -z "$tarball" ]; then
+      local mirror; mirror=$(debian_mirror)
+      local list=/etc/apt/sources.list.d/fastvllm-criu-src.sources
+      printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" | as_root tee "$list" >/dev/null
+      as_root apt-get update -qq >>"$DEPS/apt.log" 2>&1
+      APT_UPDATED=1
+      # The .debian.tar.xz part may be missing and apt then exits nonzero: the upstream
+      # tarball is all the build needs, so judge by the file, not by the exit code.
+      (cd "$work" && apt-get source -qq --download-only criu/sid >/dev/null 2>&1 || true)
+      tarball=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | sort -V | tail -n1 || true)
+      [ -n "$tarball" ] || die "could not download CRIU's source from Debian sid; set CRIU_GIT_REF=v4.2 (needs internet) or CRIU_TARBALL=path"
+  fi
+  echo "$tarball"
+}
+
 fetch_criu_source() { # prints the path of an unpacked CRIU source tree
   local work=$DEPS/criu-src
   mkdir -p "$work"
@@ -76,21 +96,7 @@ fetch_criu_source() { # prints the path of an unpacked CRIU source tree
   if [ -n "${CRIU_TARBALL:-}" ]; then
     tar -C "$work" -xf "$CRIU_TARBALL"
   else
-    local tarball
-    tarball=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | sort -V | tail -n1 || true)
-    if [ -z "$tarball" ]; then
-      local mirror; mirror=$(debian_mirror)
-      local list=/etc/apt/sources.list.d/fastvllm-criu-src.sources
-      printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" | as_root tee "$list" >/dev/null
-      as_root apt-get update -qq >>"$DEPS/apt.log" 2>&1
-      APT_UPDATED=1
-      # The .debian.tar.xz part may be missing and apt then exits nonzero: the upstream
-      # tarball is all the build needs, so judge by the file, not by the exit code.
-      (cd "$work" && apt-get source -qq --download-only criu/sid >/dev/null 2>&1 || true)
-      tarball=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | sort -V | tail -n1 || true)
-      [ -n "$tarball" ] || die "could not download CRIU's source from Debian sid; set CRIU_GIT_REF=v4.2 (needs internet) or CRIU_TARBALL=path"
-    fi
-    tar -C "$work" -xf "$tarball"
+    tar -C "$work" -xf "$(fetch_criu_tarball)"
   fi
   ls -d "$work"/criu-*/ | sort -V | tail -n1
 }
@@ -141,6 +147,17 @@ install_tools() {
   echo "using $(command -v vmtouch)"
 }
 
+install_docker() {
+  # The Docker tests (tests/test_docker.py) and `fastvllm restore --container`: Debian's Docker
+  # engine (the tests start dockerd when none runs), debootstrap for an offline base image, and
+  # CRIU's source tarball, which Dockerfile.criu builds from when there is no internet.
+  step "Docker engine, debootstrap, CRIU source for Dockerfile.criu"
+  if ! command -v dockerd >/dev/null 2>&1; then apt_install docker.io; fi
+  apt_install debootstrap
+  if [ -n "${CRIU_TARBALL:-}" ]; then mkdir -p "$DEPS/criu-src"; cp -n "$CRIU_TARBALL" "$DEPS/criu-src/"; fi
+  echo "CRIU source: $(fetch_criu_tarball)"
+}
+
 has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 install_venv() {
@@ -172,6 +189,7 @@ make_tiny_model() {
 install_criu
 install_criu_mmap
 install_tools
+install_docker
 install_venv
 make_tiny_model
 step "done: activate with 'source $VENV/bin/activate'"
