@@ -46,10 +46,13 @@ def client(timeout: int = 600) -> Any:
 
 
 def daemon_answers() -> bool:
-    dc = client(10)  # (a missing SDK is an error of its own, not "no engine")
+    import docker.errors  # (a missing SDK is an error of its own, not "no engine": client() says so)
+
     try:
-        return bool(dc.ping())
-    except Exception:
+        # The SDK asks the engine for its API version while it builds the client, so with no
+        # engine the constructor itself fails, not just the ping.
+        return bool(client(10).ping())
+    except (docker.errors.DockerException, OSError):
         return False
 
 
