@@ -70,7 +70,14 @@ class Report:
             if cur is None or s.resident_bytes > cur.resident_bytes:
                 snaps[s.model] = Locality(s.bytes, s.resident_bytes)
         sessions = [Session(str(s["id"]), str(s["model"]), int(s["tokens"])) for s in self.sessions]  # type: ignore[call-overload]
-        return HostView(self.name, Bandwidths(**self.bw), self.free_slots, self.queue_s, snaps, sessions)
+        return HostView(
+            self.name,
+            Bandwidths(**self.bw),
+            self.free_slots,
+            self.queue_s,
+            snapshots=snaps,
+            sessions=sessions,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Report:

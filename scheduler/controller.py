@@ -59,7 +59,9 @@ class Controller:
         except Exception as e:
             if self._is_down(e):
                 self.mark_dead(host)
-                raise HostDown(f"host {host} is down: {type(e).__name__}", hint="its requests go elsewhere") from e
+                raise HostDown(
+                    f"host {host} is down: {type(e).__name__}", hint="its requests go elsewhere"
+                ) from e
             raise
 
     def mark_dead(self, host: str) -> None:

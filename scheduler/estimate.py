@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fastvllm.runtime.errors import UsageError
 
 INF = float("inf")
@@ -61,6 +60,7 @@ class HostView:
     bw: Bandwidths
     free_slots: int
     queue_s: float = 0.0  # estimated time until its restore queue is empty
+    slot_free_s: float = INF  # full host: when a slot frees (known to the simulator, not to agents)
     snapshots: dict[str, Locality] = field(default_factory=dict)
     sessions: list[Session] = field(default_factory=list)
     alive: bool = True
@@ -137,11 +137,12 @@ def place(
     opts: list[Option] = []
     free = [h for h in live if h.free_slots > 0]
     for h in live:
-        t = restore_seconds(size, h.bw, h.snapshots.get(model), gpu_bytes, h.queue_s)
-        opts.append(Option("restore" if h.free_slots > 0 else "wait", h.name, t))
-        if h.free_slots > 0 or not h.sessions:
+        here = restore_seconds(size, h.bw, h.snapshots.get(model), gpu_bytes)
+        if h.free_slots > 0:
+            opts.append(Option("restore", h.name, h.queue_s + here))
             continue
-        here = t - h.queue_s  # after migrating, the slot is free now: no queue wait
+        # a full host: its restore starts when a slot frees and its queue is through
+        opts.append(Option("wait", h.name, max(h.queue_s, h.slot_free_s) + here))
         for s in h.sessions:
             s_size = (sizes or {}).get(s.model, size)
             for dst in free:
@@ -149,7 +150,7 @@ def place(
                     continue
                 mv = restore_seconds(s_size, dst.bw, dst.snapshots.get(s.model), 0, dst.queue_s)
                 # the new model's restore starts once the slot is free (after the switch)
-                total = migration_seconds(s, mv, prefill_tokens_per_s) + here
+                total = migration_seconds(s, mv, prefill_tokens_per_s) + h.queue_s + here
                 opts.append(Option("migrate", h.name, total, s.id, dst.name))
     opts.sort(key=lambda o: (o.seconds, o.kind != "restore", o.host))
     if opts[0].seconds == INF:
@@ -178,6 +179,7 @@ class PlacementIndex:
         self.h2d = np.array([b.h2d for b in bw], dtype=np.float64)
         self.queue = np.zeros(n)
         self.free = np.zeros(n, dtype=np.int64)
+        self.slot_free = np.full(n, INF)  # full hosts: when a slot frees
         self.alive = np.ones(n, dtype=bool)
         # model -> (host positions, snapshot bytes, resident bytes), kept small and contiguous
         self._holders: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -204,12 +206,22 @@ class PlacementIndex:
             hs, by, rs = np.append(hs, i), np.append(by, loc.bytes), np.append(rs, loc.resident_bytes)
         self._holders[model] = (hs, by, rs)
 
+    def remove_snapshot(self, host: str, model: str) -> None:
+        got = self._holders.get(model)
+        if got is None:
+            return
+        keep = got[0] != self.pos[host]
+        self._holders[model] = (got[0][keep], got[1][keep], got[2][keep])
+
     def holders(self, model: str) -> list[str]:
         return [self.hosts[i] for i in self._holders.get(model, (np.empty(0, np.int64),))[0]]
 
-    def set_load(self, host: str, free_slots: int, queue_s: float, alive: bool = True) -> None:
+    def set_load(
+        self, host: str, free_slots: int, queue_s: float, alive: bool = True, slot_free_s: float = INF
+    ) -> None:
         i = self.pos[host]
         self.free[i], self.queue[i], self.alive[i] = free_slots, queue_s, alive
+        self.slot_free[i] = slot_free_s
 
     def times(self, model: str, size: int, gpu_bytes: int = 0) -> np.ndarray:
         """Estimated seconds to ready on every host (inf where it cannot restore)."""
@@ -226,16 +238,17 @@ class PlacementIndex:
         return t + self.queue
 
     def best(self, model: str, size: int, gpu_bytes: int = 0) -> tuple[str, float]:
-        """(host, seconds) of the fastest live host with a free slot; when none has one, the
-        fastest live host overall (its queue wait covers the wait for a slot)."""
+        """(host, seconds) of the fastest live host: a full host counts from when a slot frees
+        there (`place`'s "wait" option), so with free hosts around it rarely wins."""
         t = self.times(model, size, gpu_bytes)
+        t = np.where(self.free > 0, t, t - self.queue + np.maximum(self.queue, self.slot_free))
         t[~self.alive] = INF
-        ok = np.where(self.free > 0, t, INF)
-        i = int(np.argmin(ok))
-        if ok[i] == INF:
-            i = int(np.argmin(t))
-            if t[i] == INF:
-                raise UsageError(f"no host can restore {model}", hint="add a host (with a GPU, for GPU snapshots)")
+        i = int(np.argmin(t))
+        if t[i] == INF:
+            raise UsageError(
+                f"no host can restore {model}",
+                hint="add a host with a free slot (and a GPU for GPU snapshots)",
+            )
         return self.hosts[i], float(t[i])
 
 
@@ -244,5 +257,5 @@ def index_from_views(views: Iterable[HostView]) -> PlacementIndex:
     idx = PlacementIndex([v.name for v in vs], [v.bw for v in vs])
     for v in vs:
         idx.set_snapshots(v.name, v.snapshots)
-        idx.set_load(v.name, v.free_slots, v.queue_s, v.alive)
+        idx.set_load(v.name, v.free_slots, v.queue_s, v.alive, v.slot_free_s)
     return idx

@@ -154,8 +154,13 @@ class Router:
             return _error(400, "the request names no model")
         if body.get("stream"):
             prompt = body.get("prompt")
-            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
-                return _error(400, "a streamed request through the router takes one prompt (text or token ids)")
+            if not (
+                isinstance(prompt, str)
+                or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
+            ):
+                return _error(
+                    400, "a streamed request through the router takes one prompt (text or token ids)"
+                )
             if int(body.get("n", 1)) != 1:
                 return _error(400, "a streamed request through the router takes n=1")
             urls = await self._candidates(model)
@@ -259,7 +264,9 @@ class Router:
             if r.status_code != 200:
                 raise MigrationError(f"target {target} refused the re-prefill: {r.text[:200]}")
             behind = len(s.generated) - n
-            rec["rounds"].append({"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind})
+            rec["rounds"].append(
+                {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
+            )
             if behind <= CATCH_UP_TOKENS or len(rec["rounds"]) >= MAX_ROUNDS:
                 break
         if s.finished:
@@ -339,7 +346,9 @@ class Served:
         self.thread.join(10)
 
 
-def controller_backends(routes: Callable[[], list[dict[str, str]]], failed: Callable[[str], None]) -> Backends:
+def controller_backends(
+    routes: Callable[[], list[dict[str, str]]], failed: Callable[[str], None]
+) -> Backends:
     """Adapt two callables (e.g. a controller's, local or through Ray) to `Backends`."""
 
     class _B:
