@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from fastvllm import api, doctor, ui
+from fastvllm.cluster_cli import cluster_app
 from fastvllm.runtime import manifest, tiny_model, units
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Timeline
@@ -40,6 +41,7 @@ prefetch_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(prefetch_app, name="prefetch")
+app.add_typer(cluster_app, name="cluster")  # fastvllm/cluster_cli.py
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]

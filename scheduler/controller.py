@@ -21,6 +21,15 @@ from fastvllm.scheduler.agent import InstanceInfo, NodeAgent, Report
 from fastvllm.scheduler.estimate import Decision, HostView, place
 
 
+def resolve(model: str, names: Mapping[str, object]) -> str:
+    """A served model name as given, or the one whose last path part it is ('tiny-llama' for
+    /root/.cache/fastvllm/models/tiny-llama): vLLM serves a local model under its path."""
+    if model in names:
+        return model
+    got = [n for n in names if n.rstrip("/").rsplit("/", 1)[-1] == model]
+    return got[0] if len(got) == 1 else model
+
+
 class AgentClient(Protocol):
     def call(self, method: str, *args: Any, timeout: float = 600.0) -> Any: ...
 
@@ -105,6 +114,7 @@ class Controller:
         only hosts that hold a snapshot of it (this runtime restores local snapshots; copying
         one from a peer is modelled by the estimator and the simulator, not done here)."""
         views, sizes = self.views()
+        model = resolve(model, sizes)
         if model not in sizes:
             raise UsageError(
                 f"no live host holds a snapshot of {model}",
@@ -117,6 +127,7 @@ class Controller:
     def start(self, model: str) -> InstanceInfo:
         """Place `model` and restore it there; returns the serving instance."""
         d = self.place(model)
+        model = resolve(model, {s.model: s.bytes for r in self.reports() for s in r.snapshots})
         if d.best.kind == "migrate":
             raise UsageError(
                 f"placing {model} needs a migration off {d.best.host} first",

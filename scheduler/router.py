@@ -111,7 +111,7 @@ class Router:
                 Route("/fastvllm/migrate", self.migrate_endpoint, methods=["POST"]),
                 Route("/fastvllm/drain", self.drain_endpoint, methods=["POST"]),
             ],
-            on_shutdown=[self._close],
+            lifespan=self._lifespan,
         )
         self._client: httpx.AsyncClient | None = None
 
@@ -122,9 +122,14 @@ class Router:
             self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
         return self._client
 
-    async def _close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
 
     # -- routing ------------------------------------------------------------------------
 
