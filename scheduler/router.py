@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 CATCH_UP_TOKENS = 2  # switch once the target is at most this many tokens behind
 MAX_ROUNDS = 8
+SESSION_HEADER = "x-fastvllm-session"  # a streamed response names its session (for migrate)
 
 
 class Backends(Protocol):
@@ -173,7 +174,9 @@ class Router:
                 return _error(404, f"no instance serves {model}")
             s = Stream(f"cmpl-{uuid.uuid4().hex[:16]}", model, urls[0], int(body.get("max_tokens") or 16))
             self.streams[s.id] = s
-            return StreamingResponse(self._stream(s, body), media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(s, body), media_type="text/event-stream", headers={SESSION_HEADER: s.id}
+            )
         tried: set[str] = set()
         while True:
             urls = await self._candidates(model, tried)
@@ -272,7 +275,11 @@ class Router:
             rec["rounds"].append(
                 {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
             )
-            if behind <= CATCH_UP_TOKENS or len(rec["rounds"]) >= MAX_ROUNDS:
+            rounds = rec["rounds"]
+            # switch when close enough, or when rounds stop gaining on a source that generates
+            # faster than the target re-prefills (the last prefill then covers the rest)
+            stalled = len(rounds) > 1 and behind >= rounds[-2]["behind"]
+            if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
                 break
         if s.finished:
             rec["outcome"] = "finished on the source before the switch"

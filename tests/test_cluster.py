@@ -38,6 +38,7 @@ ray = pytest.importorskip("ray", reason="Ray is installed by scripts/setup.sh (f
 
 PORT_A, PORT_B, ROUTER_PORT = TEST_PORT + 1, TEST_PORT + 2, TEST_PORT + 50
 PROMPT = "The history of the lighthouse keeper begins"
+N_TOKENS = 900  # long enough that the catch-up rounds end before the stream does (max_model_len 1024)
 
 
 @dataclass
@@ -112,8 +113,16 @@ def _files(snap: Path) -> list[Path]:
     return [snap / f.path for f in manifest.load(snap).files]
 
 
-def _stream(url: str, body: dict[str, Any], started: threading.Event | None = None) -> list[int]:
-    """Token ids of a streamed completion; `started` is set after the 10th token."""
+class Started(threading.Event):
+    """Set once a stream has delivered 10 tokens; holds the router's session id."""
+
+    session = ""
+
+
+def _stream(url: str, body: dict[str, Any], started: Started | None = None) -> list[int]:
+    """Token ids of a streamed completion."""
+    from fastvllm.scheduler.router import SESSION_HEADER
+
     got: list[int] = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=300) as r:
         r.raise_for_status()
@@ -122,7 +131,8 @@ def _stream(url: str, body: dict[str, Any], started: threading.Event | None = No
                 continue
             ch = json.loads(line[6:])["choices"][0]
             got.extend(ch.get("token_ids") or [])
-            if started is not None and len(got) >= 10:
+            if started is not None and len(got) >= 10 and not started.is_set():
+                started.session = r.headers.get(SESSION_HEADER, "")
                 started.set()
     return got
 
@@ -183,28 +193,29 @@ def router(rc: RayCluster) -> Iterator[Any]:
 def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router: Any) -> None:
     insts = rc.ctl.instances()
     assert len(insts) == 2, "the placement test leaves one instance on node0 and one on node1"
-    body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True}
-    body |= {"return_token_ids": True}
+    body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
+    body |= {"return_token_ids": True, "ignore_eos": True}
+    t0 = time.perf_counter()
     reference = _stream(insts[0]["url"], body)  # straight to an instance, never migrated
-    assert len(reference) == 400
+    took = time.perf_counter() - t0
+    assert len(reference) == N_TOKENS
     assert _stream(insts[1]["url"], body) == reference  # both instances agree to begin with
 
-    started = threading.Event()
+    started = Started()
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(_stream, router.url, body, started)
-        assert started.wait(120)
-        sessions = httpx.get(f"{router.url}/fastvllm/sessions").json()["sessions"]
-        assert len(sessions) == 1
-        r = httpx.post(f"{router.url}/fastvllm/migrate", json={"session": sessions[0]["id"]}, timeout=120)
+        assert started.wait(120) and started.session
+        r = httpx.post(f"{router.url}/fastvllm/migrate", json={"session": started.session}, timeout=120)
         assert r.status_code == 200, r.text
         mig = r.json()
         got = fut.result(timeout=300)
     assert mig["outcome"] == "switched", mig
     assert mig["from"] != mig["to"]
-    assert 10 <= mig["tokens_at_switch"] < 400
+    assert 10 <= mig["tokens_at_switch"] < N_TOKENS
     assert got == reference  # nothing lost, nothing repeated, same greedy tokens
     print(
-        f"\nmigration: switched after {mig['tokens_at_switch']} tokens, {len(mig['rounds'])} catch-up "
+        f"\nunmigrated stream: {N_TOKENS} tokens in {took:.2f} s; "
+        f"migration: switched after {mig['tokens_at_switch']} tokens, {len(mig['rounds'])} catch-up "
         f"round(s) {[r['behind'] for r in mig['rounds']]} behind, pause at the switch "
         f"{mig['pause_s'] * 1000:.1f} ms (median gap between tokens "
         f"{mig['median_token_gap_s'] * 1000:.1f} ms)"
@@ -212,11 +223,12 @@ def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router:
 
 
 def test_drain_moves_every_session_off_a_host(rc: RayCluster, snaps: Snaps, router: Any) -> None:
-    body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": 300, "temperature": 0.0, "ignore_eos": True}
+    body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
+    body |= {"ignore_eos": True}
     body |= {"return_token_ids": True}
     insts = rc.ctl.instances()
     reference = _stream(insts[0]["url"], body)
-    starts = [threading.Event(), threading.Event()]
+    starts = [Started(), Started()]
     with ThreadPoolExecutor(2) as ex:
         futs = [ex.submit(_stream, router.url, body, ev) for ev in starts]
         assert all(ev.wait(120) for ev in starts)

@@ -1,0 +1,167 @@
+"""Live migration benchmark: the pause a streaming client sees when its session moves.
+
+Two real vLLM servers of the same model, fastvllm's router in front. Each repetition streams
+one greedy completion through the router, migrates it to the other server after
+`--after` tokens, and checks the client's tokens against an unmigrated run (identical, none
+lost or repeated). Reported: the pause at the switch (last token from the source to the
+first from the target, at the client), next to the median gap between tokens of the same
+stream, and the catch-up rounds. Medians go to JSON and a PNG chart.
+
+    python -m fastvllm.scripts.bench_migration --reps 10 --out results/migration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastvllm.runtime import instances, proctree, system, vllm_server
+from fastvllm.runtime.tiny_model import resolve_model
+from fastvllm.scheduler.router import Router, Served, StaticBackends
+
+PROMPT = "The history of the lighthouse keeper begins"
+
+
+def _stream(url: str, body: dict[str, Any], started: threading.Event | None, after: int) -> list[int]:
+    got: list[int] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                got.extend(json.loads(line[6:])["choices"][0].get("token_ids") or [])
+                if started is not None and len(got) >= after:
+                    started.set()
+    return got
+
+
+def _launch(model: str, port: int, log: Path) -> vllm_server.Server:
+    s = vllm_server.launch(vllm_server.LaunchSpec(model, port), log)
+    vllm_server.wait_healthy(s, 900.0, alive=lambda: proctree.alive(s.pid))
+    return s
+
+
+def run(
+    model: str, reps: int, after: int, max_tokens: int, ports: tuple[int, int], out: Path | None
+) -> dict[str, Any]:
+    system.ensure_io_uring_disabled()
+    proctree.adopt_orphans()
+    path = resolve_model(model)
+    work = Path(tempfile.mkdtemp(prefix="fastvllm-bench-migration-"))
+    servers: list[vllm_server.Server] = []
+    served = None
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            futs = [ex.submit(_launch, path, p, work / f"server-{p}.log") for p in ports]
+            for f in futs:
+                servers.append(f.result())
+        name = vllm_server.served_model_name(servers[0])
+        items = [{"url": s.base_url, "model": name, "host": f"port{s.port}"} for s in servers]
+        served = Served(Router(StaticBackends(items)), "127.0.0.1", ports[0] + 50)
+        body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0}
+        body |= {"ignore_eos": True, "return_token_ids": True}
+        reference = _stream(servers[0].base_url, body, None, 0)
+        assert _stream(servers[1].base_url, body, None, 0) == reference, "the two servers disagree"
+        runs = []
+        for i in range(reps):
+            started = threading.Event()
+            with ThreadPoolExecutor(1) as ex:
+                fut = ex.submit(_stream, served.url, body, started, after)
+                started.wait(120)
+                sid = httpx.get(f"{served.url}/fastvllm/sessions").json()["sessions"][0]["id"]
+                mig = httpx.post(f"{served.url}/fastvllm/migrate", json={"session": sid}, timeout=120).json()
+                got = fut.result(300)
+            ok = got == reference
+            runs.append(mig | {"identical": ok, "tokens": len(got)})
+            print(
+                f"{i + 1}/{reps}: {mig.get('outcome')}, "
+                f"pause {mig.get('pause_s', float('nan')) * 1000:.1f} ms, "
+                f"token gap {(mig.get('median_token_gap_s') or float('nan')) * 1000:.1f} ms, "
+                f"{len(mig.get('rounds', []))} round(s), identical {ok}",
+                flush=True,
+            )
+    finally:
+        if served is not None:
+            served.stop()
+        for s in servers:
+            tree = proctree.session_pids(s.pid)
+            instances.stop(s.pid)
+            if s.proc is not None:
+                s.proc.wait()
+            proctree.wait_gone(tree, 30.0, reaped=True)
+    switched = [r for r in runs if r.get("outcome") == "switched"]
+    pauses = [r["pause_s"] for r in switched]
+    gaps = [r["median_token_gap_s"] for r in switched if r.get("median_token_gap_s")]
+    res: dict[str, Any] = {
+        "benchmark": "migration",
+        "model": model,
+        "reps": reps,
+        "after_tokens": after,
+        "max_tokens": max_tokens,
+        "switched": len(switched),
+        "all_identical": all(r["identical"] for r in runs),
+        "pause_ms_median": statistics.median(pauses) * 1000 if pauses else None,
+        "pause_ms_max": max(pauses) * 1000 if pauses else None,
+        "token_gap_ms_median": statistics.median(gaps) * 1000 if gaps else None,
+        "rounds_median": statistics.median(len(r["rounds"]) for r in switched) if switched else None,
+        "runs": runs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "migration.json").write_text(json.dumps(res, indent=1) + "\n")
+        _chart(res, out / "migration.png")
+    return res
+
+
+def _chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in res["runs"] if r.get("outcome") == "switched"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(1, len(runs) + 1)
+    ax.plot(x, [r["pause_s"] * 1000 for r in runs], "o-", label="pause at the switch")
+    ax.plot(
+        x, [(r["median_token_gap_s"] or 0) * 1000 for r in runs], "s--", label="median gap between tokens"
+    )
+    ax.axhline(100, color="grey", lw=0.8, ls=":", label="100 ms target")
+    ax.set_xlabel("repetition")
+    ax.set_ylabel("ms")
+    ax.set_title(f"live migration, {res['model']} model (median pause {res['pause_ms_median']:.1f} ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--after", type=int, default=20, help="tokens streamed before the migration starts")
+    ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--ports", default="18910,18911")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    p0, p1 = (int(p) for p in a.ports.split(","))
+    res = run(a.model, a.reps, a.after, a.max_tokens, (p0, p1), a.out)
+    print(
+        f"median pause {res['pause_ms_median']:.1f} ms (max {res['pause_ms_max']:.1f}), median token gap "
+        f"{res['token_gap_ms_median']:.1f} ms, all identical: {res['all_identical']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
