@@ -56,7 +56,7 @@ class Controller:
     ) -> None:
         self.agents = dict(agents)
         self.dead: set[str] = set()
-        self.instances: dict[str, InstanceInfo] = {}  # url -> instance
+        self.serving: dict[str, InstanceInfo] = {}  # url -> instance
         self._rr = itertools.count()
         self._mu = threading.Lock()
         # Which exceptions mean "the host is gone" (Ray: actor died / unavailable).
@@ -76,8 +76,8 @@ class Controller:
     def mark_dead(self, host: str) -> None:
         with self._mu:
             self.dead.add(host)
-            for url in [u for u, i in self.instances.items() if i.host == host]:
-                del self.instances[url]
+            for url in [u for u, i in self.serving.items() if i.host == host]:
+                del self.serving[url]
 
     def measure_network(self) -> dict[str, float]:
         """Each agent times a burst to every other agent's sink (after all have started)."""
@@ -100,8 +100,8 @@ class Controller:
                 continue
         with self._mu:  # instances that died on their own leave the table too
             live = {i.url for r in out for i in r.instances}
-            for url in [u for u in self.instances if u not in live]:
-                del self.instances[url]
+            for url in [u for u in self.serving if u not in live]:
+                del self.serving[url]
         return out
 
     def views(self) -> tuple[list[HostView], dict[str, int]]:
@@ -135,17 +135,17 @@ class Controller:
             )
         got = InstanceInfo(**self._call(d.best.host, "restore", model))
         with self._mu:
-            self.instances[got.url] = got
+            self.serving[got.url] = got
         return got
 
     def stop(self, url: str) -> None:
         with self._mu:
-            inst = self.instances.pop(url, None)
+            inst = self.serving.pop(url, None)
         if inst is not None and inst.host not in self.dead:
             self._call(inst.host, "stop", inst.pid)
 
     def stop_all(self) -> None:
-        for url in list(self.instances):
+        for url in list(self.serving):
             try:
                 self.stop(url)
             except HostDown:
@@ -155,20 +155,27 @@ class Controller:
         """model -> URLs of its serving instances (on live hosts)."""
         with self._mu:
             out: dict[str, list[str]] = {}
-            for i in self.instances.values():
+            for i in self.serving.values():
                 out.setdefault(i.model, []).append(i.url)
             return out
 
     def instance_list(self) -> list[dict[str, str]]:
         """The router's view: url, model and host of every serving instance."""
         with self._mu:
-            return [{"url": i.url, "model": i.model, "host": i.host} for i in self.instances.values()]
+            return [{"url": i.url, "model": i.model, "host": i.host} for i in self.serving.values()]
+
+    # the router's Backends interface, so an embedded controller can back a router directly
+    def instances(self) -> list[dict[str, str]]:
+        return self.instance_list()
+
+    def failed(self, url: str) -> None:
+        self.backend_failed(url)
 
     def backend_failed(self, url: str) -> None:
         """The router could not reach `url`: ask its host whether it is alive (marks it dead if
         not) and drop the instance if its host no longer reports it."""
         with self._mu:
-            inst = self.instances.get(url)
+            inst = self.serving.get(url)
         if inst is None:
             return
         try:
@@ -177,13 +184,13 @@ class Controller:
             return
         if all(i.url != url for i in rep.instances):
             with self._mu:
-                self.instances.pop(url, None)
+                self.serving.pop(url, None)
 
     def status(self) -> dict[str, object]:
         reps = self.reports()
         return {
             "hosts": [r.as_dict() for r in reps],
             "dead": sorted(self.dead),
-            "instances": [asdict(i) for i in self.instances.values()],
+            "instances": [asdict(i) for i in self.serving.values()],
             "at": time.time(),
         }
