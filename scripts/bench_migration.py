@@ -51,7 +51,7 @@ def _launch(model: str, port: int, log: Path, dtype: str) -> vllm_server.Server:
 
 
 def run(
-    model: str, reps: int, after: int, max_tokens: int, ports: tuple[int, int], out: Path | None
+    model: str, reps: int, after: int, max_tokens: int, ports: tuple[int, int], out: Path | None, dtype: str
 ) -> dict[str, Any]:
     system.ensure_io_uring_disabled()
     proctree.adopt_orphans()
