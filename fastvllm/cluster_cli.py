@@ -59,15 +59,9 @@ class _Embedded:
     """One agent over a local directory, and a controller around it (no Ray)."""
 
     def __init__(self, snapshots: Path, slots: int | None = None) -> None:
-        from fastvllm.scheduler.agent import NodeAgent
-        from fastvllm.scheduler.controller import Controller, LocalClient
+        from fastvllm import api
 
-        if not snapshots.is_dir():
-            raise UsageError(
-                f"{snapshots} is not a directory", hint="pass the folder that holds your snapshots"
-            )
-        self.agent = NodeAgent("local", snapshots, slots)
-        self.c = Controller({"local": LocalClient(self.agent)})
+        self.c = api.cluster(snapshots, slots=slots)
 
     def call(self, method: str, *args: Any) -> Any:
         out = getattr(self.c, method)(*args)

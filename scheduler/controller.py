@@ -159,13 +159,15 @@ class Controller:
                 out.setdefault(i.model, []).append(i.url)
             return out
 
-    def instance_list(self) -> list[dict[str, str]]:
-        """The router's view: url, model and host of every serving instance."""
+    def instance_list(self) -> list[dict[str, Any]]:
+        """The router's view: url, model, host (and root PID) of every serving instance."""
         with self._mu:
-            return [{"url": i.url, "model": i.model, "host": i.host} for i in self.serving.values()]
+            return [
+                {"url": i.url, "model": i.model, "host": i.host, "pid": i.pid} for i in self.serving.values()
+            ]
 
     # the router's Backends interface, so an embedded controller can back a router directly
-    def instances(self) -> list[dict[str, str]]:
+    def instances(self) -> list[dict[str, Any]]:
         return self.instance_list()
 
     def failed(self, url: str) -> None:
