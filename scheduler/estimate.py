@@ -154,6 +154,11 @@ def place(
                 opts.append(Option("migrate", h.name, total, s.id, dst.name))
     opts.sort(key=lambda o: (o.seconds, o.kind != "restore", o.host))
     if opts[0].seconds == INF:
+        if not free:
+            raise UsageError(
+                f"every host that could restore {model} is full",
+                hint="stop an instance ('fastvllm cluster status' lists them) or add a host",
+            )
         raise UsageError(
             f"no host can restore {model}", hint="a GPU snapshot needs a host with a GPU; add one"
         )

@@ -338,5 +338,9 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
     assert {i["host"] for i in rc.ctl.instances()} == {"node0"}
     st = rc.ctl.call("status")
     assert "node1" in st["dead"]
+    # node0's one slot is taken: placement says so, and after a stop it is the only choice
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"every host that could restore .* is full"):
+        rc.ctl.call("place", snaps.model)
+    rc.ctl.call("stop", insts["node0"]["url"])
     assert rc.ctl.call("place", snaps.model)["best"]["host"] == "node0"
     print(f"\n{len(results)} requests, all served ({len(results) - n_at_kill} after node1 was removed)")

@@ -120,6 +120,8 @@ def test_place_errors_name_the_fix() -> None:
         place("m", S, [_h("a", alive=False)])
     with pytest.raises(UsageError, match="no host can restore"):
         place("m", S, [_h("a")], gpu_bytes=GB)  # a GPU snapshot, CPU hosts only
+    with pytest.raises(UsageError, match="every host that could restore m is full"):
+        place("m", S, [_h("a", 0, {"m": Locality(S, S)}), _h("b", 0)])
 
 
 def _random_fleet(rng: random.Random, n: int, models: list[str]) -> list[HostView]:
