@@ -4,7 +4,7 @@ Two real vLLM servers of the same model, fastvllm's router in front. Each repeti
 one greedy completion through the router, migrates it to the other server after
 `--after` tokens, and checks the client's tokens against an unmigrated run (identical, none
 lost or repeated). Reported: the pause at the switch (last token from the source to the
-first from the target, at the client), next to the median gap between tokens of the same
+first from the target, at the client), next to the mean gap between tokens of the same
 stream, and the catch-up rounds. Medians go to JSON and a PNG chart.
 
     python -m fastvllm.scripts.bench_migration --reps 10 --out results/migration
@@ -85,7 +85,7 @@ def run(
             print(
                 f"{i + 1}/{reps}: {mig.get('outcome')}, "
                 f"pause {mig.get('pause_s', float('nan')) * 1000:.1f} ms, "
-                f"token gap {(mig.get('median_token_gap_s') or float('nan')) * 1000:.1f} ms, "
+                f"token gap {(mig.get('mean_token_gap_s') or float('nan')) * 1000:.1f} ms, "
                 f"{len(mig.get('rounds', []))} round(s), identical {ok}",
                 flush=True,
             )
@@ -100,7 +100,7 @@ def run(
             proctree.wait_gone(tree, 30.0, reaped=True)
     switched = [r for r in runs if r.get("outcome") == "switched"]
     pauses = [r["pause_s"] for r in switched]
-    gaps = [r["median_token_gap_s"] for r in switched if r.get("median_token_gap_s")]
+    gaps = [r["mean_token_gap_s"] for r in switched if r.get("mean_token_gap_s")]
     res: dict[str, Any] = {
         "benchmark": "migration",
         "model": model,
@@ -135,9 +135,7 @@ def _chart(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(1, len(runs) + 1)
     ax.plot(x, [r["pause_s"] * 1000 for r in runs], "o-", label="pause at the switch")
-    ax.plot(
-        x, [(r["median_token_gap_s"] or 0) * 1000 for r in runs], "s--", label="median gap between tokens"
-    )
+    ax.plot(x, [(r["mean_token_gap_s"] or 0) * 1000 for r in runs], "s--", label="mean gap between tokens")
     ax.axhline(100, color="grey", lw=0.8, ls=":", label="100 ms target")
     ax.set_xlabel("repetition")
     ax.set_ylabel("ms")
