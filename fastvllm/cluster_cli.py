@@ -168,7 +168,12 @@ def _post(router: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     doc = r.json()
     if r.status_code != 200:
         msg = doc.get("error", {}).get("message", r.text)
-        raise UsageError(msg, hint="'fastvllm cluster sessions' lists the running sessions")
+        hint = (
+            "'fastvllm cluster status' lists the hosts and their instances"
+            if path.endswith("drain")
+            else "'fastvllm cluster sessions' lists the running sessions"
+        )
+        raise UsageError(msg, hint=hint)
     return doc  # type: ignore[no-any-return]
 
 
