@@ -76,7 +76,7 @@ class Stream:
     finished: bool = False
     migrate_to: str | None = None
     switch: asyncio.Event = field(default_factory=asyncio.Event)
-    switched: asyncio.Event = field(default_factory=asyncio.Event)
+    switched: asyncio.Event = field(default_factory=lambda: _set_event())  # set: no switch pending
     migrations: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -91,8 +91,18 @@ class Stream:
         }
 
 
+def _set_event() -> asyncio.Event:
+    ev = asyncio.Event()
+    ev.set()
+    return ev
+
+
 class MigrationError(Exception):
     pass
+
+
+# what a backend that died (host gone, server killed) looks like from here
+_BACKEND_GONE = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)
 
 
 class Router:
@@ -184,7 +194,7 @@ class Router:
             url = urls[0]
             try:
                 r = await self.client.post(f"{url}/v1/completions", json=body)
-            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            except _BACKEND_GONE:
                 tried.add(url)  # its host died: try another instance; greedy requests are idempotent
                 await self._failed(url)
                 continue
@@ -194,6 +204,7 @@ class Router:
 
     async def _stream(self, s: Stream, body: dict[str, Any]) -> AsyncIterator[bytes]:
         segment = 0
+        tried: set[str] = set()
         try:
             while True:
                 req = dict(body, stream=True, return_token_ids=True)
@@ -201,40 +212,37 @@ class Router:
                     req["prompt"] = s.prompt_ids + s.generated
                     req["max_tokens"] = s.max_tokens - len(s.generated)
                 switching = False
-                async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
-                    if r.status_code != 200:
-                        text = (await r.aread()).decode(errors="replace")
-                        yield _sse({"error": {"message": text, "code": r.status_code}})
-                        break
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        data = line[6:]
-                        if data == "[DONE]":
-                            break
-                        chunk = json.loads(data)
-                        chunk["id"] = s.id
-                        for ch in chunk.get("choices", []):
-                            if segment == 0 and ch.get("prompt_token_ids"):
-                                s.prompt_ids = list(ch["prompt_token_ids"])
-                            elif segment:
-                                ch.pop("prompt_token_ids", None)
-                            s.generated.extend(ch.get("token_ids") or [])
-                            if ch.get("finish_reason"):
-                                s.finished = True
-                        yield _sse(chunk)
-                        now = time.perf_counter()
-                        s.token_times.append(now)
-                        if segment and not s.switched.is_set():
-                            s.migrations[-1]["first_target_token_at"] = now
-                            s.switched.set()
-                        if s.switch.is_set() and not s.finished:
+                try:
+                    async for item in self._segment(s, req, segment):
+                        if item is None:
                             switching = True
-                            break  # leaving the block closes the stream: the source aborts it
+                        else:
+                            yield item
+                except _BACKEND_GONE:
+                    # The instance died (its host went): resume from the client's tokens on
+                    # another one, as a migration would, unless nothing else serves the model.
+                    tried.add(s.backend)
+                    await self._failed(s.backend)
+                    if s.migrate_to and s.migrate_to not in tried:
+                        switching = True  # a switch was asked for and the source died first
+                    else:
+                        if not s.switched.is_set():  # the new target died before its first token
+                            s.migrations[-1]["outcome"] = "target failed"
+                            s.switched.set()
+                        urls = await self._candidates(s.model, tried)
+                        if not urls:
+                            msg = f"no reachable instance serves {s.model}"
+                            yield _sse({"error": {"message": msg, "code": 503}})
+                            break
+                        s.backend, s.migrate_to = urls[0], None
+                        s.switch.clear()
+                        if s.prompt_ids:  # else nothing reached the client yet: start again
+                            segment += 1
+                        continue
                 if not switching:
                     break
                 assert s.migrate_to is not None
-                s.migrations[-1]["last_source_token_at"] = s.token_times[-1]
+                s.migrations[-1]["last_source_token_at"] = s.token_times[-1] if s.token_times else time.perf_counter()
                 s.migrations[-1]["tokens_at_switch"] = len(s.generated)
                 s.backend, s.migrate_to = s.migrate_to, None
                 s.switch.clear()
@@ -244,6 +252,40 @@ class Router:
             s.finished = True
             s.switched.set()  # a migration waiting on this stream must not wait forever
             self.streams.pop(s.id, None)
+
+    async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
+        """Stream one backend's part of a session: SSE chunks for the client, then None when
+        a migration asks to switch (leaving closes the stream: the backend aborts it)."""
+            async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace")
+                    yield _sse({"error": {"message": text, "code": r.status_code}})
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    chunk["id"] = s.id
+                    for ch in chunk.get("choices", []):
+                        if segment == 0 and ch.get("prompt_token_ids"):
+                            s.prompt_ids = list(ch["prompt_token_ids"])
+                        elif segment:
+                            ch.pop("prompt_token_ids", None)
+                        s.generated.extend(ch.get("token_ids") or [])
+                        if ch.get("finish_reason"):
+                            s.finished = True
+                    yield _sse(chunk)
+                    now = time.perf_counter()
+                    s.token_times.append(now)
+                    if segment and not s.switched.is_set():  # the first token from the target
+                        s.migrations[-1]["first_target_token_at"] = now
+                        s.switched.set()
+                    if s.switch.is_set() and not s.finished:
+                        yield None
+                        return
 
     async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
@@ -282,10 +324,14 @@ class Router:
                 break
         if s.finished:
             rec["outcome"] = "finished on the source before the switch"
+            s.switched.set()
             return rec
+        s.switched.clear()
         s.migrate_to = target
         s.switch.set()
         await s.switched.wait()
+        if "outcome" in rec:  # the target failed at the switch; the stream went on elsewhere
+            return rec
         rec["catch_up_s"] = time.perf_counter() - t0
         if "first_target_token_at" in rec and "last_source_token_at" in rec:
             rec["pause_s"] = rec["first_target_token_at"] - rec["last_source_token_at"]

@@ -299,6 +299,9 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
     expect = httpx.post(f"{insts['node0']['url']}/v1/completions", json=body).json()["choices"][0][
         "token_ids"
     ]
+    long = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
+    long |= {"return_token_ids": True, "ignore_eos": True}
+    reference = _stream(insts["node0"]["url"], long)
     results: list[tuple[int, list[int] | str]] = []
     stop = threading.Event()
 
@@ -312,9 +315,18 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
 
     t = threading.Thread(target=client)
     t.start()
+    streams = ThreadPoolExecutor(2)
+    # two streams, one on each instance (round robin): node1's must go on from node0
+    starts = [Started(), Started()]
+    futs = [streams.submit(_stream, router.url, long, ev) for ev in starts]
     try:
+        assert all(ev.wait(120) for ev in starts)
+        on = {x["id"]: x["backend"] for x in httpx.get(f"{router.url}/fastvllm/sessions").json()["sessions"]}
+        assert sorted(on.values()) == sorted(i["url"] for i in insts.values()), on
         while len(results) < 6:
             time.sleep(0.05)
+        running = httpx.get(f"{router.url}/fastvllm/sessions").json()["sessions"]
+        assert any(x["backend"] == insts["node1"]["url"] for x in running), "node1's stream ended too soon"
         # node1 dies: its raylet and agent go (remove_node), and so does the server it ran
         rc.cluster.remove_node(rc.nodes["node1"])
         victim = insts["node1"]["pid"]
@@ -330,9 +342,12 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
         deadline = time.monotonic() + 120
         while len(results) < n_at_kill + 10 and time.monotonic() < deadline:
             time.sleep(0.05)
+        streamed = [f.result(timeout=300) for f in futs]
     finally:
         stop.set()
         t.join(180)
+        streams.shutdown(wait=True)
+    assert streamed == [reference, reference]  # the stream cut off by the kill went on, token-exact
     assert len(results) >= n_at_kill + 10, "requests stopped being served after the node went"
     assert all(code == 200 and toks == expect for code, toks in results), results
     assert {i["host"] for i in rc.ctl.instances()} == {"node0"}
@@ -343,4 +358,7 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
         rc.ctl.call("place", snaps.model)
     rc.ctl.call("stop", insts["node0"]["url"])
     assert rc.ctl.call("place", snaps.model)["best"]["host"] == "node0"
-    print(f"\n{len(results)} requests, all served ({len(results) - n_at_kill} after node1 was removed)")
+    print(
+        f"\n{len(results)} requests, all served ({len(results) - n_at_kill} after node1 was removed); "
+        "2 streams, the one on node1 resumed on node0 with identical tokens"
+    )
