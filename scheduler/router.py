@@ -242,7 +242,8 @@ class Router:
                 if not switching:
                     break
                 assert s.migrate_to is not None
-                s.migrations[-1]["last_source_token_at"] = s.token_times[-1] if s.token_times else time.perf_counter()
+                last = s.token_times[-1] if s.token_times else time.perf_counter()
+                s.migrations[-1]["last_source_token_at"] = last
                 s.migrations[-1]["tokens_at_switch"] = len(s.generated)
                 s.backend, s.migrate_to = s.migrate_to, None
                 s.switch.clear()
@@ -256,36 +257,36 @@ class Router:
     async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
         """Stream one backend's part of a session: SSE chunks for the client, then None when
         a migration asks to switch (leaving closes the stream: the backend aborts it)."""
-            async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode(errors="replace")
-                    yield _sse({"error": {"message": text, "code": r.status_code}})
+        async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                yield _sse({"error": {"message": text, "code": r.status_code}})
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                chunk["id"] = s.id
+                for ch in chunk.get("choices", []):
+                    if segment == 0 and ch.get("prompt_token_ids"):
+                        s.prompt_ids = list(ch["prompt_token_ids"])
+                    elif segment:
+                        ch.pop("prompt_token_ids", None)
+                    s.generated.extend(ch.get("token_ids") or [])
+                    if ch.get("finish_reason"):
+                        s.finished = True
+                yield _sse(chunk)
+                now = time.perf_counter()
+                s.token_times.append(now)
+                if segment and not s.switched.is_set():  # the first token from the target
+                    s.migrations[-1]["first_target_token_at"] = now
+                    s.switched.set()
+                if s.switch.is_set() and not s.finished:
+                    yield None
                     return
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    chunk["id"] = s.id
-                    for ch in chunk.get("choices", []):
-                        if segment == 0 and ch.get("prompt_token_ids"):
-                            s.prompt_ids = list(ch["prompt_token_ids"])
-                        elif segment:
-                            ch.pop("prompt_token_ids", None)
-                        s.generated.extend(ch.get("token_ids") or [])
-                        if ch.get("finish_reason"):
-                            s.finished = True
-                    yield _sse(chunk)
-                    now = time.perf_counter()
-                    s.token_times.append(now)
-                    if segment and not s.switched.is_set():  # the first token from the target
-                        s.migrations[-1]["first_target_token_at"] = now
-                        s.switched.set()
-                    if s.switch.is_set() and not s.finished:
-                        yield None
-                        return
 
     async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
