@@ -115,6 +115,39 @@ def start(
     return controller, agents
 
 
+class RouterActorImpl:
+    """The router in its own process on a node (the driver's, usually), reading the routing
+    table from the controller actor: clients and the router then never share an interpreter."""
+
+    def __init__(self, controller: Any, host: str, port: int) -> None:
+        from fastvllm.scheduler.router import Router, Served
+
+        self.served = Served(Router(ControllerHandle(controller, timeout=60.0)), host, port)
+
+    def url(self) -> str:
+        return self.served.url
+
+    def stop(self) -> None:
+        self.served.stop()
+
+
+def start_router(
+    controller: Any, host: str = "127.0.0.1", port: int = 8100, node_id: str | None = None
+) -> Any:
+    """Start the router actor (pinned to `node_id`, default: this driver's node); returns its
+    handle once it listens."""
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = node_id or ray.get_runtime_context().get_node_id()
+    cls = ray.remote(num_cpus=0, max_concurrency=4)(RouterActorImpl)
+    actor = cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(
+        controller, host, port
+    )
+    ray.get(actor.url.remote())
+    return actor
+
+
 class ControllerHandle:
     """Call the controller actor like the local Controller: `h.call("place", "tiny")`."""
 

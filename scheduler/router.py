@@ -85,8 +85,9 @@ class Stream:
             "model": self.model,
             "backend": self.backend,
             "prompt_tokens": len(self.prompt_ids),
-            "generated": len(self.generated),
+            "generated": len(self.generated),  # received from the instance (the client may lag)
             "max_tokens": self.max_tokens,
+            "upstream_finished": self.finished,
             "migrations": self.migrations,
         }
 
@@ -110,6 +111,7 @@ class Router:
         self.backends = backends
         self.streams: dict[str, Stream] = {}
         self.draining: set[str] = set()
+        self.failovers = 0  # streams resumed elsewhere because their instance died
         self._rr = itertools.count()
         self._timeout = timeout
         self.app = Starlette(
@@ -120,6 +122,7 @@ class Router:
                 Route("/fastvllm/sessions", self.sessions, methods=["GET"]),
                 Route("/fastvllm/migrate", self.migrate_endpoint, methods=["POST"]),
                 Route("/fastvllm/drain", self.drain_endpoint, methods=["POST"]),
+                Route("/fastvllm/undrain", self.undrain_endpoint, methods=["POST"]),
             ],
             lifespan=self._lifespan,
         )
@@ -222,6 +225,7 @@ class Router:
                     # The instance died (its host went): resume from the client's tokens on
                     # another one, as a migration would, unless nothing else serves the model.
                     tried.add(s.backend)
+                    self.failovers += 1
                     await self._failed(s.backend)
                     if s.migrate_to and s.migrate_to not in tried:
                         switching = True  # a switch was asked for and the source died first
@@ -279,6 +283,9 @@ class Router:
                     if ch.get("finish_reason"):
                         s.finished = True
                 yield _sse(chunk)
+                # buffered lines do not wait on I/O: without a yield to the event loop here a
+                # fast stream starved the migrate request until it had ended
+                await asyncio.sleep(0)
                 now = time.perf_counter()
                 s.token_times.append(now)
                 if segment and not s.switched.is_set():  # the first token from the target
@@ -318,9 +325,11 @@ class Router:
                 {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
             )
             rounds = rec["rounds"]
-            # switch when close enough, or when rounds stop gaining on a source that generates
-            # faster than the target re-prefills (the last prefill then covers the rest)
-            stalled = len(rounds) > 1 and behind >= rounds[-2]["behind"]
+            # switch when close enough, or when a round did not gain on the source (it fell
+            # further behind than the gap it closed: a source that generates faster than the
+            # target re-prefills); the final prefill then covers the rest
+            closed = rounds[-2]["behind"] if len(rounds) > 1 else n
+            stalled = behind >= closed
             if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
                 break
         if s.finished:
@@ -357,7 +366,8 @@ class Router:
         return [g if isinstance(g, dict) else {"error": str(g)} for g in got]
 
     async def sessions(self, _: Request) -> JSONResponse:
-        return JSONResponse({"sessions": [s.as_dict() for s in self.streams.values()]})
+        sessions = [s.as_dict() for s in self.streams.values()]
+        return JSONResponse({"sessions": sessions, "failovers": self.failovers})
 
     async def migrate_endpoint(self, request: Request) -> JSONResponse:
         body = await request.json()
@@ -365,6 +375,15 @@ class Router:
             return JSONResponse(await self.migrate(str(body.get("session")), body.get("to")))
         except MigrationError as e:
             return _error(409, str(e))
+
+    async def undrain_endpoint(self, request: Request) -> JSONResponse:
+        """Route to drained instances again (all of them, or one `backend`)."""
+        body = await request.json() if await request.body() else {}
+        if body.get("backend"):
+            self.draining.discard(body["backend"])
+        else:
+            self.draining.clear()
+        return JSONResponse({"drained": sorted(self.draining)})
 
     async def drain_endpoint(self, request: Request) -> JSONResponse:
         body = await request.json()
@@ -420,3 +439,31 @@ def controller_backends(
                 failed(url)
 
     return _B()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A standalone router over fixed instances, e.g. two servers started by hand:
+    python -m fastvllm.scheduler.router --port 8100 --instance http://127.0.0.1:8000=MODEL ..."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--instance", action="append", default=[], help="URL=MODEL (repeatable)")
+    a = ap.parse_args(argv)
+    items = []
+    for spec in a.instance:
+        url, _, model = spec.partition("=")
+        items.append({"url": url, "model": model, "host": url.rsplit("//", 1)[-1]})
+    served = Served(Router(StaticBackends(items)), a.host, a.port)
+    print(f"router at {served.url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    served.stop()
+
+
+if __name__ == "__main__":
+    main()

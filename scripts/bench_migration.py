@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +29,6 @@ from typing import Any
 import httpx
 from fastvllm.runtime import instances, proctree, system, vllm_server
 from fastvllm.runtime.tiny_model import resolve_model
-from fastvllm.scheduler.router import Router, Served, StaticBackends
 
 PROMPT = "The history of the lighthouse keeper begins"
 
@@ -44,6 +45,18 @@ def _stream(url: str, body: dict[str, Any], started: threading.Event | None, aft
     return got
 
 
+def _running(router: str, after: int, timeout: float = 120) -> str:
+    """The session id once the router has received `after` tokens of it (the router's view:
+    the tiny model outruns a client reading in this process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = httpx.get(f"{router}/fastvllm/sessions").json()["sessions"]
+        if got and got[0]["generated"] >= after:
+            return str(got[0]["id"])
+        time.sleep(0.002)
+    raise RuntimeError("the stream never started")
+
+
 def _launch(model: str, port: int, log: Path, dtype: str) -> vllm_server.Server:
     s = vllm_server.launch(vllm_server.LaunchSpec(model, port, extra_args=["--dtype", dtype]), log)
     vllm_server.wait_healthy(s, 900.0, alive=lambda: proctree.alive(s.pid))
@@ -58,15 +71,21 @@ def run(
     path = resolve_model(model)
     work = Path(tempfile.mkdtemp(prefix="fastvllm-bench-migration-"))
     servers: list[vllm_server.Server] = []
-    served = None
+    router: subprocess.Popen[str] | None = None
     try:
         with ThreadPoolExecutor(2) as ex:
             futs = [ex.submit(_launch, path, p, work / f"server-{p}.log", dtype) for p in ports]
             for f in futs:
                 servers.append(f.result())
         name = vllm_server.served_model_name(servers[0])
-        items = [{"url": s.base_url, "model": name, "host": f"port{s.port}"} for s in servers]
-        served = Served(Router(StaticBackends(items)), "127.0.0.1", ports[0] + 50)
+        # the router in its own process, as in the Ray runtime (an actor): a client in the same
+        # interpreter would share its GIL and slow it
+        rport = ports[0] + 50
+        argv = [sys.executable, "-m", "fastvllm.scheduler.router", "--port", str(rport)]
+        argv += [a for s in servers for a in ("--instance", f"{s.base_url}={name}")]
+        router = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert router.stdout is not None and router.stdout.readline().startswith("router at")
+        url = f"http://127.0.0.1:{rport}"
         body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0}
         body |= {"ignore_eos": True, "return_token_ids": True}
         reference = _stream(servers[0].base_url, body, None, 0)
@@ -75,10 +94,9 @@ def run(
         for i in range(reps):
             started = threading.Event()
             with ThreadPoolExecutor(1) as ex:
-                fut = ex.submit(_stream, served.url, body, started, after)
-                started.wait(120)
-                sid = httpx.get(f"{served.url}/fastvllm/sessions").json()["sessions"][0]["id"]
-                mig = httpx.post(f"{served.url}/fastvllm/migrate", json={"session": sid}, timeout=120).json()
+                fut = ex.submit(_stream, url, body, started, after)
+                sid = _running(url, after)
+                mig = httpx.post(f"{url}/fastvllm/migrate", json={"session": sid}, timeout=120).json()
                 got = fut.result(300)
             ok = got == reference
             runs.append(mig | {"identical": ok, "tokens": len(got)})
@@ -90,8 +108,9 @@ def run(
                 flush=True,
             )
     finally:
-        if served is not None:
-            served.stop()
+        if router is not None:
+            router.terminate()
+            router.wait(30)
         for s in servers:
             tree = proctree.session_pids(s.pid)
             instances.stop(s.pid)
