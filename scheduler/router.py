@@ -41,6 +41,9 @@ from starlette.routing import Route
 CATCH_UP_TOKENS = 2  # switch once the target is at most this many tokens behind
 MAX_ROUNDS = 8
 SESSION_HEADER = "x-fastvllm-session"  # a streamed response names its session (for migrate)
+# A request header for tests and benchmarks: migrate this stream once N tokens have come. The
+# tiny CPU model streams ~1,000 tokens/s, faster than any outside trigger can react.
+MIGRATE_AFTER_HEADER = "x-fastvllm-migrate-after"
 
 
 class Backends(Protocol):
@@ -112,6 +115,8 @@ class Router:
         self.streams: dict[str, Stream] = {}
         self.draining: set[str] = set()
         self.failovers = 0  # streams resumed elsewhere because their instance died
+        self.recent: list[dict[str, Any]] = []  # the last 100 migrations, finished or not
+        self._tasks: set[asyncio.Task[None]] = set()
         self._rr = itertools.count()
         self._timeout = timeout
         self.app = Starlette(
@@ -186,6 +191,11 @@ class Router:
                 return _error(404, f"no instance serves {model}")
             s = Stream(f"cmpl-{uuid.uuid4().hex[:16]}", model, urls[0], int(body.get("max_tokens") or 16))
             self.streams[s.id] = s
+            after = request.headers.get(MIGRATE_AFTER_HEADER)
+            if after:  # keep a reference: the loop holds tasks weakly
+                task = asyncio.create_task(self._migrate_after(s, int(after)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return StreamingResponse(
                 self._stream(s, body), media_type="text/event-stream", headers={SESSION_HEADER: s.id}
             )
@@ -295,6 +305,13 @@ class Router:
                     yield None
                     return
 
+    async def _migrate_after(self, s: Stream, n: int) -> None:
+        """The MIGRATE_AFTER_HEADER hook: migrate once n tokens have come from the source."""
+        while len(s.generated) < n and not s.finished:
+            await asyncio.sleep(0.001)
+        with contextlib.suppress(MigrationError):
+            await self.migrate(s.id)
+
     async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
         return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch."""
@@ -310,8 +327,10 @@ class Router:
             raise MigrationError("the target is the session's own instance")
         while not s.prompt_ids and not s.finished:  # the first chunk carries the prompt's ids
             await asyncio.sleep(0.005)
-        rec: dict[str, Any] = {"from": s.backend, "to": target, "rounds": []}
+        rec: dict[str, Any] = {"session": s.id, "from": s.backend, "to": target, "rounds": []}
         s.migrations.append(rec)
+        self.recent.append(rec)
+        del self.recent[:-100]
         t0 = time.perf_counter()
         while not s.finished:
             n = len(s.generated)
@@ -367,7 +386,9 @@ class Router:
 
     async def sessions(self, _: Request) -> JSONResponse:
         sessions = [s.as_dict() for s in self.streams.values()]
-        return JSONResponse({"sessions": sessions, "failovers": self.failovers})
+        return JSONResponse(
+            {"sessions": sessions, "failovers": self.failovers, "recent_migrations": self.recent}
+        )
 
     async def migrate_endpoint(self, request: Request) -> JSONResponse:
         body = await request.json()
