@@ -132,6 +132,7 @@ class Router:
             lifespan=self._lifespan,
         )
         self._client: httpx.AsyncClient | None = None
+        self._sync: httpx.Client | None = None  # catch-up rounds, off the event loop
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -305,6 +306,11 @@ class Router:
                     yield None
                     return
 
+    def _prefill(self, target: str, body: dict[str, Any]) -> httpx.Response:
+        if self._sync is None:
+            self._sync = httpx.Client(timeout=self._timeout)
+        return self._sync.post(f"{target}/v1/completions", json=body)
+
     async def _migrate_after(self, s: Stream, n: int) -> None:
         """The MIGRATE_AFTER_HEADER hook: migrate once n tokens have come from the source."""
         while len(s.generated) < n and not s.finished:
@@ -336,7 +342,9 @@ class Router:
             n = len(s.generated)
             t = time.perf_counter()
             body = {"model": s.model, "prompt": s.prompt_ids + s.generated[:n], "max_tokens": 1}
-            r = await self.client.post(f"{target}/v1/completions", json=body | {"temperature": 0.0})
+            # on a thread: a fast stream keeps this event loop busy, and the round's reply
+            # must not wait in line behind its chunks
+            r = await run_in_threadpool(self._prefill, target, body | {"temperature": 0.0})
             if r.status_code != 200:
                 raise MigrationError(f"target {target} refused the re-prefill: {r.text[:200]}")
             behind = len(s.generated) - n

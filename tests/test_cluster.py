@@ -347,7 +347,9 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
             time.sleep(0.02)
         # two streams, one on each instance (round robin): node1's must go on from node0
         futs = [streams.submit(_stream, router.url, long) for _ in range(2)]
-        on = {x["id"]: x["backend"] for x in _running(router.url, 2)}
+        # the moment each has a token at the router: the tiny model finishes 900 in ~1 s, and
+        # a kill later than that would find node1's stream already sent
+        on = {x["id"]: x["backend"] for x in _running(router.url, 2, at_least=1)}
         assert sorted(on.values()) == sorted(i["url"] for i in insts.values()), on
         # node1 dies: the server it ran (killed first, while its stream runs), its raylet and
         # its agent (remove_node)
