@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--after", type=int, default=20, help="tokens streamed before the migration starts")
-    ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--max-tokens", type=int, default=900)
     ap.add_argument("--ports", default="18910,18911")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
