@@ -315,8 +315,11 @@ class Router:
         """The MIGRATE_AFTER_HEADER hook: migrate once n tokens have come from the source."""
         while len(s.generated) < n and not s.finished:
             await asyncio.sleep(0.001)
-        with contextlib.suppress(MigrationError):
+        try:
             await self.migrate(s.id)
+        except Exception as e:  # kept with the session's record instead of lost in the task
+            if s.migrations and "outcome" not in s.migrations[-1]:
+                s.migrations[-1]["outcome"] = f"error: {e!r}"
 
     async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
