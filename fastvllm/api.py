@@ -18,6 +18,7 @@ from fastvllm.restore.process import ProcessRestoreResult, restore_process_snaps
 from fastvllm.runtime import cuda_checkpoint, instances, manifest, mapped, vllm_server
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
+from fastvllm.scheduler.controller import Controller
 from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
 from fastvllm.snapshot.process import ProcessSnapshotResult, take_process_snapshot
 
@@ -200,3 +201,17 @@ def load_weights(
 
 def running() -> list[instances.Instance]:
     return instances.running()
+
+
+def cluster(snapshots: str | Path, *, slots: int | None = None, name: str = "local") -> Controller:
+    """The embedded (single-host, no Ray) runtime over a snapshot directory: `.place(model)`
+    (a Decision), `.start(model)` (restores where it is fastest), `.instances()`, `.stop_all()`.
+    A router in front: `fastvllm.scheduler.router.Served(Router(c), host, port)`. A fleet runs
+    the same controller on Ray (`fastvllm.scheduler.ray_runtime.start`)."""
+    from fastvllm.scheduler.agent import NodeAgent
+    from fastvllm.scheduler.controller import LocalClient
+
+    where = Path(snapshots).expanduser()
+    if not where.is_dir():
+        raise UsageError(f"{where} is not a directory", hint="pass the folder that holds your snapshots")
+    return Controller({name: LocalClient(NodeAgent(name, where, slots))})

@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from fastvllm import api, doctor, ui
+from fastvllm.cluster_cli import cluster_app
 from fastvllm.runtime import manifest, mapped, tiny_model, units
 from fastvllm.runtime.errors import FastVLLMError
 from fastvllm.runtime.timeline import Timeline
@@ -41,6 +42,7 @@ prefetch_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(prefetch_app, name="prefetch")
+app.add_typer(cluster_app, name="cluster")  # fastvllm/cluster_cli.py
 
 
 class CriuRestore(StrEnum):

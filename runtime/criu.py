@@ -14,13 +14,16 @@ place while the tree runs); `lazy` is CRIU's own userfaultfd restore (`criu lazy
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +263,23 @@ def dump(
         args.append("--shell-job")
     if action_script is not None:
         args += ["--action-script", str(action_script)]
-    _run(criu, args, log, "dump")
+    with _dump_lock():
+        _run(criu, args, log, "dump")
+
+
+@contextlib.contextmanager
+def _dump_lock() -> Iterator[None]:
+    """One CRIU dump at a time on a host: --link-remap names its hard links
+    /dev/shm/link_remap.<file id>, and two similar trees (two vLLM servers) dumped at once
+    picked the same id: `Can't link remap ... File exists` (seen when two snapshots ran in
+    parallel here)."""
+    path = Path("/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir())
+    fd = os.open(path / "fastvllm-criu-dump.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _descendants(pid: int) -> list[int]:

@@ -177,7 +177,7 @@ install_venv() {
   fi
   # Always (seconds): an editable install maps each stage folder into fastvllm.*, and a stage
   # added since the last set-up needs the mapping refreshed.
-  $pip install -q -e "$ROOT[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+  $pip install -q -e "$ROOT[dev,cluster]" 2> >(grep -v "^WARNING: Location" >&2)
   "$VENV/bin/python" -c 'import vllm, sys; print("vllm", vllm.__version__, "python", sys.version.split()[0])'
 }
 
