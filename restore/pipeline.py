@@ -224,13 +224,18 @@ def restore_snapshot(
             if m.sleep_level == 2:
                 with tl.phase("wake_kv_cache"):
                     vllm_server.wake_up(server, "kv_cache")
-        if ahead is not None:
-            with tl.phase("readahead_wait"):  # the checksums must be in before the canary
-                ahead.wait()
+        # The canary runs while the read-ahead finishes the page images' checksums instead of
+        # after them: the processes already run from them (only the small images had to be
+        # checked before CRIU). The restore counts as serving only once both are in, so the time
+        # to the first completion includes the wait; a damaged file is reported before the
+        # canary's verdict (a canary run on damaged memory would only blame the server).
         with tl.phase("first_completion"):
             got = vllm_server.complete(
                 server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
             )
+        if ahead is not None:
+            with tl.phase("readahead_wait"):
+                ahead.wait()
         ttfc = tl.elapsed()
         if got.token_ids != m.canary.token_ids:
             raise CanaryMismatchError(
