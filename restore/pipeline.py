@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,9 +232,7 @@ def restore_snapshot(
         # to the first completion includes the wait; a damaged file is reported before the
         # canary's verdict (a canary run on damaged memory would only blame the server).
         with tl.phase("first_completion"):
-            got = vllm_server.complete(
-                server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
-            )
+            got = _canary(server, m, ahead)
         if ahead is not None:
             with tl.phase("readahead_wait"):
                 ahead.wait()
@@ -279,6 +279,28 @@ def restore_snapshot(
         )
     )
     return RestoreResult(path, server, tl, ttfc, True, m, mode)
+
+
+def _canary(
+    server: vllm_server.Server, m: manifest.Manifest, ahead: ReadAhead | None
+) -> vllm_server.Completion:
+    """The canary completion. While it runs, a damaged file found by the read-ahead ends the
+    wait at once (a server running from damaged memory may never answer)."""
+    if ahead is None:
+        return vllm_server.complete(server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="canary")
+    try:
+        fut = pool.submit(
+            vllm_server.complete, server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
+        )
+        while True:
+            try:
+                return fut.result(timeout=0.02)
+            except FutureTimeout:
+                if ahead.error is not None:
+                    raise ahead.error from None
+    finally:
+        pool.shutdown(wait=False)  # the caller stops the tree, which ends a pending request
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
