@@ -7,7 +7,8 @@
    read-ahead overlapped (the default), from a cold cache with `prefetch=False` (every checksum
    first, then CRIU), from a cold cache with neither read-ahead nor checksums (what the
    restored tree's own page faults cost), from a warm cache (the snapshot's files warmed
-   first; libraries cold as in the cold runs) and with the libraries warm too (no drop). The
+   first; libraries cold as in the cold runs), with the libraries warm too (no drop), and from
+   cold snapshot files with the libraries the tree maps warm (read whole just before). The
    share of the prefetch time the overlap hides is 1 - (overlapped cold - warm) / (time to
    warm the files alone, the default warm from part 1). With every checksum in before the
    restore calls the server serving, the cold restore cannot end before the files are read,
@@ -135,6 +136,22 @@ def _touched(snap: Path, root: int, files: list[Path]) -> dict[str, int]:
     return {**total, "page_image_cached": cached, "page_image_bytes": sum(f.stat().st_size for f in pages)}
 
 
+def _mapped_files(root: int) -> set[Path]:
+    """The files the tree rooted at `root` maps (libraries, Python's files), without its page
+    images and /dev/shm queues."""
+    import psutil
+
+    out: set[Path] = set()
+    for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        try:
+            for m in p.memory_maps(grouped=True):
+                if m.path.startswith("/") and "/pages-" not in m.path and not m.path.startswith("/dev/"):
+                    out.add(Path(m.path))
+        except psutil.Error:
+            continue
+    return out
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 4)
 
@@ -177,8 +194,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cold, no read-ahead or checksums": [],
             "warm": [],
             "warm, libraries too": [],
+            "cold files, libraries warm": [],
         }
         touched: list[dict[str, int]] = []
+        libraries: set[Path] = set()  # every file the restored tree maps, except its page images
         load_restores = [os.getloadavg()[0]]
         for rep in range(1, args.reps + 1):
             for cond in restore_runs:
@@ -186,6 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     system.drop_page_cache()
                 if cond.startswith("warm"):
                     warm.warm(files)
+                if cond == "cold files, libraries warm":
+                    warm.warm(sorted(p for p in libraries if p.is_file()))
                 bare = cond == "cold, no read-ahead or checksums"
                 r = api.restore(snap, prefetch=cond not in ("cold, serial",) and not bare, verify=not bare)
                 try:
@@ -196,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     if bare:
                         touched.append(_touched(snap, r.server.pid, files))
+                        libraries |= _mapped_files(r.server.pid)
                 finally:
                     api.stop(r.server.pid)
                 restore_runs[cond].append(doc)
@@ -205,6 +227,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         files_alone = statistics.median(warm_runs[default]) if default in warm_runs else None
         unhidden = (ttfc["cold, overlapped"] - ttfc["warm"]) / files_alone if files_alone else None
         floor = max(0.0, (files_alone - ttfc["warm"]) / files_alone) if files_alone else None
+        # The same formula with the libraries out of the picture: warm in both terms.
+        unhidden_libs = (
+            (ttfc["cold files, libraries warm"] - ttfc["warm, libraries too"]) / files_alone
+            if files_alone
+            else None
+        )
         doc: dict[str, Any] = {
             "benchmark": "prefetch",
             "date": time.strftime("%Y-%m-%d"),
@@ -238,6 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "unhidden_share": round(unhidden, 3) if unhidden is not None else None,
             "hidden_share": round(1 - unhidden, 3) if unhidden is not None else None,
             "unhidden_floor_with_checksums_before_serving": round(floor, 3) if floor is not None else None,
+            "unhidden_share_libraries_warm": round(unhidden_libs, 3) if unhidden_libs is not None else None,
+            "mapped_library_files": len(libraries),
+            "mapped_library_bytes": sum(p.stat().st_size for p in libraries if p.is_file()),
             "touched_by_restored_tree": touched,
             "load_1min_restores_start_end": [round(x, 2) for x in load_restores],
         }
@@ -261,6 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{t['file_rss'] / 1e6:.0f} MB of other files; the page cache holds "
             f"{t['page_image_cached'] / 1e6:.0f} MB of the page images"
         )
+    if unhidden_libs is not None:
+        print(f"(cold files, libraries warm - warm, libraries too) / alone = {unhidden_libs:.2f}")
     if floor is not None:
         print(f"floor for (overlapped - warm) / alone with every checksum before serving: {floor:.2f}")
     if unhidden is not None:
