@@ -17,6 +17,8 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,13 +229,16 @@ def restore_snapshot(
             if m.sleep_level == 2:
                 with tl.phase("wake_kv_cache"):
                     vllm_server.wake_up(server, "kv_cache")
-        if ahead is not None:
-            with tl.phase("readahead_wait"):  # the checksums must be in before the canary
-                ahead.wait()
+        # The canary runs while the read-ahead finishes the page images' checksums instead of
+        # after them: the processes already run from them (only the small images had to be
+        # checked before CRIU). The restore counts as serving only once both are in, so the time
+        # to the first completion includes the wait; a damaged file is reported before the
+        # canary's verdict (a canary run on damaged memory would only blame the server).
         with tl.phase("first_completion"):
-            got = vllm_server.complete(
-                server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
-            )
+            got = _canary(server, m, ahead)
+        if ahead is not None:
+            with tl.phase("readahead_wait"):
+                ahead.wait()
         ttfc = tl.elapsed()
         if got.token_ids != m.canary.token_ids:
             raise CanaryMismatchError(
@@ -277,6 +282,28 @@ def restore_snapshot(
         )
     )
     return RestoreResult(path, server, tl, ttfc, True, m, mode)
+
+
+def _canary(
+    server: vllm_server.Server, m: manifest.Manifest, ahead: ReadAhead | None
+) -> vllm_server.Completion:
+    """The canary completion. While it runs, a damaged file found by the read-ahead ends the
+    wait at once (a server running from damaged memory may never answer)."""
+    if ahead is None:
+        return vllm_server.complete(server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="canary")
+    try:
+        fut = pool.submit(
+            vllm_server.complete, server, m.server.served_model_name, m.canary.prompt, m.canary.max_tokens
+        )
+        while True:
+            try:
+                return fut.result(timeout=0.02)
+            except FutureTimeout:
+                if ahead.error is not None:
+                    raise ahead.error from None
+    finally:
+        pool.shutdown(wait=False)  # the caller stops the tree, which ends a pending request
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

@@ -8,7 +8,9 @@ directories are 0700 and owned by root).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -249,6 +251,7 @@ def _read_raw(directory: Path) -> dict[str, Any]:
 
 
 _ZEROS = bytes(_CHUNK)
+_MADV_POPULATE_READ = 22  # Linux 5.14 (runtime.memory has it too; runtime imports stay flat)
 
 
 def hash_file(
@@ -286,6 +289,57 @@ def hash_file(
                 if not n:  # shrank while being read: the digest will not match
                     return h.hexdigest()
                 h.update(view[:n])
+                pos += n
+                if on_bytes:
+                    on_bytes(n)
+    return h.hexdigest()
+
+
+def hash_file_mapped(
+    path: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> str | None:
+    """`hash_file` through a read-only mapping instead of `read()`: the same digest, and the same
+    page-cache fill, without copying every byte into a buffer first (half the CPU, which the
+    restore's read-ahead shares with CRIU and the restored server on a small host). Each
+    8 MiB window is populated in one call (MADV_POPULATE_READ, the kernel's large reads), then
+    hashed. The size is checked before each window: a file cut short while it is read hashes
+    to a wrong digest instead of faulting (SIGBUS) past its end."""
+    h = xxhash.xxh3_128()
+    zeros = memoryview(_ZEROS)
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                data = size
+            end = os.lseek(fd, data, os.SEEK_HOLE) if data < size else size
+            while pos < data:  # a hole reads as zeros
+                n = min(_CHUNK, data - pos)
+                h.update(zeros[:n])
+                pos += n
+                if on_bytes:
+                    on_bytes(n)
+            while pos < end:
+                if stop is not None and stop():
+                    return None
+                if os.fstat(fd).st_size < end:  # shrank while being read: the digest will not match
+                    return h.hexdigest()
+                base = pos - pos % mmap.ALLOCATIONGRANULARITY
+                n = min(_CHUNK, end - pos)
+                with mmap.mmap(fd, pos - base + n, prot=mmap.PROT_READ, offset=base) as m:
+                    # Before Linux 5.14 (EINVAL) the hash's own page faults read the window in.
+                    with contextlib.suppress(OSError):
+                        m.madvise(_MADV_POPULATE_READ)
+                    view = memoryview(m)
+                    try:
+                        h.update(view[pos - base :])
+                    finally:
+                        view.release()
                 pos += n
                 if on_bytes:
                     on_bytes(n)

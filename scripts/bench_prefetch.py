@@ -5,9 +5,17 @@
    preadv-ing the same files into reused buffers, best N).
 2. Restored time to first completion on the same snapshot: from a cold page cache with the
    read-ahead overlapped (the default), from a cold cache with `prefetch=False` (every checksum
-   first, then CRIU), and from a fully warm cache (the files warmed first). The share of the
-   prefetch time the overlap hides is 1 - (overlapped cold - warm) / (time to warm the files
-   alone, the default warm from part 1).
+   first, then CRIU), from a cold cache with neither read-ahead nor checksums (what the
+   restored tree's own page faults cost), from a warm cache (the snapshot's files warmed
+   first; libraries cold as in the cold runs), with the libraries warm too (no drop), and from
+   cold snapshot files with the libraries the tree maps warm (read whole just before). The
+   share of the prefetch time the overlap hides is 1 - (overlapped cold - warm) / (time to
+   warm the files alone, the default warm from part 1). With every checksum in before the
+   restore calls the server serving, the cold restore cannot end before the files are read,
+   so (alone - warm) / alone is a floor for the unhidden share; the JSON records it.
+3. What the restored tree touches: after the no-read-ahead cold restore, the resident set of
+   its page-image and other file mappings (/proc/PID/smaps), and how much of the page images
+   the page cache then holds (the kernel's read-around on each fault reads far more).
 
     python -m fastvllm.scripts.bench_prefetch --reps 3            # takes a tiny snapshot first
     python -m fastvllm.scripts.bench_prefetch --snapshot DIR      # or uses yours
@@ -90,6 +98,60 @@ def ours(paths: list[Path], threads: int) -> float:
     return warm.warm(paths, threads=threads).seconds
 
 
+def smaps_rss(text: str) -> dict[str, int]:
+    """Resident bytes of a /proc/PID/smaps text by kind of mapping: CRIU page images (a tree
+    restored in mmap mode maps them), other files (libraries, Python's files), anonymous."""
+    out = {"page_image_rss": 0, "file_rss": 0, "anon_rss": 0}
+    kind = ""
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:  # a mapping's header line
+            name = parts[5] if len(parts) >= 6 else ""
+            kind = (
+                "page_image_rss" if "/pages-" in name else "file_rss" if name.startswith("/") else "anon_rss"
+            )
+        elif parts[0] == "Rss:" and kind:
+            out[kind] += int(parts[1]) * 1024
+    return out
+
+
+def _touched(snap: Path, root: int, files: list[Path]) -> dict[str, int]:
+    """What the restored tree (rooted at `root`) has mapped in, and what the page cache holds of
+    the page images: the restore's working set against what its page faults read."""
+    import psutil
+    from fastvllm.prefetch import residency
+
+    total = {"page_image_rss": 0, "file_rss": 0, "anon_rss": 0}
+    for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        try:
+            got = smaps_rss(Path(f"/proc/{p.pid}/smaps").read_text())
+        except OSError:
+            continue
+        for k, v in got.items():
+            total[k] += v
+    pages = [f for f in files if f.name.startswith("pages-")]
+    cached = sum(residency.resident_pages(f)[0] for f in pages) * os.sysconf("SC_PAGE_SIZE")
+    return {**total, "page_image_cached": cached, "page_image_bytes": sum(f.stat().st_size for f in pages)}
+
+
+def _mapped_files(root: int) -> set[Path]:
+    """The files the tree rooted at `root` maps (libraries, Python's files), without its page
+    images and /dev/shm queues."""
+    import psutil
+
+    out: set[Path] = set()
+    for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        try:
+            for m in p.memory_maps(grouped=True):
+                if m.path.startswith("/") and "/pages-" not in m.path and not m.path.startswith("/dev/"):
+                    out.add(Path(m.path))
+        except psutil.Error:
+            continue
+    return out
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 4)
 
@@ -129,23 +191,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         restore_runs: dict[str, list[dict[str, Any]]] = {
             "cold, overlapped": [],
             "cold, serial": [],
+            "cold, no read-ahead or checksums": [],
             "warm": [],
+            "warm, libraries too": [],
+            "cold files, libraries warm": [],
         }
+        touched: list[dict[str, int]] = []
+        libraries: set[Path] = set()  # every file the restored tree maps, except its page images
+        load_restores = [os.getloadavg()[0]]
         for rep in range(1, args.reps + 1):
             for cond in restore_runs:
-                system.drop_page_cache()
-                if cond == "warm":
+                if cond != "warm, libraries too":  # right after "warm": the libraries stay cached
+                    system.drop_page_cache()
+                if cond.startswith("warm"):
                     warm.warm(files)
-                r = api.restore(snap, prefetch=cond != "cold, serial")
+                if cond == "cold files, libraries warm":
+                    warm.warm(sorted(p for p in libraries if p.is_file()))
+                bare = cond == "cold, no read-ahead or checksums"
+                r = api.restore(snap, prefetch=cond not in ("cold, serial",) and not bare, verify=not bare)
                 try:
-                    doc = {"ttfc_s": r.time_to_first_completion_s, "phases": r.timeline.as_list()}
+                    doc = {
+                        "ttfc_s": r.time_to_first_completion_s,
+                        "criu_restore": getattr(r, "criu_restore", "?"),
+                        "phases": r.timeline.as_list(),
+                    }
+                    if bare:
+                        touched.append(_touched(snap, r.server.pid, files))
+                        libraries |= _mapped_files(r.server.pid)
                 finally:
                     api.stop(r.server.pid)
                 restore_runs[cond].append(doc)
-                _say(f"rep {rep}/{args.reps} restore {cond:17s} {doc['ttfc_s']:.2f} s to first completion")
+                _say(f"rep {rep}/{args.reps} restore {cond:32s} {doc['ttfc_s']:.2f} s to first completion")
+        load_restores.append(os.getloadavg()[0])
         ttfc = {k: _med([d["ttfc_s"] for d in v]) for k, v in restore_runs.items()}
         files_alone = statistics.median(warm_runs[default]) if default in warm_runs else None
         unhidden = (ttfc["cold, overlapped"] - ttfc["warm"]) / files_alone if files_alone else None
+        floor = max(0.0, (files_alone - ttfc["warm"]) / files_alone) if files_alone else None
+        # The same formula with the libraries out of the picture: warm in both terms.
+        unhidden_libs = (
+            (ttfc["cold files, libraries warm"] - ttfc["warm, libraries too"]) / files_alone
+            if files_alone
+            else None
+        )
         doc: dict[str, Any] = {
             "benchmark": "prefetch",
             "date": time.strftime("%Y-%m-%d"),
@@ -178,6 +265,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "files_alone_s": round(files_alone, 4) if files_alone else None,
             "unhidden_share": round(unhidden, 3) if unhidden is not None else None,
             "hidden_share": round(1 - unhidden, 3) if unhidden is not None else None,
+            "unhidden_floor_with_checksums_before_serving": round(floor, 3) if floor is not None else None,
+            "unhidden_share_libraries_warm": round(unhidden_libs, 3) if unhidden_libs is not None else None,
+            "mapped_library_files": len(libraries),
+            "mapped_library_bytes": sum(p.stat().st_size for p in libraries if p.is_file()),
+            "touched_by_restored_tree": touched,
+            "load_1min_restores_start_end": [round(x, 2) for x in load_restores],
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +286,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     for k, v in ttfc.items():
         print(f"  restore {k:17s} {v:.2f} s")
+    for t in touched:
+        print(
+            f"  restored tree maps {t['page_image_rss'] / 1e6:.0f} MB of its page images and "
+            f"{t['file_rss'] / 1e6:.0f} MB of other files; the page cache holds "
+            f"{t['page_image_cached'] / 1e6:.0f} MB of the page images"
+        )
+    if unhidden_libs is not None:
+        print(f"(cold files, libraries warm - warm, libraries too) / alone = {unhidden_libs:.2f}")
+    if floor is not None:
+        print(f"floor for (overlapped - warm) / alone with every checksum before serving: {floor:.2f}")
     if unhidden is not None:
         print(
             f"overlap hides {100 * (1 - unhidden):.0f}% of the {files_alone:.2f} s the files take to "

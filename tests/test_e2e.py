@@ -88,3 +88,34 @@ def test_restore_order_of_a_real_snapshot(shared_snapshot: SharedSnapshot) -> No
     assert all(not p.startswith("criu/") or p.startswith("criu/pages-") for p in got[first_pages:])
     if m.weights_file:
         assert got.index(m.weights_file) > first_pages
+
+
+def test_damaged_page_image_fails_the_restore(shared_snapshot: SharedSnapshot, tmp_path) -> None:
+    """With the read-ahead on, page images are checked while CRIU restores and the canary runs;
+    a flipped byte in one still fails the restore (exit 4, naming the file) and leaves no server
+    behind, however the canary went."""
+    import shutil
+
+    src = shared_snapshot.path
+    m = manifest.load(src)
+    name = max((f for f in m.files if f.path.startswith("criu/pages-")), key=lambda f: f.size).path
+    dst = tmp_path / "damaged"
+    dst.mkdir(mode=0o700)
+    shutil.copy2(src / "manifest.json", dst / "manifest.json")
+    for sub in sorted(p.name for p in src.iterdir() if p.is_dir() and p.name != "logs"):
+        (dst / sub).mkdir()
+        for f in (src / sub).iterdir():
+            if f"{sub}/{f.name}" == name:
+                shutil.copy2(f, dst / sub / f.name)
+            else:
+                (dst / sub / f.name).symlink_to(f)
+    with open(dst / name, "r+b") as f:  # near the end: memory the canary is unlikely to touch
+        f.seek(m.files[[e.path for e in m.files].index(name)].size - 4096 - 7)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = run_cli("restore", str(dst))
+    assert r.returncode == 4, r.stderr
+    assert name in r.stderr and "checksum" in r.stderr
+    assert not servers_on_port(TEST_PORT)
+    assert not any(proctree.alive(p) for p in m.server.tree_pids)
