@@ -110,7 +110,10 @@ def start(
         )
     ray.get([a.node_id.remote() for a in agents.values()])  # every agent is up (probes done)
     ctl_cls = ray.remote(num_cpus=0, max_concurrency=16)(ControllerActorImpl)
-    controller = ctl_cls.options(name=CONTROLLER_NAME).remote(agents)
+    # Pinned beside the driver, as the router is: left to Ray's scheduler it can land on any
+    # node, and removing that node then takes the controller (and every failover) with it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    controller = ctl_cls.options(name=CONTROLLER_NAME, scheduling_strategy=here).remote(agents)
     ray.get(controller.call.remote("live_hosts"))
     return controller, agents
 
