@@ -273,11 +273,17 @@ def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router:
 
     # The tiny model streams ~1,000 tokens/s here, faster than a migrate request from outside
     # can arrive (the drain test below goes that way): the router starts this one itself.
-    started = Started()
-    got = _stream(router.url, body, started, migrate_after=20)
-    assert got == reference  # nothing lost, nothing repeated, same greedy tokens
-    recent = httpx.get(f"{router.url}/fastvllm/sessions").json()["recent_migrations"]
-    mig = next(m for m in recent if m["session"] == started.session)
+    # Under load the target's first catch-up prefill can come back after the source has sent
+    # all 900 tokens: such a try proves nothing about the switch (its tokens are still checked),
+    # so up to three tries, as in the drain test.
+    for _ in range(3):
+        started = Started()
+        got = _stream(router.url, body, started, migrate_after=20)
+        assert got == reference  # nothing lost, nothing repeated, same greedy tokens
+        recent = httpx.get(f"{router.url}/fastvllm/sessions").json()["recent_migrations"]
+        mig = next(m for m in recent if m["session"] == started.session)
+        if mig["outcome"] == "switched":
+            break
     assert mig["outcome"] == "switched", mig
     assert mig["from"] != mig["to"]
     assert 20 <= mig["tokens_at_switch"] < N_TOKENS
