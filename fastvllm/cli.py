@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -54,19 +53,10 @@ class CriuRestore(StrEnum):
     lazy = "lazy"
 
 
-T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except FastVLLMError as e:
-        ui.print_error(e)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        ui.console.print("[yellow]interrupted[/]: stopped what was started and removed partial output")
-        raise typer.Exit(130) from None
+_guard = ui.guard
 
 
 def _fail(e: FastVLLMError) -> NoReturn:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.table import Table
 
 from fastvllm import ui
-from fastvllm.runtime.errors import FastVLLMError, ServerError, UsageError
+from fastvllm.runtime.errors import ServerError, UsageError
 
-T = TypeVar("T")
 cluster_app = typer.Typer(
     help="Place models where their snapshot restores fastest (page cache > local disk > peer), "
     "route requests to the instances, and move live sessions between them.\n\n"
@@ -43,12 +41,7 @@ RouterOpt = Annotated[str, typer.Option(help="The router's URL ('fastvllm cluste
 DEFAULT_ROUTER = "http://127.0.0.1:8100"
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except FastVLLMError as e:
-        ui.print_error(e)
-        raise typer.Exit(e.exit_code) from None
+_guard = ui.guard
 
 
 def _emit(doc: Any) -> None:

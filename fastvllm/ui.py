@@ -7,7 +7,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -133,3 +135,19 @@ def print_error(e: FastVLLMError) -> None:
     console.print(f"[bold red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
     if e.detail:
         console.print(e.detail, style="dim", highlight=False, markup=False)
+
+
+T = TypeVar("T")
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Run a command's work: a FastVLLMError becomes its one-line message and exit code, Ctrl-C
+    exit 130 (the pipelines have stopped what they started and removed partial output)."""
+    try:
+        return fn()
+    except FastVLLMError as e:
+        print_error(e)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: stopped what was started and removed partial output")
+        raise typer.Exit(130) from None
