@@ -262,37 +262,19 @@ def hash_file(
     """xxh3-128 of the file's bytes. Holes (the sparse /dev/shm copies are mostly holes) are
     hashed as the zeros they read as, without reading them: same digest, none of the cost.
     `stop()` is asked before each chunk read; once it says True the digest is abandoned (None)."""
-    h = xxhash.xxh3_128()
     view = memoryview(bytearray(_CHUNK))
-    zeros = memoryview(_ZEROS)
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                data = size
-            end = os.lseek(fd, data, os.SEEK_HOLE) if data < size else size
-            while pos < data:  # a hole reads as zeros
-                n = min(_CHUNK, data - pos)
-                h.update(zeros[:n])
-                pos += n
-                if on_bytes:
-                    on_bytes(n)
-            os.lseek(fd, pos, os.SEEK_SET)
-            while pos < end:
-                if stop is not None and stop():
-                    return None
-                n = f.readinto(view[: min(_CHUNK, end - pos)])
-                if not n:  # shrank while being read: the digest will not match
-                    return h.hexdigest()
-                h.update(view[:n])
-                pos += n
-                if on_bytes:
-                    on_bytes(n)
-    return h.hexdigest()
+
+    def chunk(f: Any, pos: int, n: int) -> memoryview | None:
+        f.seek(pos)
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:n])
+            if not k:
+                return None
+            got += k
+        return view[:n]
+
+    return _hash_sparse(path, chunk, on_bytes, stop)
 
 
 def hash_file_mapped(
@@ -306,6 +288,44 @@ def hash_file_mapped(
     8 MiB window is populated in one call (MADV_POPULATE_READ, the kernel's large reads), then
     hashed. The size is checked before each window: a file cut short while it is read hashes
     to a wrong digest instead of faulting (SIGBUS) past its end."""
+    held: list[tuple[mmap.mmap, memoryview, memoryview]] = []
+
+    def drop() -> None:  # the previous window, hashed by now (views first: close() needs none)
+        while held:
+            m, v, sub = held.pop()
+            sub.release()
+            v.release()
+            m.close()
+
+    def chunk(f: Any, pos: int, n: int) -> memoryview | None:
+        drop()
+        if os.fstat(f.fileno()).st_size < pos + n:
+            return None
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(f.fileno(), pos - base + n, prot=mmap.PROT_READ, offset=base)
+        # Before Linux 5.14 (EINVAL) the hash's own page faults read the window in.
+        with contextlib.suppress(OSError):
+            m.madvise(_MADV_POPULATE_READ)
+        view = memoryview(m)
+        sub = view[pos - base :]
+        held.append((m, view, sub))
+        return sub
+
+    try:
+        return _hash_sparse(path, chunk, on_bytes, stop)
+    finally:
+        drop()
+
+
+def _hash_sparse(
+    path: Path,
+    chunk: Callable[[Any, int, int], memoryview | None],
+    on_bytes: Callable[[int], None] | None,
+    stop: Callable[[], bool] | None,
+) -> str | None:
+    """The walk both hashes share: data runs (SEEK_DATA / SEEK_HOLE) are hashed in chunks that
+    `chunk(f, pos, n)` returns (None: the file shrank, so the digest will not match), holes as
+    zeros without reading them."""
     h = xxhash.xxh3_128()
     zeros = memoryview(_ZEROS)
     with open(path, "rb", buffering=0) as f:
@@ -327,19 +347,11 @@ def hash_file_mapped(
             while pos < end:
                 if stop is not None and stop():
                     return None
-                if os.fstat(fd).st_size < end:  # shrank while being read: the digest will not match
-                    return h.hexdigest()
-                base = pos - pos % mmap.ALLOCATIONGRANULARITY
                 n = min(_CHUNK, end - pos)
-                with mmap.mmap(fd, pos - base + n, prot=mmap.PROT_READ, offset=base) as m:
-                    # Before Linux 5.14 (EINVAL) the hash's own page faults read the window in.
-                    with contextlib.suppress(OSError):
-                        m.madvise(_MADV_POPULATE_READ)
-                    view = memoryview(m)
-                    try:
-                        h.update(view[pos - base :])
-                    finally:
-                        view.release()
+                got = chunk(f, pos, n)
+                if got is None:
+                    return h.hexdigest()
+                h.update(got)
                 pos += n
                 if on_bytes:
                     on_bytes(n)
