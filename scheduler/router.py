@@ -1,9 +1,10 @@
 """An OpenAI-compatible router in front of the serving instances, with live migration.
 
 Clients talk to the router as to one vLLM server (`/v1/completions`, `/v1/models`). Plain
-requests go to an instance of the model (round robin) and are retried on another one when
-an instance cannot be reached (its host died). Streamed completions are sessions that can be
-moved to another instance while they run (ServerlessLLM's live migration, by tokens):
+requests go to the instance of the model running the fewest streams (round robin among
+equals) and are retried on another one when an instance cannot be reached (its host died).
+Streamed completions are sessions that can be moved to another instance while they run
+(ServerlessLLM's live migration, by tokens):
 
 1. the router always asks the instance for token ids (`return_token_ids`), so it knows the
    prompt's ids and every token generated so far;
@@ -158,7 +159,16 @@ class Router:
         if not urls:
             return []
         k = next(self._rr) % len(urls)
-        return urls[k:] + urls[:k]
+        order = urls[k:] + urls[:k]
+        # Long streams pile up where plain round robin happens to send them when short requests
+        # interleave; the fewest running streams first spreads them (stable sort: rotation
+        # breaks ties). No await between here and the caller registering its stream, so two
+        # streams arriving together see each other.
+        running: dict[str, int] = {}
+        for s in self.streams.values():
+            if not s.finished:
+                running[s.backend] = running.get(s.backend, 0) + 1
+        return sorted(order, key=lambda u: running.get(u, 0))
 
     async def _failed(self, url: str) -> None:
         await run_in_threadpool(self.backends.failed, url)

@@ -351,7 +351,7 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
     try:
         while len(results) < 4:
             time.sleep(0.02)
-        # two streams, one on each instance (round robin): node1's must go on from node0
+        # two streams, one on each instance (fewest streams first): node1's must go on from node0
         futs = [streams.submit(_stream, router.url, long) for _ in range(2)]
         # the moment each has a token at the router: the tiny model finishes 900 in ~1 s, and
         # a kill later than that would find node1's stream already sent
