@@ -176,6 +176,19 @@ def _running(router: str, n: int, at_least: int = 10, timeout: float = 120) -> l
     raise AssertionError(f"{n} running sessions never showed up")
 
 
+def _migration_outcome(router: str, session: str, timeout: float = 60) -> dict[str, Any]:
+    """The router's record of `session`'s migration once it has an outcome: the client can have
+    every token while the migration task is still in a catch-up round, its outcome not written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        recent = httpx.get(f"{router}/fastvllm/sessions").json()["recent_migrations"]
+        mig = next((m for m in recent if m["session"] == session), None)
+        if mig is not None and "outcome" in mig:
+            return mig  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"the migration of {session} never got an outcome")
+
+
 def _stream(
     url: str, body: dict[str, Any], started: Started | None = None, migrate_after: int = 0
 ) -> list[int]:
@@ -280,8 +293,7 @@ def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router:
         started = Started()
         got = _stream(router.url, body, started, migrate_after=20)
         assert got == reference  # nothing lost, nothing repeated, same greedy tokens
-        recent = httpx.get(f"{router.url}/fastvllm/sessions").json()["recent_migrations"]
-        mig = next(m for m in recent if m["session"] == started.session)
+        mig = _migration_outcome(router.url, started.session)
         if mig["outcome"] == "switched":
             break
     assert mig["outcome"] == "switched", mig
