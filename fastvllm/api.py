@@ -92,6 +92,7 @@ def restore(
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
     criu_restore: str = "auto",
+    reverify: bool = False,
 ) -> RestoreResult | ProcessRestoreResult:
     """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
     plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
@@ -100,7 +101,9 @@ def restore(
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
     counts as files are read ahead or verified (for progress bars). `criu_restore` picks how CRIU
     fills memory: "mmap" (the page images mapped copy-on-write: the snapshot must then stay in
-    place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto"."""
+    place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto".
+    A file this host already checked and that is unchanged since is not hashed again, unless
+    `reverify`."""
     where = Path(path).expanduser()
     # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
     # checks (privileges first) produce the right error.
@@ -109,7 +112,13 @@ def restore(
             Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore
         )
     opts = RestoreOptions(
-        Path(path), verify, health_timeout, prefetch, prefetch_threads, criu_restore=criu_restore
+        Path(path),
+        verify,
+        health_timeout,
+        prefetch,
+        prefetch_threads,
+        criu_restore=criu_restore,
+        reverify=reverify,
     )
     return restore_snapshot(opts, timeline, on_bytes)
 

@@ -179,6 +179,15 @@ def restore(
     verify: Annotated[
         bool, typer.Option(help="Check every file's checksum; the server is not declared serving before.")
     ] = True,
+    reverify: Annotated[
+        bool,
+        typer.Option(
+            "--reverify",
+            help="Hash every file again. By default a file this host already checked (at snapshot "
+            "time or by an earlier restore) and that has not changed since (same inode, size, "
+            "mtime and ctime) is trusted.",
+        ),
+    ] = False,
     prefetch: Annotated[
         bool,
         typer.Option(
@@ -243,6 +252,7 @@ def restore(
                 timeline=tl,
                 on_bytes=live.on_bytes,
                 criu_restore=criu_restore.value,
+                reverify=reverify,
             )
 
     res = _guard(run)

@@ -90,6 +90,11 @@ def restore_order(snapshot: Path, m: manifest.Manifest) -> list[manifest.FileEnt
     return sorted(m.files, key=key)
 
 
+def is_page_image(rel: str) -> bool:
+    """Whether `rel` (a manifest path) is one of CRIU's pages-N.img."""
+    return rel.startswith("criu/") and _PAGES.search(rel) is not None
+
+
 def before_pages(ordered: list[manifest.FileEntry]) -> set[str]:
     """The files a restore reads before any page image: the /dev/shm copies and CRIU's small
     images (what each process is: credentials, files, registers, memory layout)."""

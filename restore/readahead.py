@@ -10,6 +10,11 @@ and a mismatch stops the restored tree.
 When the weight loader starts on the weight file, it claims it: the read-ahead stops reading
 that file (two readers of one file only slow each other down), and the loader checks the
 file's own per-tensor checksums instead.
+
+Files this host already checked and that have not changed since (`runtime.verified`) are read
+but not hashed. Beside the files, a second reader brings in the hot set (`restore.hotset`):
+the ranges of page images and libraries the tree needed last time, so its first faults find
+them in the page cache.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastvllm.prefetch import warm
+from fastvllm.restore import hotset
 from fastvllm.runtime import manifest
 from fastvllm.runtime.errors import FastVLLMError, IntegrityError
 from fastvllm.runtime.timeline import Timeline
@@ -31,6 +37,22 @@ class ReadAheadStats:
     bytes: int = 0
     seconds: float = 0.0
     verified: list[str] = field(default_factory=list)  # files whose checksum matched
+    hot_bytes: int = 0  # of the hot set, read by its own reader
+    hot_seconds: float = 0.0
+    hot_planned_bytes: int = 0  # the hot set learned by an earlier restore (0: none yet)
+    trusted: int = 0  # files checked before on this host and unchanged: read, not hashed
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 4),
+            "hashed_files": len(self.verified),
+            "trusted_files": self.trusted,
+            "hot_planned_bytes": self.hot_planned_bytes,
+            "hot_bytes": self.hot_bytes,
+            "hot_seconds": round(self.hot_seconds, 4),
+        }
+
     stopped: list[str] = field(default_factory=list)  # files left to a claimant part-way
 
     @property
@@ -54,14 +76,20 @@ class ReadAhead:
         threads: int = warm.DEFAULT_THREADS,
         timeline: Timeline | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        trusted: set[str] | frozenset[str] = frozenset(),
+        hot: hotset.HotSet | None = None,
     ) -> None:
         self.root = root
         self.entries = entries
         self.verify = verify
+        self.trusted = trusted  # checked before on this host, unchanged since: read, not hashed
+        self.hot = hot
+        self._hot_thread: threading.Thread | None = None
+        self._hot_stop = threading.Event()
         self.threads = max(1, threads)
         self.timeline = timeline
         self.on_bytes = on_bytes
-        self.stats = ReadAheadStats()
+        self.stats = ReadAheadStats(trusted=len(trusted), hot_planned_bytes=hot.bytes if hot else 0)
         self._claimed: set[str] = set()
         self._done: set[str] = set()
         self._lock = threading.Lock()
@@ -97,7 +125,31 @@ class ReadAhead:
         ]
         self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
         self._thread.start()
+        if self.hot is not None and self.hot.files:
+            self._hot_thread = threading.Thread(target=self._read_hot, name="readahead-hot", daemon=True)
+            self._hot_thread.start()
         return self
+
+    def _read_hot(self) -> None:
+        t0 = time.perf_counter()
+        assert self.hot is not None
+        # The libraries first: CRIU writes the tree's private pages of them (relocations, data)
+        # while it restores, which reads them in; the page images' ranges are faulted later,
+        # by the running tree.
+        self.stats.hot_bytes = hotset.read(
+            self.root,
+            self.hot,
+            order=lambda f: (0, f.path) if f.path.startswith("/") else (1, f.path),
+            stop=lambda: self._stop.is_set() or self._hot_stop.is_set(),
+            on_bytes=self._count,
+        )
+        self.stats.hot_seconds = time.perf_counter() - t0
+
+    def _end_hot(self) -> None:
+        """The hot set is a hint: once the tree has served, what it did not read is not needed."""
+        self._hot_stop.set()
+        if self._hot_thread is not None:
+            self._hot_thread.join()
 
     def claim(self, rel: str) -> bool:
         """A reader of its own takes over file `rel`: stop reading it. Returns True when the
@@ -120,6 +172,7 @@ class ReadAhead:
         """Block until every file was read (or handed to a claimant); raise what went wrong."""
         if self._thread is not None:
             self._thread.join()
+        self._end_hot()
         if self._error is not None:
             raise self._error
         return self.stats
@@ -135,6 +188,7 @@ class ReadAhead:
         self._go_on.set()
         if self._thread is not None:
             self._thread.join()
+        self._end_hot()
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -163,7 +217,7 @@ class ReadAhead:
             return self._stop.is_set() or e.path in self._claimed
 
         path = self.root / e.path
-        if self.verify:
+        if self.verify and e.path not in self.trusted:
             # Hashed through a mapping: no copy into a buffer, half the CPU of read() (the
             # restored server and CRIU need the same two cores here).
             digest = manifest.hash_file_mapped(path, self._count, stop=left)

@@ -25,6 +25,8 @@ from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotAS
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# What a host learned about a snapshot (runtime.verified, restore.hotset): not part of it.
+LOCAL_DIR = "local"
 _CHUNK = 8 << 20
 
 
@@ -369,9 +371,11 @@ def _walk(root: Path, skip: Iterable[str]) -> list[Path]:
 
 
 def collect_files(
-    root: Path, skip: Iterable[str] = (MANIFEST, "logs"), on_bytes: Callable[[int], None] | None = None
+    root: Path,
+    skip: Iterable[str] = (MANIFEST, "logs", LOCAL_DIR),
+    on_bytes: Callable[[int], None] | None = None,
 ) -> list[FileEntry]:
-    """Hash every file under `root` except the manifest and logs, in parallel."""
+    """Hash every file under `root` except the manifest, logs and what a host learned, in parallel."""
     files = _walk(root, skip)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         hashes = list(pool.map(lambda p: hash_file(p, on_bytes), files))

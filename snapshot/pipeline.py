@@ -25,6 +25,7 @@ from fastvllm.runtime import (
     shm,
     system,
     tiny_model,
+    verified,
     vllm_server,
 )
 from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
@@ -238,6 +239,7 @@ def take_snapshot(
             instances.forget(server.pid)
         with tl.phase("checksums"):
             files = manifest.collect_files(staging, on_bytes=on_hash_bytes)
+            verified.record(staging, files)  # hashed just now: a restore here need not again
         m = manifest.Manifest(
             identity=manifest.HostIdentity.here(found.version),
             model=model_id,

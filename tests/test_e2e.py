@@ -119,3 +119,32 @@ def test_damaged_page_image_fails_the_restore(shared_snapshot: SharedSnapshot, t
     assert name in r.stderr and "checksum" in r.stderr
     assert not servers_on_port(TEST_PORT)
     assert not any(proctree.alive(p) for p in m.server.tree_pids)
+
+
+def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
+    shared_snapshot: SharedSnapshot, restored_cleanup: list[int]
+) -> None:
+    """The snapshot's files were hashed when it was written, and a restore records what it
+    hashed: the next restore on this host reads them without hashing them again (until they
+    change, see test_damaged_page_image_fails_the_restore; a re-snapshot in another test
+    hard-links the weight file into the store, which changes its ctime, so the first restore
+    here may hash that one), a restore learns the tree's hot set and the next reads it first;
+    --reverify hashes everything again. Tokens stay identical throughout."""
+    from fastvllm.restore import hotset
+
+    path = shared_snapshot.path
+    got = []
+    for reverify in (False, False, True):
+        r = fastvllm.restore(path, reverify=reverify)
+        restored_cleanup.append(r.server.pid)
+        assert r.canary_ok and r.readahead is not None
+        got.append(r.readahead)
+        fastvllm.stop(r.server.pid)
+    assert hotset.path_of(path).is_file()
+    first, second, again = got
+    n_files = len(manifest.load(path).files)
+    assert int(first["hashed_files"]) + int(first["trusted_files"]) == n_files  # type: ignore[call-overload]
+    assert second["hashed_files"] == 0 and second["trusted_files"] == n_files
+    assert int(second["hot_planned_bytes"]) > 0  # type: ignore[call-overload]
+    assert again["trusted_files"] == 0 and int(again["hashed_files"]) > 0  # type: ignore[call-overload]
+    assert not servers_on_port(TEST_PORT)

@@ -1,0 +1,140 @@
+"""Pure logic of what a host remembers about a snapshot: the verified-file stamps and the hot
+set (range merging, keeping only files that are still what they were, reading ranges in)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastvllm.prefetch import residency
+from fastvllm.restore import hotset
+from fastvllm.runtime import manifest, verified
+
+PAGE = hotset.PAGE
+
+
+def _snapshot(tmp_path: Path) -> tuple[Path, list[manifest.FileEntry]]:
+    snap = tmp_path / "snap"
+    (snap / "criu").mkdir(parents=True)
+    (snap / "criu" / "pages-1.img").write_bytes(os.urandom(512 * PAGE))
+    (snap / "criu" / "core-7.img").write_bytes(b"core")
+    return snap, manifest.collect_files(snap)
+
+
+def _drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written pages are dirty until written back, and those stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_recorded_file_is_trusted_until_it_changes(tmp_path: Path) -> None:
+    snap, files = _snapshot(tmp_path)
+    assert verified.unchanged(snap, files) == set()
+    assert verified.record(snap, files)
+    assert verified.unchanged(snap, files) == {"criu/pages-1.img", "criu/core-7.img"}
+    # the same bytes written back still change the ctime: hashed again
+    p = snap / "criu" / "core-7.img"
+    time.sleep(0.01)
+    p.write_bytes(p.read_bytes())
+    assert verified.unchanged(snap, files) == {"criu/pages-1.img"}
+    # a stamp for another digest (a new snapshot written over the old path) does not count
+    other = [manifest.FileEntry(e.path, e.size, "0" * 32) for e in files]
+    assert verified.unchanged(snap, other) == set()
+    verified.forget(snap)
+    assert verified.unchanged(snap, files) == set()
+
+
+def test_stamps_are_not_part_of_the_snapshot(tmp_path: Path) -> None:
+    snap, files = _snapshot(tmp_path)
+    verified.record(snap, files)
+    assert [e.path for e in manifest.collect_files(snap)] == [e.path for e in files]
+
+
+def test_unreadable_stamps_mean_nothing_is_trusted(tmp_path: Path) -> None:
+    snap, files = _snapshot(tmp_path)
+    (snap / manifest.LOCAL_DIR).mkdir()
+    (snap / manifest.LOCAL_DIR / verified.VERIFIED_FILE).write_text("{not json")
+    assert verified.unchanged(snap, files) == set()
+    assert verified.record(snap, files)  # and the next record replaces them
+    assert len(verified.unchanged(snap, files)) == 2
+
+
+def test_ranges_merge_across_small_gaps_only() -> None:
+    gap = hotset.MERGE_GAP // PAGE
+    got = hotset._merge([0, 1, 2, 2 + gap, 10 * gap, 3])
+    assert got == [(0, (3 + gap) * PAGE), (10 * gap * PAGE, PAGE)]
+    assert hotset._merge([]) == []
+
+
+def test_a_hot_set_drops_files_that_changed(tmp_path: Path) -> None:
+    snap, files = _snapshot(tmp_path)
+    lib = tmp_path / "libfoo.so"
+    lib.write_bytes(b"x" * 3 * PAGE)
+    st = lib.stat()
+    hot = hotset.HotSet(
+        [
+            hotset.HotFile("criu/pages-1.img", 512 * PAGE, 0, [(0, PAGE), (8 * PAGE, 2 * PAGE)]),
+            hotset.HotFile(str(lib), st.st_size, st.st_mtime_ns, [(PAGE, PAGE)]),
+            hotset.HotFile(str(tmp_path / "gone.so"), 10, 1, [(0, 10)]),
+        ]
+    )
+    assert hotset.save(snap, hot)
+    sizes = {e.path: e.size for e in files}
+    got = hotset.load(snap, sizes)
+    assert got is not None and [f.path for f in got.files] == ["criu/pages-1.img", str(lib)]
+    assert got.bytes == 4 * PAGE
+    os.utime(lib, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # an upgraded library
+    got = hotset.load(snap, sizes)
+    assert got is not None and [f.path for f in got.files] == ["criu/pages-1.img"]
+    got = hotset.load(snap, sizes | {"criu/pages-1.img": 1})  # not the image it was learned on
+    assert got is not None and got.files == []
+    hotset.path_of(snap).write_text("[]")
+    assert hotset.load(snap, sizes) is None
+
+
+def test_learning_finds_the_pages_a_process_touched(tmp_path: Path) -> None:
+    """A child maps a file and reads pages 3 and 300 of it: those, and only around them, are hot."""
+    snap, _ = _snapshot(tmp_path)
+    target = snap / "criu" / "pages-1.img"
+    _drop(target)  # else the freshly written file sits in large folios, mapped whole
+    code = (
+        "import mmap, os, sys\n"
+        f"f = open({str(target)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "m.madvise(mmap.MADV_RANDOM)\n"  # no read-ahead around the two faults
+        f"_ = m[3 * {PAGE}] + m[300 * {PAGE}]\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        hot = hotset.learn([child.pid], snap)
+    finally:
+        child.kill()
+        child.wait()
+    (img,) = [f for f in hot.files if f.path == "criu/pages-1.img"]
+    assert img.mtime_ns == 0 and img.size == 512 * PAGE
+    # two ranges, each at most the kernel's fault-around window (16 pages) of cached neighbours
+    assert len(img.ranges) == 2 and all(n <= 16 * PAGE for _, n in img.ranges), img.ranges
+    assert [o <= p * PAGE < o + n for (o, n), p in zip(img.ranges, (3, 300), strict=True)] == [True, True]
+    assert any(f.path.startswith("/") and f.mtime_ns for f in hot.files)  # the interpreter's libraries
+
+
+def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
+    snap, _ = _snapshot(tmp_path)
+    target = snap / "criu" / "pages-1.img"
+    _drop(target)
+    before, total = residency.resident_pages(target)
+    hot = hotset.HotSet([hotset.HotFile("criu/pages-1.img", 512 * PAGE, 0, [(8 * PAGE, 4 * PAGE)])])
+    assert hotset.read(snap, hot, order=lambda f: (0, f.path)) == 4 * PAGE
+    after, _ = residency.resident_pages(target)
+    assert total == 512 and before < 4 <= after
