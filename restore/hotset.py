@@ -9,6 +9,10 @@ them turns random faults into a few sequential reads.
 
 How: after the canary, every file-backed mapping of every process of the tree is looked up in
 /proc/PID/pagemap; a present page (read in, written or not) is a file page the tree needed.
+CRIU itself needs other bytes of the page images earlier: in mmap mode it still reads the runs
+it does not map (short runs, file-backed and executable memory, stacks) while it restores. Those
+are the parts of each page image that no mapping of the tree covers, so they are learned as
+the complement of the mapped ranges, and read first.
 Page images of the snapshot are keyed by their path in the snapshot; any other file (Python,
 torch, vLLM libraries) by its absolute path, size and mtime, so an upgraded library is not read
 by its old ranges. The result lives beside the snapshot (`local/hot.json`), outside the
@@ -31,7 +35,7 @@ from fastvllm.runtime import atomic, manifest
 
 LOCAL_DIR = manifest.LOCAL_DIR
 HOT_FILE = "hot.json"
-VERSION = 1
+VERSION = 2
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
 # a second request to the disk.
@@ -40,12 +44,19 @@ LOOKUP_THREADS = 16
 _PRESENT = np.uint64(1 << 63)
 
 
+# When a range is needed, which is the order it is read in.
+STAGE_CRIU = 0  # page-image runs CRIU reads while it restores (the ones it does not map)
+STAGE_LIBRARY = 1  # library pages: CRIU writes the tree's private copies of them as it restores
+STAGE_TREE = 2  # page-image pages the running tree faulted in
+
+
 @dataclass
 class HotFile:
     path: str  # relative to the snapshot for its own files, else absolute
     size: int
     mtime_ns: int  # 0 for the snapshot's own files (the manifest's checksums cover those)
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), sorted
+    stage: int = STAGE_TREE
 
     @property
     def bytes(self) -> int:
@@ -64,7 +75,7 @@ class HotSet:
         return {
             "version": VERSION,
             "files": [
-                {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "ranges": f.ranges}
+                {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "ranges": f.ranges, "stage": f.stage}
                 for f in self.files
             ],
         }
@@ -99,9 +110,11 @@ def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
     """The file pages the processes `pids` have in memory now (see the module docstring)."""
     snapshot = snapshot.absolute()
     pages: dict[str, set[int]] = {}
+    mapped: dict[str, list[tuple[int, int]]] = {}
     for pid in pids:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
             for lo, hi, offset, path in _mappings(pid):
+                mapped.setdefault(path, []).append((offset, hi - lo))
                 pm.seek(lo // PAGE * 8)
                 raw = pm.read((hi - lo) // PAGE * 8)
                 entries = np.frombuffer(raw, dtype=np.uint64)
@@ -119,13 +132,29 @@ def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
         if not stat.S_ISREG(st.st_mode) or path.startswith("/dev/"):
             continue
         p = Path(path)
-        if p.is_relative_to(snapshot):
-            key, mtime = str(p.relative_to(snapshot)), 0
-        else:
-            key, mtime = path, st.st_mtime_ns
         ranges = [(o, min(n, st.st_size - o)) for o, n in _merge(got) if o < st.st_size]
-        files.append(HotFile(key, st.st_size, mtime, ranges))
+        if p.is_relative_to(snapshot):
+            key = str(p.relative_to(snapshot))
+            files.append(HotFile(key, st.st_size, 0, ranges, STAGE_TREE))
+            copied = _complement(mapped[path], st.st_size)
+            if copied:
+                files.append(HotFile(key, st.st_size, 0, copied, STAGE_CRIU))
+        else:
+            files.append(HotFile(path, st.st_size, st.st_mtime_ns, ranges, STAGE_LIBRARY))
     return HotSet(files)
+
+
+def _complement(covered: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The parts of [0, size) that no (offset, length) in `covered` reaches."""
+    out = []
+    pos = 0
+    for off, n in sorted(covered):
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = max(pos, off + n)
+    if pos < size:
+        out.append((pos, size - pos))
+    return out
 
 
 def path_of(snapshot: Path) -> Path:
@@ -154,7 +183,7 @@ def load(snapshot: Path, sizes: dict[str, int]) -> HotSet | None:
         files = []
         for f in raw["files"]:
             ranges = [(int(o), int(n)) for o, n in f["ranges"]]
-            hf = HotFile(str(f["path"]), int(f["size"]), int(f["mtime_ns"]), ranges)
+            hf = HotFile(str(f["path"]), int(f["size"]), int(f["mtime_ns"]), ranges, int(f["stage"]))
             if hf.path.startswith("/"):
                 try:
                     st = os.stat(hf.path)

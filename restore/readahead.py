@@ -133,13 +133,12 @@ class ReadAhead:
     def _read_hot(self) -> None:
         t0 = time.perf_counter()
         assert self.hot is not None
-        # The libraries first: CRIU writes the tree's private pages of them (relocations, data)
-        # while it restores, which reads them in; the page images' ranges are faulted later,
-        # by the running tree.
+        # What CRIU reads while it restores first (the page-image runs it copies, then the
+        # library pages it writes private copies of), then what the running tree faults in.
         self.stats.hot_bytes = hotset.read(
             self.root,
             self.hot,
-            order=lambda f: (0, f.path) if f.path.startswith("/") else (1, f.path),
+            order=lambda f: (f.stage, f.path),
             stop=lambda: self._stop.is_set() or self._hot_stop.is_set(),
             on_bytes=self._count,
         )

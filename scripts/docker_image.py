@@ -24,6 +24,8 @@ from typing import Any
 
 from fastvllm.runtime.errors import EnvironmentNotReadyError
 
+from fastvllm import container
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPS = Path(os.environ.get("FASTVLLM_DEPS", ROOT / ".deps"))
 BASE_IMAGE = "fastvllm-test-base:bookworm"
@@ -36,24 +38,17 @@ def _say(msg: str) -> None:
 
 
 def client(timeout: int = 600) -> Any:
-    try:
-        import docker
-    except ImportError as e:
-        raise EnvironmentNotReadyError(
-            "the Docker SDK for Python is not installed", hint="run scripts/setup.sh (pip install docker)"
-        ) from e
-    return docker.from_env(timeout=timeout)
+    return container.docker_client(timeout)
 
 
 def daemon_answers() -> bool:
-    import docker.errors  # (a missing SDK is an error of its own, not "no engine": client() says so)
+    import docker  # noqa: F401  (a missing SDK is an error of its own, not "no engine")
 
     try:
-        # The SDK asks the engine for its API version while it builds the client, so with no
-        # engine the constructor itself fails, not just the ping.
-        return bool(client(10).ping())
-    except (docker.errors.DockerException, OSError):
+        container.docker_client(10)
+    except EnvironmentNotReadyError:
         return False
+    return True
 
 
 @dataclass

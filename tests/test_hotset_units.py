@@ -72,6 +72,16 @@ def test_ranges_merge_across_small_gaps_only() -> None:
     assert hotset._merge([]) == []
 
 
+def test_what_no_mapping_covers_is_what_criu_copied() -> None:
+    assert hotset._complement([(PAGE, PAGE), (4 * PAGE, 2 * PAGE), (5 * PAGE, PAGE)], 8 * PAGE) == [
+        (0, PAGE),
+        (2 * PAGE, 2 * PAGE),
+        (6 * PAGE, 2 * PAGE),
+    ]
+    assert hotset._complement([], 3 * PAGE) == [(0, 3 * PAGE)]
+    assert hotset._complement([(0, 4 * PAGE)], 3 * PAGE) == []
+
+
 def test_a_hot_set_drops_files_that_changed(tmp_path: Path) -> None:
     snap, files = _snapshot(tmp_path)
     lib = tmp_path / "libfoo.so"
@@ -99,14 +109,16 @@ def test_a_hot_set_drops_files_that_changed(tmp_path: Path) -> None:
 
 
 def test_learning_finds_the_pages_a_process_touched(tmp_path: Path) -> None:
-    """A child maps a file and reads pages 3 and 300 of it: those, and only around them, are hot."""
+    """A child maps the first 400 pages of a file and reads pages 3 and 300: those, and only
+    around them, are hot for the tree; the 112 pages no mapping covers are what CRIU would have
+    copied, read first."""
     snap, _ = _snapshot(tmp_path)
     target = snap / "criu" / "pages-1.img"
     _drop(target)  # else the freshly written file sits in large folios, mapped whole
     code = (
         "import mmap, os, sys\n"
         f"f = open({str(target)!r}, 'rb')\n"
-        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        f"m = mmap.mmap(f.fileno(), 400 * {PAGE}, prot=mmap.PROT_READ)\n"
         "m.madvise(mmap.MADV_RANDOM)\n"  # no read-ahead around the two faults
         f"_ = m[3 * {PAGE}] + m[300 * {PAGE}]\n"
         "print('ready', flush=True)\n"
@@ -121,12 +133,15 @@ def test_learning_finds_the_pages_a_process_touched(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
-    (img,) = [f for f in hot.files if f.path == "criu/pages-1.img"]
+    (img,) = [f for f in hot.files if f.path == "criu/pages-1.img" and f.stage == hotset.STAGE_TREE]
+    (copied,) = [f for f in hot.files if f.path == "criu/pages-1.img" and f.stage == hotset.STAGE_CRIU]
+    assert copied.ranges == [(400 * PAGE, 112 * PAGE)]
     assert img.mtime_ns == 0 and img.size == 512 * PAGE
     # two ranges, each at most the kernel's fault-around window (16 pages) of cached neighbours
     assert len(img.ranges) == 2 and all(n <= 16 * PAGE for _, n in img.ranges), img.ranges
     assert [o <= p * PAGE < o + n for (o, n), p in zip(img.ranges, (3, 300), strict=True)] == [True, True]
-    assert any(f.path.startswith("/") and f.mtime_ns for f in hot.files)  # the interpreter's libraries
+    libraries = [f for f in hot.files if f.path.startswith("/")]  # the interpreter's
+    assert libraries and all(f.mtime_ns and f.stage == hotset.STAGE_LIBRARY for f in libraries)
 
 
 def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
