@@ -282,7 +282,10 @@ class Router:
     async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
         """Stream one backend's part of a session: SSE chunks for the client, then None when
         a migration asks to switch (leaving closes the stream: the backend aborts it)."""
+        sent = time.perf_counter()
         async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
+            if segment and not s.switched.is_set():  # where the pause goes: see `migrate`
+                s.migrations[-1] |= {"target_request_at": sent, "target_headers_at": time.perf_counter()}
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 yield _sse({"error": {"message": text, "code": r.status_code}})
@@ -365,11 +368,16 @@ class Router:
                 {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
             )
             rounds = rec["rounds"]
-            # switch when close enough, or when a round did not gain on the source (it fell
-            # further behind than the gap it closed: a source that generates faster than the
-            # target re-prefills); the final prefill then covers the rest
-            closed = rounds[-2]["behind"] if len(rounds) > 1 else n
-            stalled = behind >= closed
+            # Switch when close enough. Otherwise go on while rounds gain on the source: each
+            # round re-prefills only what the last one left (the rest is in the target's prefix
+            # cache), and prefill outruns decode. Give up and switch with the gap still open
+            # only when two rounds in a row did not gain (a target slower than the source), or
+            # after MAX_ROUNDS; the final prefill then covers the rest, inside the pause. The
+            # first round is never judged: it can be slow for reasons that do not repeat (the
+            # target's first request on a busy host), and switching after it with hundreds of
+            # tokens behind is what made a 443 ms pause.
+            last = [r["behind"] for r in rounds[-3:]]
+            stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
             if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
                 break
         if s.finished:
@@ -385,6 +393,13 @@ class Router:
         rec["catch_up_s"] = time.perf_counter() - t0
         if "first_target_token_at" in rec and "last_source_token_at" in rec:
             rec["pause_s"] = rec["first_target_token_at"] - rec["last_source_token_at"]
+            if "target_request_at" in rec:  # the pause in parts: closing the source, the
+                # target's response headers, its first token
+                rec["pause_parts_s"] = {
+                    "to_request": rec["target_request_at"] - rec["last_source_token_at"],
+                    "to_headers": rec["target_headers_at"] - rec["target_request_at"],
+                    "to_first_token": rec["first_target_token_at"] - rec["target_headers_at"],
+                }
             # chunks arrive in bursts on a busy host (a median gap can be 0): the mean interval
             # between the source's chunks is the fair yardstick for the pause
             src = [t for t in s.token_times if t <= rec["last_source_token_at"]]
