@@ -277,6 +277,13 @@ class Router:
         finally:
             s.finished = True
             s.switched.set()  # a migration waiting on this stream must not wait forever
+            # A migration still in a catch-up round when the stream ended never switched: say
+            # so now, not when its round comes back (a client asking right after the end of its
+            # stream found no outcome). One whose target already sent a token has switched;
+            # `migrate` records that.
+            rec = s.migrations[-1] if s.migrations else None
+            if rec is not None and "outcome" not in rec and "first_target_token_at" not in rec:
+                rec["outcome"] = "finished on the source before the switch"
             self.streams.pop(s.id, None)
 
     async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
@@ -334,9 +341,14 @@ class Router:
             if s.migrations and "outcome" not in s.migrations[-1]:
                 s.migrations[-1]["outcome"] = f"error: {e!r}"
 
-    async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
+    async def migrate(
+        self, session: str, target: str | None = None, *, urgent: bool = False
+    ) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
-        return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch."""
+        return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch.
+        `urgent` (a drain): getting off the source matters more than the pause, so the switch
+        comes as soon as a round fails to gain, the first round included, and the re-prefill
+        of the gap left goes into the pause; otherwise catch-up goes on while rounds gain."""
         s = self.streams.get(session)
         if s is None or s.finished:
             raise MigrationError(f"no running session {session}")
@@ -375,13 +387,18 @@ class Router:
             # after MAX_ROUNDS; the final prefill then covers the rest, inside the pause. The
             # first round is never judged: it can be slow for reasons that do not repeat (the
             # target's first request on a busy host), and switching after it with hundreds of
-            # tokens behind is what made a 443 ms pause.
-            last = [r["behind"] for r in rounds[-3:]]
-            stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
+            # tokens behind is what made a 443 ms pause. A drain (`urgent`) keeps that old rule:
+            # under heavy load its streams would otherwise often end before leaving the host.
+            if urgent:
+                closed = rounds[-2]["behind"] if len(rounds) > 1 else n
+                stalled = behind >= closed
+            else:
+                last = [r["behind"] for r in rounds[-3:]]
+                stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
             if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
                 break
         if s.finished:
-            rec["outcome"] = "finished on the source before the switch"
+            rec.setdefault("outcome", "finished on the source before the switch")
             s.switched.set()
             return rec
         s.switched.clear()
@@ -417,7 +434,7 @@ class Router:
             raise MigrationError(f"nothing to drain: no instance {backend or 'on host ' + str(host)}")
         self.draining |= urls  # type: ignore[arg-type]
         moving = [s for s in self.streams.values() if s.backend in urls and not s.finished]
-        got = await asyncio.gather(*(self.migrate(s.id) for s in moving), return_exceptions=True)
+        got = await asyncio.gather(*(self.migrate(s.id, urgent=True) for s in moving), return_exceptions=True)
         return [g if isinstance(g, dict) else {"error": str(g)} for g in got]
 
     async def sessions(self, _: Request) -> JSONResponse:
