@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.scheduler.agent import InstanceInfo, NodeAgent, Report
-from fastvllm.scheduler.estimate import Decision, HostView, place
+from fastvllm.scheduler.estimate import Decision, Demand, HostView, place
 
 
 def resolve(model: str, names: Mapping[str, object]) -> str:
@@ -59,6 +59,9 @@ class Controller:
         self.serving: dict[str, InstanceInfo] = {}  # url -> instance
         self._rr = itertools.count()
         self._mu = threading.Lock()
+        # the instances asked for, per model, recently: placement's spreading rules weigh it
+        # (the simulator's "ours" policy feeds the same estimator the same way)
+        self.demand = Demand()
         # Which exceptions mean "the host is gone" (Ray: actor died / unavailable).
         self._is_down = is_down or (lambda e: isinstance(e, ConnectionError | HostDown))
 
@@ -109,10 +112,12 @@ class Controller:
         sizes = {s.model: s.bytes for r in reps for s in r.snapshots}
         return [r.view() for r in reps], sizes
 
-    def place(self, model: str, *, only_holders: bool = True) -> Decision:
+    def place(self, model: str, *, only_holders: bool = True, request: bool = False) -> Decision:
         """The placement decision for `model` over the live hosts. `only_holders`: consider
         only hosts that hold a snapshot of it (this runtime restores local snapshots; copying
-        one from a peer is modelled by the estimator and the simulator, not done here)."""
+        one from a peer is modelled by the estimator and the simulator, not done here).
+        `request`: an instance is being asked for (`start`), so it counts as demand, before
+        the decision, as the simulator counts an arriving request."""
         views, sizes = self.views()
         model = resolve(model, sizes)
         if model not in sizes:
@@ -122,11 +127,15 @@ class Controller:
             )
         if only_holders:
             views = [v for v in views if model in v.snapshots]
-        return place(model, sizes[model], views, sizes=sizes)
+        with self._mu:
+            if request:
+                self.demand.note(model, time.monotonic())
+            demand = self.demand.rates(time.monotonic())
+        return place(model, sizes[model], views, sizes=sizes, demand=demand)
 
     def start(self, model: str) -> InstanceInfo:
         """Place `model` and restore it there; returns the serving instance."""
-        d = self.place(model)
+        d = self.place(model, request=True)
         model = resolve(model, {s.model: s.bytes for r in self.reports() for s in r.snapshots})
         if d.best.kind == "migrate":
             raise UsageError(

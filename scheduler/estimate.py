@@ -9,10 +9,23 @@ controller, the CLI and the simulator, and is unit-tested on tables of cases:
 `PlacementIndex` is the same formula vectorised over every host with numpy: per-host
 bandwidth arrays and, per model, the few hosts that hold it (an inverted index), so a
 decision costs O(hosts) array arithmetic, not a scan of every host's snapshots.
+
+Two spreading rules sit on top of "fastest host wins", both fed by `Demand` (recent requests
+per model, which the controller and the simulator record as they place):
+
+- estimates within `SPREAD.tie` of the best are ties (bandwidths are measured with about that
+  much error), and a tie goes to the host whose page cache holds the least *recently
+  requested* data per copy: a cold model's fetch then lands where it evicts, and occupies the
+  loader and a slot of, a host no busy model depends on;
+- a model whose demand outruns its page-cache copies (requests/s x a page-cache restore /
+  copies > `SPREAD.util`) goes to the fastest host without a copy if that is at most
+  `SPREAD.slack` slower: the one request pays a little, and the next burst finds one more
+  host that restores it from memory instead of queueing behind the few that do.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +33,60 @@ import numpy as np
 from fastvllm.runtime.errors import UsageError
 
 INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The spreading rules' knobs (module docstring). `tie` 0 turns both rules off."""
+
+    tie: float = 0.1  # relative: estimates this close count as equal
+    util: float = 0.2  # requests/s x page-cache restore s / resident copies above this: under-replicated
+    slack: float = 0.5  # an under-replicated model accepts a host this much slower without a copy
+    tau_s: float = 120.0  # time constant of the demand's exponential decay
+
+
+SPREAD = Spread()
+NO_SPREAD = Spread(tie=0.0)
+
+
+class Demand:
+    """Requests per model, exponentially decayed (time constant `tau_s`): what the controller
+    saw recently, so placement can tell a busy model's page-cache copies from idle ones.
+
+    Weights are kept scaled by e^(t/tau) from a reference time, so a request adds one number
+    and nothing decays in place; the scale is moved forward (`note` returns the factor every
+    stored weight was multiplied by) before it can overflow."""
+
+    def __init__(self, tau_s: float = SPREAD.tau_s) -> None:
+        self.tau = tau_s
+        self._t0: float | None = None
+        self._w: dict[str, float] = {}
+
+    def note(self, model: str, now: float) -> float:
+        """Count a request for `model` at `now` (seconds, any monotonic clock); returns the
+        factor all weights were rescaled by (1.0 mostly)."""
+        factor = 1.0
+        if self._t0 is None:
+            self._t0 = now
+        elif (now - self._t0) / self.tau > 30.0:
+            factor = math.exp(-(now - self._t0) / self.tau)
+            self._w = {m: w * factor for m, w in self._w.items() if w * factor > 1e-12}
+            self._t0 = now
+        self._w[model] = self._w.get(model, 0.0) + math.exp((now - self._t0) / self.tau)
+        return factor
+
+    def weight(self, model: str) -> float:
+        """The model's weight in the current scale (comparable across models, not across time)."""
+        return self._w.get(model, 0.0)
+
+    def rate(self, model: str, now: float) -> float:
+        """Recent requests per second for `model`."""
+        if self._t0 is None:
+            return 0.0
+        return self._w.get(model, 0.0) * math.exp(-(now - self._t0) / self.tau) / self.tau
+
+    def rates(self, now: float) -> dict[str, float]:
+        return {m: self.rate(m, now) for m in self._w}
 
 
 @dataclass(frozen=True)
@@ -125,12 +192,16 @@ def place(
     gpu_bytes: int = 0,
     sizes: Mapping[str, int] | None = None,
     prefill_tokens_per_s: float = 2000.0,
+    demand: Mapping[str, float] | None = None,
+    spread: Spread = SPREAD,
 ) -> Decision:
     """Pick the fastest host with a free slot. A host without one is still an option two
     ways: wait for its queue (`queue_s` then counts the wait for a slot), or migrate one of
     its live sessions to a host with a free slot first (ServerlessLLM's idea) when the new
     model's locality there is worth it. `sizes` gives the sizes of the models live sessions
-    run (for the migration's own restore estimate)."""
+    run (for the migration's own restore estimate). `demand` (model -> recent requests/s,
+    `Demand.rates`) turns on the spreading rules of the module docstring; without it the
+    fastest option wins."""
     live = [h for h in hosts if h.alive]
     if not live:
         raise UsageError("no live host to place on", hint="start a node agent (fastvllm cluster status)")
@@ -153,6 +224,9 @@ def place(
                 total = migration_seconds(s, mv, prefill_tokens_per_s) + h.queue_s + here
                 opts.append(Option("migrate", h.name, total, s.id, dst.name))
     opts.sort(key=lambda o: (o.seconds, o.kind != "restore", o.host))
+    best = opts[0]
+    if demand and spread.tie > 0 and best.seconds < INF:
+        best = _spread_choice(model, size, gpu_bytes, live, opts, demand, spread, sizes or {})
     if opts[0].seconds == INF:
         if not free:
             raise UsageError(
@@ -162,7 +236,54 @@ def place(
         raise UsageError(
             f"no host can restore {model}", hint="a GPU snapshot needs a host with a GPU; add one"
         )
-    return Decision(opts[0], opts)
+    return Decision(best, opts)
+
+
+def _resident(loc: Locality | None) -> bool:
+    return loc is not None and loc.resident_bytes > 0
+
+
+def _spread_choice(
+    model: str,
+    size: int,
+    gpu_bytes: int,
+    live: Sequence[HostView],
+    opts: Sequence[Option],
+    demand: Mapping[str, float],
+    spread: Spread,
+    sizes: Mapping[str, int],
+) -> Option:
+    """`place`'s spreading rules over its sorted options (the module docstring says why)."""
+    copies: dict[str, int] = {}
+    for h in live:
+        for m, loc in h.snapshots.items():
+            if _resident(loc):
+                copies[m] = copies.get(m, 0) + 1
+    # page-cache pressure: recently requested bytes per copy, other models only
+    pressure = {
+        h.name: sum(
+            demand.get(m, 0.0) * sizes.get(m, loc.bytes) / copies[m]
+            for m, loc in h.snapshots.items()
+            if m != model and _resident(loc)
+        )
+        for h in live
+    }
+    plain = [o for o in opts if o.kind != "migrate"]
+    if not plain:
+        return opts[0]
+    top = opts[0].seconds * (1 + spread.tie)
+    ties = [o for o in plain if o.seconds <= top]
+    best = min(ties, key=lambda o: (pressure[o.host], o.seconds)) if ties else opts[0]
+    n = copies.get(model, 0)
+    mem = sorted(h.bw.memory for h in live)[len(live) // 2]
+    h2d = sorted(h.bw.h2d for h in live)[len(live) // 2]
+    per = size / mem + (gpu_bytes / h2d if gpu_bytes and h2d > 0 else 0.0)
+    if demand.get(model, 0.0) * per / max(n, 1) > spread.util:
+        has = {h.name for h in live if _resident(h.snapshots.get(model))}
+        fresh = [o for o in plain if o.host not in has and o.seconds <= best.seconds * (1 + spread.slack)]
+        if fresh:
+            best = fresh[0]  # sorted: the fastest host without a copy
+    return best
 
 
 class PlacementIndex:
@@ -174,7 +295,7 @@ class PlacementIndex:
     masks full hosts and takes the argmin. Migration is left to `place` (rare, few hosts).
     """
 
-    def __init__(self, hosts: Sequence[str], bw: Sequence[Bandwidths]) -> None:
+    def __init__(self, hosts: Sequence[str], bw: Sequence[Bandwidths], spread: Spread = SPREAD) -> None:
         self.hosts = list(hosts)
         self.pos = {h: i for i, h in enumerate(self.hosts)}
         n = len(self.hosts)
@@ -188,6 +309,18 @@ class PlacementIndex:
         self.alive = np.ones(n, dtype=bool)
         # model -> (host positions, snapshot bytes, resident bytes), kept small and contiguous
         self._holders: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # the spreading rules' state: recent demand per model, which hosts hold each model in
+        # their page cache, and per host the demand-weighted bytes per copy it holds there
+        # (`pressure`), kept up to date as residency and demand change
+        self.spread = spread
+        self.demand = Demand(spread.tau_s)
+        self._res: dict[str, set[int]] = {}
+        self._bytes: dict[str, float] = {}
+        self._contrib: dict[str, float] = {}
+        self.pressure = np.zeros(n)
+        self._now = 0.0  # when the last request was noted
+        self._mem_median = float(np.median(self.mem)) if n else 0.0
+        self._h2d_median = float(np.median(self.h2d)) if n else 0.0
 
     def set_snapshots(self, host: str, snaps: Mapping[str, Locality]) -> None:
         """Replace what `host` holds (its agent's latest report)."""
@@ -197,6 +330,7 @@ class PlacementIndex:
             keep = hs != i
             if not keep.all():
                 self._holders[model] = (hs[keep], by[keep], rs[keep])
+                self._set_resident(model, i, False)
         for model, loc in snaps.items():
             self.add_snapshot(host, model, loc)
 
@@ -210,6 +344,8 @@ class PlacementIndex:
         else:
             hs, by, rs = np.append(hs, i), np.append(by, loc.bytes), np.append(rs, loc.resident_bytes)
         self._holders[model] = (hs, by, rs)
+        self._bytes[model] = float(loc.bytes)
+        self._set_resident(model, i, loc.resident_bytes > 0)
 
     def remove_snapshot(self, host: str, model: str) -> None:
         got = self._holders.get(model)
@@ -217,6 +353,70 @@ class PlacementIndex:
             return
         keep = got[0] != self.pos[host]
         self._holders[model] = (got[0][keep], got[1][keep], got[2][keep])
+        self._set_resident(model, self.pos[host], False)
+
+    def _set_resident(self, model: str, i: int, resident: bool) -> None:
+        """Host i holds `model` in its page cache (or not): move the model's share of demand
+        onto (or off) i, and re-split it over its copies."""
+        res = self._res.setdefault(model, set())
+        if (i in res) == resident:
+            return
+        old = self._contrib.get(model, 0.0)
+        if res:
+            self.pressure[list(res)] -= old
+        if resident:
+            res.add(i)
+        else:
+            res.discard(i)
+        self._spread_demand(model)
+
+    def _spread_demand(self, model: str) -> None:
+        res = self._res.get(model)
+        if not res:
+            self._contrib[model] = 0.0
+            return
+        new = self.demand.weight(model) * self._bytes.get(model, 0.0) / len(res)
+        self.pressure[list(res)] += new
+        self._contrib[model] = new
+
+    def note_request(self, model: str, now: float) -> None:
+        """A request for `model` arrived at `now` (placement's demand signal)."""
+        self._now = now
+        factor = self.demand.note(model, now)
+        if factor != 1.0:  # the demand's scale moved forward: every stored share with it
+            self.pressure *= factor
+            self._contrib = {m: c * factor for m, c in self._contrib.items()}
+        res = self._res.get(model)
+        if res:
+            self.pressure[list(res)] -= self._contrib.get(model, 0.0)
+        self._spread_demand(model)
+
+    def pick(self, model: str, t: np.ndarray, size: int, gpu_bytes: int = 0) -> int:
+        """The host to use given every host's estimate `t` for `model` (inf: not an option):
+        the fastest, after the spreading rules (module docstring) once demand is recorded."""
+        i = int(np.argmin(t))
+        best = float(t[i])
+        sp = self.spread
+        if sp.tie <= 0 or best == INF or self.demand.weight(model) == 0.0:
+            return i
+        cand = np.flatnonzero(t <= best * (1 + sp.tie))
+        res = self._res.get(model, set())
+        pr = self.pressure[cand]
+        if res:  # a host's own copy of this model is no reason to avoid it
+            pr = pr - np.isin(cand, list(res)) * self._contrib.get(model, 0.0)
+        i = int(cand[np.lexsort((t[cand], pr))[0]])
+        per = size / self._mem_median
+        if gpu_bytes and self._h2d_median:
+            per += gpu_bytes / self._h2d_median
+        rate = self.demand.rate(model, self._now)
+        if rate * per / max(len(res), 1) > sp.util:
+            fresh = t.copy()
+            if res:
+                fresh[list(res)] = INF
+            k = int(np.argmin(fresh))
+            if fresh[k] <= t[i] * (1 + sp.slack):
+                i = k
+        return i
 
     def holders(self, model: str) -> list[str]:
         return [self.hosts[i] for i in self._holders.get(model, (np.empty(0, np.int64),))[0]]
@@ -248,7 +448,7 @@ class PlacementIndex:
         t = self.times(model, size, gpu_bytes)
         t = np.where(self.free > 0, t, t - self.queue + np.maximum(self.queue, self.slot_free))
         t[~self.alive] = INF
-        i = int(np.argmin(t))
+        i = self.pick(model, t, size, gpu_bytes)
         if t[i] == INF:
             raise UsageError(
                 f"no host can restore {model}",

@@ -277,12 +277,22 @@ class Router:
         finally:
             s.finished = True
             s.switched.set()  # a migration waiting on this stream must not wait forever
+            # A migration still in a catch-up round when the stream ended never switched: say
+            # so now, not when its round comes back (a client asking right after the end of its
+            # stream found no outcome). One whose target already sent a token has switched;
+            # `migrate` records that.
+            rec = s.migrations[-1] if s.migrations else None
+            if rec is not None and "outcome" not in rec and "first_target_token_at" not in rec:
+                rec["outcome"] = "finished on the source before the switch"
             self.streams.pop(s.id, None)
 
     async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
         """Stream one backend's part of a session: SSE chunks for the client, then None when
         a migration asks to switch (leaving closes the stream: the backend aborts it)."""
+        sent = time.perf_counter()
         async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
+            if segment and not s.switched.is_set():  # where the pause goes: see `migrate`
+                s.migrations[-1] |= {"target_request_at": sent, "target_headers_at": time.perf_counter()}
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 yield _sse({"error": {"message": text, "code": r.status_code}})
@@ -331,9 +341,14 @@ class Router:
             if s.migrations and "outcome" not in s.migrations[-1]:
                 s.migrations[-1]["outcome"] = f"error: {e!r}"
 
-    async def migrate(self, session: str, target: str | None = None) -> dict[str, Any]:
+    async def migrate(
+        self, session: str, target: str | None = None, *, urgent: bool = False
+    ) -> dict[str, Any]:
         """Move a streamed session to `target` (another instance of its model when None) and
-        return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch."""
+        return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch.
+        `urgent` (a drain): getting off the source matters more than the pause, so the switch
+        comes as soon as a round fails to gain, the first round included, and the re-prefill
+        of the gap left goes into the pause; otherwise catch-up goes on while rounds gain."""
         s = self.streams.get(session)
         if s is None or s.finished:
             raise MigrationError(f"no running session {session}")
@@ -365,15 +380,25 @@ class Router:
                 {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
             )
             rounds = rec["rounds"]
-            # switch when close enough, or when a round did not gain on the source (it fell
-            # further behind than the gap it closed: a source that generates faster than the
-            # target re-prefills); the final prefill then covers the rest
-            closed = rounds[-2]["behind"] if len(rounds) > 1 else n
-            stalled = behind >= closed
+            # Switch when close enough. Otherwise go on while rounds gain on the source: each
+            # round re-prefills only what the last one left (the rest is in the target's prefix
+            # cache), and prefill outruns decode. Give up and switch with the gap still open
+            # only when two rounds in a row did not gain (a target slower than the source), or
+            # after MAX_ROUNDS; the final prefill then covers the rest, inside the pause. The
+            # first round is never judged: it can be slow for reasons that do not repeat (the
+            # target's first request on a busy host), and switching after it with hundreds of
+            # tokens behind is what made a 443 ms pause. A drain (`urgent`) keeps that old rule:
+            # under heavy load its streams would otherwise often end before leaving the host.
+            if urgent:
+                closed = rounds[-2]["behind"] if len(rounds) > 1 else n
+                stalled = behind >= closed
+            else:
+                last = [r["behind"] for r in rounds[-3:]]
+                stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
             if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
                 break
         if s.finished:
-            rec["outcome"] = "finished on the source before the switch"
+            rec.setdefault("outcome", "finished on the source before the switch")
             s.switched.set()
             return rec
         s.switched.clear()
@@ -385,6 +410,13 @@ class Router:
         rec["catch_up_s"] = time.perf_counter() - t0
         if "first_target_token_at" in rec and "last_source_token_at" in rec:
             rec["pause_s"] = rec["first_target_token_at"] - rec["last_source_token_at"]
+            if "target_request_at" in rec:  # the pause in parts: closing the source, the
+                # target's response headers, its first token
+                rec["pause_parts_s"] = {
+                    "to_request": rec["target_request_at"] - rec["last_source_token_at"],
+                    "to_headers": rec["target_headers_at"] - rec["target_request_at"],
+                    "to_first_token": rec["first_target_token_at"] - rec["target_headers_at"],
+                }
             # chunks arrive in bursts on a busy host (a median gap can be 0): the mean interval
             # between the source's chunks is the fair yardstick for the pause
             src = [t for t in s.token_times if t <= rec["last_source_token_at"]]
@@ -402,7 +434,7 @@ class Router:
             raise MigrationError(f"nothing to drain: no instance {backend or 'on host ' + str(host)}")
         self.draining |= urls  # type: ignore[arg-type]
         moving = [s for s in self.streams.values() if s.backend in urls and not s.finished]
-        got = await asyncio.gather(*(self.migrate(s.id) for s in moving), return_exceptions=True)
+        got = await asyncio.gather(*(self.migrate(s.id, urgent=True) for s in moving), return_exceptions=True)
         return [g if isinstance(g, dict) else {"error": str(g)} for g in got]
 
     async def sessions(self, _: Request) -> JSONResponse:

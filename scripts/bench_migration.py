@@ -1,13 +1,20 @@
 """Live migration benchmark: the pause a streaming client sees when its session moves.
 
-Two real vLLM servers of the same model, fastvllm's router in front. Each repetition streams
-one greedy completion through the router, migrates it to the other server after
-`--after` tokens, and checks the client's tokens against an unmigrated run (identical, none
-lost or repeated). Reported: the pause at the switch (last token from the source to the
-first from the target, at the client), next to the mean gap between tokens of the same
-stream, and the catch-up rounds. Medians go to JSON and a PNG chart.
+Two real vLLM servers of the same model, fastvllm's router in front. By default they are
+what a fastvllm fleet runs: two snapshots taken (`fastvllm.snapshot`: launch, warm up,
+canary, checkpoint) from servers on two ports, then both restored (`fastvllm.restore`;
+CRIU gives a restored server its original port, so one snapshot cannot serve twice on one
+host). `--cold` measures two freshly launched servers instead.
 
-    python -m fastvllm.scripts.bench_migration --reps 10 --out results/migration
+Each repetition streams one greedy completion through the router, migrates it to the other
+server after `--after` tokens, and checks the client's tokens against an unmigrated run
+(identical, none lost or repeated). Repetitions go on until `--switches` migrations have
+switched (a stream can end on its source before the catch-up does) or `--max-reps` ran.
+Reported: the pause at the switch (last token from the source to the first from the target,
+at the router), next to the mean gap between tokens of the same stream, and the catch-up
+rounds. Medians go to JSON and a PNG chart.
+
+    python -m fastvllm.scripts.bench_migration --switches 10 --out results/migration
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +37,8 @@ import httpx
 from fastvllm.runtime import instances, proctree, system, vllm_server
 from fastvllm.runtime.tiny_model import resolve_model
 from fastvllm.scheduler.router import MIGRATE_AFTER_HEADER, SESSION_HEADER
+
+import fastvllm
 
 PROMPT = "The history of the lighthouse keeper begins"
 
@@ -53,8 +63,34 @@ def _launch(model: str, port: int, log: Path, dtype: str) -> vllm_server.Server:
     return s
 
 
+def _restored(model: str, ports: tuple[int, int], work: Path, dtype: str) -> list[vllm_server.Server]:
+    """Snapshot a server on each port (two cold starts at once), then restore both."""
+    snaps = [work / f"snap-{p}" for p in ports]
+    with ThreadPoolExecutor(2) as ex:
+        futs = [
+            ex.submit(fastvllm.snapshot, model, out=snap, port=p, vllm_args=["--dtype", dtype])
+            for snap, p in zip(snaps, ports, strict=True)
+        ]
+        for f in futs:
+            f.result()
+    out = []
+    for snap in snaps:
+        res = fastvllm.restore(snap)
+        assert isinstance(res, fastvllm.RestoreResult) and res.canary_ok
+        out.append(res.server)
+    return out
+
+
 def run(
-    model: str, reps: int, after: int, max_tokens: int, ports: tuple[int, int], out: Path | None, dtype: str
+    model: str,
+    switches: int,
+    max_reps: int,
+    after: int,
+    max_tokens: int,
+    ports: tuple[int, int],
+    out: Path | None,
+    dtype: str,
+    cold: bool = False,
 ) -> dict[str, Any]:
     system.ensure_io_uring_disabled()
     proctree.adopt_orphans()
@@ -63,10 +99,13 @@ def run(
     servers: list[vllm_server.Server] = []
     router: subprocess.Popen[str] | None = None
     try:
-        with ThreadPoolExecutor(2) as ex:
-            futs = [ex.submit(_launch, path, p, work / f"server-{p}.log", dtype) for p in ports]
-            for f in futs:
-                servers.append(f.result())
+        if cold:
+            with ThreadPoolExecutor(2) as ex:
+                futs = [ex.submit(_launch, path, p, work / f"server-{p}.log", dtype) for p in ports]
+                for f in futs:
+                    servers.append(f.result())
+        else:
+            servers = _restored(str(path), ports, work, dtype)
         name = vllm_server.served_model_name(servers[0])
         # the router in its own process, as in the Ray runtime (an actor): a client in the same
         # interpreter would share its GIL and slow it
@@ -80,8 +119,10 @@ def run(
         body |= {"ignore_eos": True, "return_token_ids": True}
         reference = _stream(servers[0].base_url, body)[0]
         assert _stream(servers[1].base_url, body)[0] == reference, "the two servers disagree"
-        runs = []
-        for i in range(reps):
+        runs: list[dict[str, Any]] = []
+        for i in range(max_reps):
+            if sum(r.get("outcome") == "switched" for r in runs) >= switches:
+                break
             # the router starts the migration itself (MIGRATE_AFTER_HEADER): the tiny model
             # streams ~1,000 tokens/s, faster than a request from outside can react
             got, sid = _stream(url, body, after)
@@ -90,10 +131,11 @@ def run(
             ok = got == reference
             runs.append(mig | {"identical": ok, "tokens": len(got)})
             print(
-                f"{i + 1}/{reps}: {mig.get('outcome')}, "
+                f"{i + 1}: {mig.get('outcome')}, "
                 f"pause {mig.get('pause_s', float('nan')) * 1000:.1f} ms, "
                 f"token gap {(mig.get('mean_token_gap_s') or float('nan')) * 1000:.1f} ms, "
-                f"{len(mig.get('rounds', []))} round(s), identical {ok}",
+                f"{len(mig.get('rounds', []))} round(s), identical {ok}, pause parts (ms) "
+                f"{ {k: round(v * 1000, 1) for k, v in mig.get('pause_parts_s', {}).items()} }",
                 flush=True,
             )
     finally:
@@ -106,13 +148,15 @@ def run(
             if s.proc is not None:
                 s.proc.wait()
             proctree.wait_gone(tree, 30.0, reaped=True)
+        shutil.rmtree(work, ignore_errors=True)  # snapshots hold process memory: not left in /tmp
     switched = [r for r in runs if r.get("outcome") == "switched"]
     pauses = [r["pause_s"] for r in switched]
     gaps = [r["mean_token_gap_s"] for r in switched if r.get("mean_token_gap_s")]
     res: dict[str, Any] = {
         "benchmark": "migration",
         "model": model,
-        "reps": reps,
+        "servers": "cold-started" if cold else "restored from snapshots",
+        "reps": len(runs),
         "after_tokens": after,
         "max_tokens": max_tokens,
         "dtype": dtype,
@@ -120,6 +164,7 @@ def run(
         "all_identical": all(r["identical"] for r in runs),
         "pause_ms_median": statistics.median(pauses) * 1000 if pauses else None,
         "pause_ms_max": max(pauses) * 1000 if pauses else None,
+        "pause_ms_all": [round(p * 1000, 1) for p in pauses],
         "token_gap_ms_median": statistics.median(gaps) * 1000 if gaps else None,
         "rounds_median": statistics.median(len(r["rounds"]) for r in switched) if switched else None,
         "runs": runs,
@@ -156,7 +201,9 @@ def _chart(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--switches", type=int, default=10, help="repeat until this many migrations switched")
+    ap.add_argument("--max-reps", type=int, default=30, help="... or this many streams ran")
+    ap.add_argument("--cold", action="store_true", help="freshly launched servers instead of restored ones")
     ap.add_argument("--after", type=int, default=20, help="tokens streamed before the migration starts")
     ap.add_argument("--max-tokens", type=int, default=900)
     ap.add_argument("--ports", default="18910,18911")
@@ -169,11 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
     p0, p1 = (int(p) for p in a.ports.split(","))
-    res = run(a.model, a.reps, a.after, a.max_tokens, (p0, p1), a.out, a.dtype)
-    print(
-        f"median pause {res['pause_ms_median']:.1f} ms (max {res['pause_ms_max']:.1f}), median token gap "
-        f"{res['token_gap_ms_median']:.1f} ms, all identical: {res['all_identical']}"
-    )
+    res = run(a.model, a.switches, a.max_reps, a.after, a.max_tokens, (p0, p1), a.out, a.dtype, a.cold)
+    if res["switched"]:
+        print(
+            f"{res['switched']} of {res['reps']} switched: median pause {res['pause_ms_median']:.1f} ms "
+            f"(max {res['pause_ms_max']:.1f}), median token gap {res['token_gap_ms_median']:.1f} ms, "
+            f"all identical: {res['all_identical']}"
+        )
+    else:
+        print(f"none of {res['reps']} switched; all identical: {res['all_identical']}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ Policies:
   on disk), fixed bandwidths for every host, queue-aware.
 - ours: `fastvllm.scheduler.estimate.PlacementIndex` with each host's measured bandwidths
   (true values with 10% measurement noise), page cache / local disk / remote tiers, queue
-  and slot waits.
+  and slot waits, and the estimator's spreading rules (`estimate.Spread`: ties go to hosts
+  whose page cache holds the least recently requested data; a model whose demand outruns
+  its page-cache copies goes to a new host when that is at most 1.5x slower), fed with the
+  requests it has placed, as the controller feeds them.
 
 Both estimate-driven policies may live-migrate (ServerlessLLM's idea, `--no-migration` turns
 it off): when m would load fastest on a full host, its running session with the smallest
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastvllm.scheduler.estimate import INF, Bandwidths, Locality, PlacementIndex
+from fastvllm.scheduler.estimate import INF, NO_SPREAD, SPREAD, Bandwidths, Locality, PlacementIndex
 
 GB = 1e9
 POLICIES = ("random", "serverlessllm", "ours")
@@ -133,13 +136,14 @@ class Sim:
         if policy == "ours":
             noise = lambda: np.exp(self.rng.normal(0, c.noise, c.hosts))  # noqa: E731
             bws = zip(f.disk * noise(), f.mem * noise(), f.net * noise(), f.h2d * noise(), strict=True)
-            self.idx = PlacementIndex(names, [Bandwidths(d, m, n, g) for d, m, n, g in bws])
+            self.idx = PlacementIndex(names, [Bandwidths(d, m, n, g) for d, m, n, g in bws], SPREAD)
             for h, d in enumerate(self.on_disk):
                 for m, b in d.items():
                     self.idx.add_snapshot(names[h], f"m{m}", Locality(int(b), 0))
         elif policy == "serverlessllm":
             fixed = Bandwidths(c.sllm_disk * GB, c.sllm_dram * GB, c.sllm_disk * GB, float(np.median(f.h2d)))
-            self.idx = PlacementIndex(names, [fixed] * c.hosts)
+            # fixed before the first run: fastest estimate wins, no demand-driven spreading
+            self.idx = PlacementIndex(names, [fixed] * c.hosts, NO_SPREAD)
         self.names = names
 
     def migrate(self, now: float, src: int, j: int, dst: int, sm: int) -> int:
@@ -182,23 +186,25 @@ class Sim:
         idx.queue[:] = np.maximum(self.loader_free - now, 0.0)
         idx.slot_free[:] = np.where(free > 0, INF, self.slot_free_at.min(axis=1) - now)
         t0 = time.perf_counter()
-        host, mig = self.decide(m)
+        host, mig = self.decide(m, now)
         return host, time.perf_counter() - t0, mig
 
-    def decide(self, m: int) -> tuple[int, tuple[int, int, int] | None]:
+    def decide(self, m: int, now: float) -> tuple[int, tuple[int, int, int] | None]:
         """The placement decision on the index's current state: `PlacementIndex.best`, and,
         when a host is full where m would load faster than anywhere free, moving its running
         session with the smallest model to a free host first (ServerlessLLM's live
         migration) if that makes m ready sooner. Only the two best full hosts are tried."""
         idx = self.idx
         size = int(self.f.size[m])
+        if self.policy == "ours":  # the demand the spreading rules weigh (the controller does the same)
+            idx.note_request(f"m{m}", now)
         if not self.c.migration:
             host, _ = idx.best(f"m{m}", size, size)
             return idx.pos[host], None
         t = idx.times(f"m{m}", size, size)
         here = t - idx.queue
         wait = np.where(idx.free > 0, t, here + np.maximum(idx.queue, idx.slot_free))
-        i = int(np.argmin(wait))
+        i = idx.pick(f"m{m}", wait, size, size)
         best, move = float(wait[i]), None
         full = np.flatnonzero(idx.free == 0)
         if full.size and full.size < len(wait):
@@ -311,11 +317,13 @@ def decision_latency(c: Config, f: Fleet, samples: int = 2000) -> dict[str, Any]
     sim.idx.queue[:] = rng.exponential(2.0, c.hosts)
     sim.idx.slot_free[:] = np.where(sim.idx.free > 0, INF, rng.exponential(30.0, c.hosts))
     sim.slot_model[:] = rng.choice(c.models, sim.slot_model.shape)
-    models = rng.choice(c.models, samples)
+    # the models requested as the workload requests them, so the demand the spreading rules
+    # weigh is there (and the under-replication rule runs) as in a simulated run
+    models = f.model_of[rng.choice(c.requests, samples)]
     times, cpu = [], []
-    for m in models:
+    for k, m in enumerate(models):
         c0, t0 = time.thread_time(), time.perf_counter()
-        sim.decide(int(m))
+        sim.decide(int(m), k * 0.01)
         times.append(time.perf_counter() - t0)
         cpu.append(time.thread_time() - c0)
     us = np.array(times) * 1e6

@@ -11,9 +11,12 @@ import pytest
 from fastvllm.runtime.errors import UsageError
 from fastvllm.scheduler.estimate import (
     INF,
+    SPREAD,
     Bandwidths,
+    Demand,
     HostView,
     Locality,
+    PlacementIndex,
     Session,
     index_from_views,
     place,
@@ -162,6 +165,66 @@ def test_index_agrees_with_place_on_random_fleets() -> None:
         assert host == want.best.host or math.isclose(
             secs, next(o.seconds for o in want.options if o.host == host)
         )
+
+
+def test_demand_decays_and_rescales() -> None:
+    d = Demand(tau_s=10.0)
+    assert d.rate("m", 0.0) == 0.0
+    d.note("m", 0.0)
+    assert d.rate("m", 0.0) == pytest.approx(0.1)  # one request / tau
+    assert d.rate("m", 10.0) == pytest.approx(0.1 / math.e)
+    d.note("x", 1000.0)  # far later: the scale moves forward, old weight all but gone
+    assert d.rate("m", 1000.0) == pytest.approx(0.0, abs=1e-12)
+    assert d.rate("x", 1000.0) == pytest.approx(0.1)
+
+
+# Two hosts with the same free slot and bandwidths: without demand the first wins; with it, a
+# tie goes to the host whose page cache holds the least recently requested data.
+BUSY = {"hot": Locality(S, S)}
+
+
+def test_place_tie_goes_to_the_host_whose_page_cache_is_least_in_demand() -> None:
+    hosts = [_h("a", snaps=dict(BUSY)), _h("b")]
+    assert place("m", S, hosts).best.host == "a"
+    d = place("m", S, hosts, sizes={"hot": S, "m": S}, demand={"hot": 1.0})
+    assert d.best.host == "b" and d.options[0].seconds == d.options[1].seconds
+    # a clearly faster host is not given up for it
+    hosts = [_h("a", snaps={"m": Locality(S, S), **BUSY}), _h("b")]
+    assert place("m", S, hosts, sizes={"hot": S, "m": S}, demand={"hot": 1.0}).best.host == "a"
+
+
+def test_place_sends_an_under_replicated_model_to_a_new_host() -> None:
+    # m is in a's page cache (0.5 s) and on b's disk (5 s): a wins, unless m is requested so
+    # often that one copy cannot keep up; then b, at most SPREAD.slack slower... not here (10x)
+    hosts = [_h("a", snaps={"m": Locality(S, S)}), _h("b", snaps={"m": Locality(S, 0)})]
+    assert place("m", S, hosts, demand={"m": 100.0}).best.host == "a"
+    # with a queue on a that brings the two within the slack, the busy model spreads to b
+    hosts[0].queue_s = 3.5  # a: 4.0 s, b: 5.0 s
+    assert place("m", S, hosts, demand={"m": 0.01}).best.host == "a"  # little demand: fastest
+    assert place("m", S, hosts, demand={"m": 100.0}).best.host == "b"
+
+
+def test_index_spreads_like_place() -> None:
+    views = [_h("a", snaps=dict(BUSY)), _h("b")]
+    idx = index_from_views(views)
+    assert idx.best("m", S)[0] == "a"  # no demand recorded: the first of equals
+    idx.note_request("hot", 0.0)
+    idx.note_request("m", 0.0)
+    assert idx.best("m", S)[0] == "b"
+    idx.add_snapshot("a", "hot", Locality(S, 0))  # evicted: a no longer holds anything in demand
+    idx.add_snapshot("b", "hot", Locality(S, S))
+    assert idx.best("m", S)[0] == "a"
+    assert idx.pressure[idx.pos["a"]] == 0.0 and idx.pressure[idx.pos["b"]] > 0.0
+    # an under-replicated model goes to a new host within the slack
+    idx2 = PlacementIndex(["a", "b"], [BW, BW])
+    idx2.set_load("a", 1, 3.5)
+    idx2.set_load("b", 1, 0.0)
+    idx2.add_snapshot("a", "m", Locality(S, S))
+    idx2.add_snapshot("b", "m", Locality(S, 0))
+    for k in range(200):
+        idx2.note_request("m", k * 0.01)
+    assert idx2.best("m", S)[0] == "b"
+    assert SPREAD.tie > 0
 
 
 def test_index_updates_holders() -> None:
