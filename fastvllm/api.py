@@ -37,12 +37,14 @@ def snapshot(
     health_timeout: float = 900.0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> SnapshotResult:
     """Launch vLLM on `model` ('tiny' for the built-in one), or take the running server `pid`,
     and write a CRIU snapshot of it to `out`. With `sleep` (the default) the weights and the KV
     cache are released before the dump and reloaded on restore, so the image holds only the
     process skeleton. On a GPU, `sleep_level` is vLLM's: 2 (default) discards weights and KV
-    cache, 1 offloads the weights into host memory (and so into the image), 0 keeps both."""
+    cache, 1 offloads the weights into host memory (and so into the image), 0 keeps both.
+    `env` adds environment variables for the launched server (recorded in the manifest)."""
     opts = SnapshotOptions(
         out=Path(out),
         model=model,
@@ -54,6 +56,7 @@ def snapshot(
         health_timeout=health_timeout,
         sleep=sleep,
         sleep_level=sleep_level,
+        env=dict(env or {}),
     )
     return take_snapshot(opts, timeline, on_bytes)
 

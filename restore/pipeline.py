@@ -28,6 +28,7 @@ from fastvllm.prefetch import residency, warm
 from fastvllm.restore import hotset, order
 from fastvllm.restore.readahead import ReadAhead
 from fastvllm.runtime import (
+    affinity,
     criu,
     cuda_checkpoint,
     instances,
@@ -229,6 +230,7 @@ def restore_snapshot(
                 os.close(fd)
         if ahead is not None:
             ahead.release()
+        affinity.apply(m.affinity)  # CRIU restores TIDs, not the cores vLLM bound them to
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)

@@ -122,6 +122,8 @@ class Manifest:
     sleep_level: int = 0
     cuda_pids: list[int] = field(default_factory=list)
     gpu: dict[str, Any] | None = None
+    # TID -> CPUs of the threads that were bound to cores (CRIU does not restore affinity)
+    affinity: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -146,6 +148,7 @@ class Manifest:
             sleep_level=d.get("sleep_level", 0),
             cuda_pids=d.get("cuda_pids", []),
             gpu=d.get("gpu"),
+            affinity=d.get("affinity", {}),
         )
 
     def write(self, directory: Path) -> None:

@@ -64,6 +64,7 @@ class LaunchSpec:
     host: str = DEFAULT_HOST
     extra_args: list[str] = field(default_factory=list)
     worker_extension: bool = False  # load fastvllm's worker extension (sleeping snapshots)
+    env_overrides: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
     def command(self) -> list[str]:
         python = os.environ.get("FASTVLLM_VLLM_PYTHON", sys.executable)
@@ -75,6 +76,7 @@ class LaunchSpec:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(SERVER_ENV)
+        env.update(self.env_overrides)
         if not cuda_present():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB_DEFAULT)
         return env

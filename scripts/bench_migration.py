@@ -63,13 +63,34 @@ def _launch(model: str, port: int, log: Path, dtype: str) -> vllm_server.Server:
     return s
 
 
+def _cores(i: int, n: int) -> dict[str, str]:
+    """VLLM_CPU_OMP_THREADS_BIND for server `i` of `n`: a contiguous share of this process's
+    cores ({} where there are fewer cores than servers)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // n
+    if share < 1:
+        return {}
+    mine = cpus[i * share : (i + 1) * share]
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
+
+
 def _restored(model: str, ports: tuple[int, int], work: Path, dtype: str) -> list[vllm_server.Server]:
-    """Snapshot a server on each port (two cold starts at once), then restore both."""
+    """Snapshot a server on each port (two cold starts at once), then restore both. Each gets
+    cores of its own where the host has enough (vLLM's CPU backend binds its worker's threads;
+    left to `auto`, two servers on a 2-core host both bind core 0, and the target's catch-up
+    prefill then waits behind the source's decoding: the two stand in for two hosts)."""
     snaps = [work / f"snap-{p}" for p in ports]
     with ThreadPoolExecutor(2) as ex:
         futs = [
-            ex.submit(fastvllm.snapshot, model, out=snap, port=p, vllm_args=["--dtype", dtype])
-            for snap, p in zip(snaps, ports, strict=True)
+            ex.submit(
+                fastvllm.snapshot,
+                model,
+                out=snap,
+                port=p,
+                vllm_args=["--dtype", dtype],
+                env=_cores(i, len(ports)),
+            )
+            for i, (snap, p) in enumerate(zip(snaps, ports, strict=True))
         ]
         for f in futs:
             f.result()

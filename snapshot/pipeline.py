@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastvllm.runtime import (
+    affinity,
     atomic,
     criu,
     cuda_checkpoint,
@@ -52,6 +53,9 @@ class SnapshotOptions:
     # (they land in the CRIU image); 0 keeps everything on the GPU (all of it in the image).
     sleep_level: int = 2
     lock_timeout_s: float = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # for the launched server (e.g. VLLM_CPU_OMP_THREADS_BIND)
 
 
 @dataclass
@@ -130,7 +134,12 @@ def take_snapshot(
             if on_gpu and opts.sleep and opts.sleep_level and "--enable-sleep-mode" not in args:
                 args.append("--enable-sleep-mode")
             spec = vllm_server.LaunchSpec(
-                str(model_dir), opts.port, opts.host, args, worker_extension=opts.sleep
+                str(model_dir),
+                opts.port,
+                opts.host,
+                args,
+                worker_extension=opts.sleep,
+                env_overrides=opts.env,
             )
             system.ensure_io_uring_disabled()
             with tl.phase("launch_to_healthy"):
@@ -206,6 +215,7 @@ def take_snapshot(
         hook.write_text(shm.hook_script(shm_files, staging / "shm"))
         hook.chmod(0o700)
         cuda_pids = cuda_checkpoint.gpu_pids(tree) if on_gpu else []
+        masks = affinity.record(tree)
         gpu = cuda_checkpoint.gpu_identity() if cuda_pids else None
         if cuda_pids:  # the API server holds a CUDA context too: checkpoint every such process
             with tl.phase("cuda_checkpoint"):
@@ -263,6 +273,7 @@ def take_snapshot(
             weights_file=WEIGHTS_FILE if (sleeping and gpu_level in (0, 2)) else None,
             sleep_level=gpu_level,
             cuda_pids=cuda_pids,
+            affinity=masks,
             gpu=gpu.as_dict() if gpu else None,
             released_bytes=released,
             weights_key=shared.key if shared else None,

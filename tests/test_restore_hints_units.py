@@ -1,5 +1,6 @@
-"""Pure logic of what a host remembers about a snapshot: the verified-file stamps and the hot
-set (range merging, keeping only files that are still what they were, reading ranges in)."""
+"""What a host remembers about a snapshot and what a restore puts back beside CRIU: the
+verified-file stamps, the hot set (range merging, keeping only files that are still what they
+were, learning and reading ranges) and thread affinity."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from fastvllm.prefetch import residency
 from fastvllm.restore import hotset
-from fastvllm.runtime import manifest, verified
+from fastvllm.runtime import affinity, manifest, verified
 
 PAGE = hotset.PAGE
 
@@ -153,3 +155,22 @@ def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
     assert hotset.read(snap, hot, order=lambda f: (0, f.path)) == 4 * PAGE
     after, _ = residency.resident_pages(target)
     assert total == 512 and before < 4 <= after
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs to bind a thread to one")
+def test_thread_affinity_is_recorded_and_set_again() -> None:
+    """What CRIU leaves out: a child bound to one CPU is recorded, loses the binding (as after a
+    restore), and gets it back; a CPU that does not exist here is reported, not fatal."""
+    one = min(os.sched_getaffinity(0))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.sched_setaffinity(child.pid, {one})
+        masks = affinity.record([child.pid])
+        assert masks == {str(child.pid): [one]}
+        os.sched_setaffinity(child.pid, os.sched_getaffinity(0))
+        assert affinity.apply(masks) == []
+        assert os.sched_getaffinity(child.pid) == {one}
+        assert affinity.apply({str(child.pid): [10_000]}) == [str(child.pid)]
+    finally:
+        child.kill()
+        child.wait()
