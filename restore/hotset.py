@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -254,8 +255,6 @@ def _lookup(path: Path) -> None:
 
 
 def _populate(fd: int, off: int, n: int) -> None:
-    import mmap
-
     start = off - off % PAGE
     with mmap.mmap(fd, n + (off - start), prot=mmap.PROT_READ, offset=start) as mm:
         mm.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
