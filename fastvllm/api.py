@@ -96,6 +96,7 @@ def restore(
     on_bytes: Callable[[int], None] | None = None,
     criu_restore: str = "auto",
     reverify: bool = False,
+    keep_affinity: bool = False,
 ) -> RestoreResult | ProcessRestoreResult:
     """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
     plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
@@ -106,7 +107,7 @@ def restore(
     fills memory: "mmap" (the page images mapped copy-on-write: the snapshot must then stay in
     place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto".
     A file this host already checked and that is unchanged since is not hashed again, unless
-    `reverify`."""
+    `reverify`. `keep_affinity` binds the threads to the cores they had at snapshot time."""
     where = Path(path).expanduser()
     # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
     # checks (privileges first) produce the right error.
@@ -122,6 +123,7 @@ def restore(
         prefetch_threads,
         criu_restore=criu_restore,
         reverify=reverify,
+        keep_affinity=keep_affinity,
     )
     return restore_snapshot(opts, timeline, on_bytes)
 

@@ -188,6 +188,15 @@ def restore(
             "mtime and ctime) is trusted.",
         ),
     ] = False,
+    keep_affinity: Annotated[
+        bool,
+        typer.Option(
+            "--keep-affinity",
+            help="Bind the server's threads to the CPU cores they were bound to when the snapshot "
+            "was taken (CRIU leaves them unbound). Off by default: vLLM's CPU backend binds every "
+            "server on a host to the same cores unless VLLM_CPU_OMP_THREADS_BIND says otherwise.",
+        ),
+    ] = False,
     prefetch: Annotated[
         bool,
         typer.Option(
@@ -253,6 +262,7 @@ def restore(
                 on_bytes=live.on_bytes,
                 criu_restore=criu_restore.value,
                 reverify=reverify,
+                keep_affinity=keep_affinity,
             )
 
     res = _guard(run)

@@ -64,6 +64,11 @@ class RestoreOptions:
     # "copy" reads them, "lazy" is CRIU's userfaultfd restore; "auto" is the fastest that works.
     criu_restore: str = "auto"
     reverify: bool = False  # hash every file, even those this host checked before and unchanged
+    # Bind the tree's threads to the cores they were bound to at snapshot time (CRIU does not).
+    # Off by default: those cores were chosen for the snapshot host and its neighbours, and
+    # vLLM's `auto` binding puts every server of a host on the same ones (two restored servers
+    # on one 2-core host then fight over core 0: the cluster tests' migrations stopped switching).
+    keep_affinity: bool = False
 
 
 @dataclass
@@ -230,7 +235,8 @@ def restore_snapshot(
                 os.close(fd)
         if ahead is not None:
             ahead.release()
-        affinity.apply(m.affinity)  # CRIU restores TIDs, not the cores vLLM bound them to
+        if opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
+            affinity.apply(m.affinity)
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)

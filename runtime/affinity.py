@@ -4,7 +4,9 @@ Why: CRIU gives restored threads back their TIDs but not their affinity masks. v
 backend binds its OpenMP threads to cores once, at start-up (VLLM_CPU_OMP_THREADS_BIND); a
 restored worker that had been bound to core 1 came back allowed on cores 0-1 (measured here),
 so two restored servers meant to keep to their own cores contend for both. The masks are
-recorded before the dump and set again right after CRIU returns.
+recorded before the dump and, when the restore is asked to (`--keep-affinity`), set again right
+after CRIU returns. Not by default: vLLM's `auto` binding puts every server of a host on the
+same cores, which only stays harmless while CRIU leaves the restored threads free.
 """
 
 from __future__ import annotations

@@ -57,6 +57,18 @@ class Completion:
 WORKER_EXTENSION = "fastvllm.weights.extension.WorkerExtension"
 
 
+def cpu_bind_env(i: int, n: int) -> dict[str, str]:
+    """VLLM_CPU_OMP_THREADS_BIND for server `i` of `n` sharing this host's CPUs: a contiguous
+    share of the cores this process may use ({} where there are fewer cores than servers).
+    Left to `auto`, vLLM's CPU backend binds every server's worker to the same cores (core 0 on
+    a 2-core host); a restore keeps a binding only when asked (runtime.affinity)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // n
+    if share < 1:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[i * share : (i + 1) * share]))}
+
+
 @dataclass
 class LaunchSpec:
     model: str

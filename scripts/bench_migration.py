@@ -63,17 +63,6 @@ def _launch(model: str, port: int, log: Path, dtype: str) -> vllm_server.Server:
     return s
 
 
-def _cores(i: int, n: int) -> dict[str, str]:
-    """VLLM_CPU_OMP_THREADS_BIND for server `i` of `n`: a contiguous share of this process's
-    cores ({} where there are fewer cores than servers)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    share = len(cpus) // n
-    if share < 1:
-        return {}
-    mine = cpus[i * share : (i + 1) * share]
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
-
-
 def _restored(model: str, ports: tuple[int, int], work: Path, dtype: str) -> list[vllm_server.Server]:
     """Snapshot a server on each port (two cold starts at once), then restore both. Each gets
     cores of its own where the host has enough (vLLM's CPU backend binds its worker's threads;
@@ -88,7 +77,7 @@ def _restored(model: str, ports: tuple[int, int], work: Path, dtype: str) -> lis
                 out=snap,
                 port=p,
                 vllm_args=["--dtype", dtype],
-                env=_cores(i, len(ports)),
+                env=vllm_server.cpu_bind_env(i, len(ports)),
             )
             for i, (snap, p) in enumerate(zip(snaps, ports, strict=True))
         ]
@@ -96,7 +85,7 @@ def _restored(model: str, ports: tuple[int, int], work: Path, dtype: str) -> lis
             f.result()
     out = []
     for snap in snaps:
-        res = fastvllm.restore(snap)
+        res = fastvllm.restore(snap, keep_affinity=True)
         assert isinstance(res, fastvllm.RestoreResult) and res.canary_ok
         out.append(res.server)
     return out
