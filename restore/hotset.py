@@ -40,7 +40,8 @@ HOT_FILE = "hot.json"
 VERSION = 2
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
-# a second request to the disk. Measured on the tiny snapshot's hot set, from a cold cache:
+# a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's
+# hot set, from a cold cache:
 # 16 KiB 295 MiB in 0.19-0.22 s, 64 KiB 326 MiB in 0.21-0.23 s, 256 KiB 419 MiB in 0.29-0.32 s,
 # 1 MiB 660 MiB in 0.45-0.47 s.
 MERGE_GAP = 64 << 10
