@@ -389,13 +389,30 @@ class Router:
             # target's first request on a busy host), and switching after it with hundreds of
             # tokens behind is what made a 443 ms pause. A drain (`urgent`) keeps that old rule:
             # under heavy load its streams would otherwise often end before leaving the host.
+            # And whatever the round: when fewer tokens are left to generate than the last
+            # round fell behind, the next round would most likely outlast the stream and the
+            # migration would come to nothing (CI saw 250 behind with 194 left, on two busy
+            # cores where prefill barely outruns decode): switch now and pay the gap in the pause.
+            ending = s.max_tokens - len(s.generated) <= behind
             if urgent:
                 closed = rounds[-2]["behind"] if len(rounds) > 1 else n
                 stalled = behind >= closed
             else:
                 last = [r["behind"] for r in rounds[-3:]]
                 stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
-            if behind <= CATCH_UP_TOKENS or stalled or len(rounds) >= MAX_ROUNDS:
+            why = (
+                "caught up"
+                if behind <= CATCH_UP_TOKENS
+                else "stalled"
+                if stalled
+                else "stream ending"
+                if ending
+                else "max rounds"
+                if len(rounds) >= MAX_ROUNDS
+                else ""
+            )
+            if why:
+                rec["switch_because"] = why
                 break
         if s.finished:
             rec.setdefault("outcome", "finished on the source before the switch")

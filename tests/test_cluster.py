@@ -311,7 +311,8 @@ def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router:
     print(
         f"\nunmigrated stream: {N_TOKENS} tokens in {took:.2f} s; "
         f"migration: switched after {mig['tokens_at_switch']} tokens, {len(mig['rounds'])} catch-up "
-        f"round(s) {[r['behind'] for r in mig['rounds']]} behind, pause at the switch "
+        f"round(s) {[r['behind'] for r in mig['rounds']]} behind ({mig.get('switch_because')}), "
+        f"pause at the switch "
         f"{mig['pause_s'] * 1000:.1f} ms (mean gap between tokens "
         f"{mig['mean_token_gap_s'] * 1000:.1f} ms; parts, ms: "
         f"{ {k: round(v * 1000, 1) for k, v in mig.get('pause_parts_s', {}).items()} })"
