@@ -70,6 +70,7 @@ class WarmStats:
     chunk: int
     stopped: list[Path] = field(default_factory=list)  # files whose warming was stopped early
     skipped_bytes: int = 0  # bytes of those files (and after `stop`) left unread
+    hole_bytes: int = 0  # holes of sparse files: nothing on disk, so never read
 
     @property
     def gbps(self) -> float:
@@ -86,6 +87,7 @@ class WarmStats:
             "chunk": self.chunk,
             "stopped": [str(p) for p in self.stopped],
             "skipped_bytes": self.skipped_bytes,
+            "hole_bytes": self.hole_bytes,
         }
 
 
@@ -147,6 +149,32 @@ def _check(method: str, threads: int, chunk: int) -> None:
         )
 
 
+def data_extents(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """The file's size and its (offset, length) runs of data, holes left out (SEEK_DATA /
+    SEEK_HOLE). Why: a snapshot's /dev/shm copies are 0.4 GB files of which 0.1 MB is data;
+    warming the holes allocated 0.4 GB of zeroed page cache, CPU a restore needs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        out: list[tuple[int, int]] = []
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole is left
+                    break
+                if e.errno == errno.EINVAL:  # a file system without SEEK_DATA: all data
+                    return size, [(0, size)] if size else []
+                raise
+            end = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data, end - data))
+            pos = end
+        return size, out
+    finally:
+        os.close(fd)
+
+
 def warm(
     paths: Sequence[Path],
     *,
@@ -168,14 +196,17 @@ def warm(
     chunk = chunk or DEFAULT_CHUNK
     _check(method, threads, chunk)
     work: list[tuple[Path, int, int]] = []
+    holes = 0
     for p in paths:
         try:
-            size = os.stat(p).st_size
+            size, extents = data_extents(Path(p))
         except OSError as e:
             raise os_error(p, e) from None
-        work += [(Path(p), off, min(chunk, size - off)) for off in range(0, size, chunk)]
+        holes += size - sum(n for _, n in extents)
+        for start, n in extents:
+            work += [(Path(p), off, min(chunk, start + n - off)) for off in range(start, start + n, chunk)]
 
-    stats = WarmStats(0, 0.0, len(paths), method, threads, chunk)
+    stats = WarmStats(0, 0.0, len(paths), method, threads, chunk, hole_bytes=holes)
     lock = threading.Lock()
     cursor = 0
     stopped: set[Path] = set()
