@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 from fastvllm.prefetch.files import os_error
 from fastvllm.prefetch.residency import _mapped, resident_pages
+from fastvllm.runtime import sparse
 from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.runtime.memory import MADV_POPULATE_READ, advise
 from fastvllm.runtime.units import human_bytes
@@ -150,27 +151,12 @@ def _check(method: str, threads: int, chunk: int) -> None:
 
 
 def data_extents(path: Path) -> tuple[int, list[tuple[int, int]]]:
-    """The file's size and its (offset, length) runs of data, holes left out (SEEK_DATA /
-    SEEK_HOLE). Why: a snapshot's /dev/shm copies are 0.4 GB files of which 0.1 MB is data;
-    warming the holes allocated 0.4 GB of zeroed page cache, CPU a restore needs."""
-    fd = os.open(path, os.O_RDONLY)
+    """The file's size and its runs of data (`runtime.sparse`): holes have nothing to read, and
+    warming them fills the page cache with zeroes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole is left
-                    break
-                if e.errno == errno.EINVAL:  # a file system without SEEK_DATA: all data
-                    return size, [(0, size)] if size else []
-                raise
-            end = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, end - data))
-            pos = end
-        return size, out
+        return size, sparse.data_extents(fd, size)
     finally:
         os.close(fd)
 

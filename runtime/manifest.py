@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-from fastvllm.runtime import system, vllm_server
+from fastvllm.runtime import sparse, system, vllm_server
 from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotASnapshotError
 
 FORMAT_VERSION = 1
@@ -337,12 +337,8 @@ def _hash_sparse(
         fd = f.fileno()
         size = os.fstat(fd).st_size
         pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                data = size
-            end = os.lseek(fd, data, os.SEEK_HOLE) if data < size else size
+        runs = [(d, d + n) for d, n in sparse.data_extents(fd, size)]
+        for data, end in [*runs, (size, size)]:  # the last pair hashes a trailing hole
             while pos < data:  # a hole reads as zeros
                 n = min(_CHUNK, data - pos)
                 h.update(zeros[:n])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastvllm.runtime import sparse
+
 SHM = Path("/dev/shm")
 _CHUNK = 4 << 20
 
@@ -50,21 +52,14 @@ def copy_sparse(src: Path, dst: Path) -> None:
         fin, fout = fi.fileno(), fo.fileno()
         size = st.st_size
         os.ftruncate(fout, size)
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fin, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data past pos
-                break
-            hole = os.lseek(fin, data, os.SEEK_HOLE)
-            off = data
+        for data, n in sparse.data_extents(fin, size):
+            off, hole = data, data + n
             while off < hole:
                 buf = os.pread(fin, min(_CHUNK, hole - off), off)
                 if not buf:
                     break
                 os.pwrite(fout, buf, off)
                 off += len(buf)
-            pos = hole
     os.chmod(tmp, st.st_mode & 0o7777)
     os.chown(tmp, st.st_uid, st.st_gid)
     os.replace(tmp, dst)
