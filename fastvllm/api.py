@@ -113,7 +113,7 @@ def restore(
     # checks (privileges first) produce the right error.
     if (where / manifest.MANIFEST).is_file() and manifest.kind(where) == "process":
         return restore_process_snapshot(
-            Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore
+            Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore, reverify=reverify
         )
     opts = RestoreOptions(
         Path(path),

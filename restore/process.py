@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastvllm.runtime import criu, cuda_checkpoint, manifest, proctree, system
+from fastvllm.runtime import criu, cuda_checkpoint, manifest, proctree, system, verified
 from fastvllm.runtime.errors import IdentityMismatchError, UsageError
 from fastvllm.runtime.timeline import Timeline
 
@@ -60,10 +60,16 @@ def _check_host(m: manifest.ProcessManifest, found: criu.Criu) -> None:
 
 
 def restore_process_snapshot(
-    path: Path, *, verify: bool = True, timeline: Timeline | None = None, criu_restore: str = "auto"
+    path: Path,
+    *,
+    verify: bool = True,
+    timeline: Timeline | None = None,
+    criu_restore: str = "auto",
+    reverify: bool = False,
 ) -> ProcessRestoreResult:
     """`criu_restore`: see criu.resolve_mode; in mmap mode the tree keeps the snapshot's page
-    images mapped while it runs."""
+    images mapped while it runs. As for a vLLM snapshot (`runtime.verified`), a file this host
+    already hashed and that is unchanged since is not hashed again, unless `reverify`."""
     tl = timeline or Timeline()
     path = path.expanduser().absolute()
     system.require_criu_privileges()
@@ -74,9 +80,11 @@ def restore_process_snapshot(
         mode = criu.resolve_mode(found, criu_restore)
         _check_host(m, found)
         proctree.wait_gone(m.tree_pids, 30.0, reaped=True)
-    if verify:
+    trusted = verified.unchanged(path, m.files) if verify and not reverify else set()
+    if verify and (unchecked := [f for f in m.files if f.path not in trusted]):
         with tl.phase("verify_checksums"):
-            manifest.verify_files(path, m.files)
+            manifest.verify_files(path, unchecked)
+        verified.record(path, unchecked)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = path / "logs"
     logs.mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from fastvllm.runtime import atomic, criu, cuda_checkpoint, manifest, proctree, system
+from fastvllm.runtime import atomic, criu, cuda_checkpoint, manifest, proctree, system, verified
 from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.snapshot.pipeline import keep_logs
@@ -104,6 +104,7 @@ def take_process_snapshot(
             suspended = False  # the dumped tree is gone; its state lives in the image
         with tl.phase("checksums"):
             files = manifest.collect_files(staging)
+            verified.record(staging, files)  # hashed just now: a restore here need not again
         m = manifest.ProcessManifest(
             identity=manifest.HostIdentity.here(found.version),
             root_pid=pid,

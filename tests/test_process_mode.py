@@ -102,11 +102,27 @@ def test_process_snapshot_restores_the_same_tokens(worker_tree: tuple[int, Path]
     assert r.returncode == 0 and "plain process tree" in r.stdout
     r = run_cli("restore", str(snap), "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["pid"] == pid
+    doc = json.loads(r.stdout)
+    assert doc["pid"] == pid
+    # the snapshot hashed its files on this host just before: the restore trusts them
+    assert "verify_checksums" not in [p["name"] for p in doc["phases"]]
     after = _ask(work, 1)
     assert after["tokens"] == before["tokens"]
     assert after["digest"] == before["digest"]  # every parameter byte, on the device it lives on
     assert after["device"] == before["device"]
+
+    # A file changed since is hashed again and refused, trusted or not.
+    os.kill(pid, signal.SIGKILL)
+    proctree.wait_gone([pid], 30.0, reaped=True)
+    page = max((snap / "criu").glob("pages-*.img"), key=lambda f: f.stat().st_size)
+    with open(page, "r+b") as f:
+        f.seek(page.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = run_cli("restore", str(snap))
+    assert r.returncode != 0 and "checksum" in (r.stderr + r.stdout).lower(), r.stderr
+    assert not proctree.alive(pid)
 
 
 def test_process_snapshot_of_a_missing_pid(tmp_path: Path) -> None:
