@@ -127,16 +127,22 @@ def rc(snaps: Snaps) -> Iterator[RayCluster]:
     from fastvllm.scheduler import ray_runtime
     from ray.cluster_utils import Cluster
 
-    # 2 cores here: explicit, small nodes; actors take no CPU slots
+    # 2 cores here: explicit, small nodes; actors take no CPU slots. Ray's workers bind ports in
+    # 10002-19999 by default, which holds the servers' ports (CRIU gives a restored server its
+    # original one): a suite failed once on "Address already in use" restoring PORT_B. So the
+    # workers get a range of their own, below the kernel's ephemeral ports.
+    worker_ports = {"min_worker_port": 25000, "max_worker_port": 25999}
+    assert TEST_PORT + 50 < 25000 or TEST_PORT > 25999, "FASTVLLM_TEST_PORT overlaps Ray's worker ports"
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20, "include_dashboard": False}
+        | worker_ports,
     )
     pids: list[int] = []
     try:
         nodes = {"node0": cluster.head_node}
         for i in (1, 2):
-            nodes[f"node{i}"] = cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+            nodes[f"node{i}"] = cluster.add_node(num_cpus=1, object_store_memory=80 << 20, **worker_ports)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=ray_runtime.NAMESPACE, log_to_driver=False)
         roots = {n.node_id: str(snaps.root / name) for name, n in nodes.items()}
