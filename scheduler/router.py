@@ -10,7 +10,9 @@ Streamed completions are sessions that can be moved to another instance while th
    prompt's ids and every token generated so far;
 2. to migrate, it sends prompt + generated ids to the target with `max_tokens=1`: a
    prefill that leaves them in the target's prefix cache; the source keeps generating and
-   the client keeps receiving, so rounds repeat until few new tokens are left to catch up;
+   the client keeps receiving, so rounds repeat until few new tokens are left to catch up
+   (or until the rounds stop gaining, or the stream has fewer tokens left than a round falls
+   behind: then the switch comes at once and the gap is re-prefilled inside the pause);
 3. then it stops reading the source (closing the stream aborts the request there) and asks
    the target to continue from prompt + every token the client has received: the stream
    goes on from the target without a gap or a repeated token. Greedy decoding gives the same
