@@ -12,7 +12,9 @@ server after `--after` tokens, and checks the client's tokens against an unmigra
 switched (a stream can end on its source before the catch-up does) or `--max-reps` ran.
 Reported: the pause at the switch (last token from the source to the first from the target,
 at the router), next to the mean gap between tokens of the same stream, and the catch-up
-rounds. Medians go to JSON and a PNG chart.
+rounds. Each repetition also streams once through the router without a migration. That
+stream's largest gap between chunks is the yardstick: on a host short of cores, vLLM's own
+stream stalls too. Medians go to JSON and a PNG chart.
 
     python -m fastvllm.scripts.bench_migration --switches 10 --out results/migration
 """
