@@ -29,6 +29,7 @@ from fastvllm.restore import hotset, order
 from fastvllm.restore.readahead import ReadAhead
 from fastvllm.runtime import (
     affinity,
+    cpu_share,
     criu,
     cuda_checkpoint,
     instances,
@@ -151,6 +152,7 @@ def restore_snapshot(
     proctree.adopt_orphans()
     with tl.phase("validate"):
         m, found, mode = _preflight(path, opts.criu_restore)
+        nice = cpu_share.server_nice()
     ahead: ReadAhead | None = None
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
     hot: hotset.HotSet | None = None
@@ -237,6 +239,7 @@ def restore_snapshot(
             ahead.release()
         if opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
             affinity.apply(m.affinity)
+        cpu_share.yield_to_host(pid, nice)  # CRIU's setsid() gave the tree a fresh autogroup
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)

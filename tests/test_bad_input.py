@@ -75,6 +75,16 @@ def test_restore_missing_directory(tmp_path: Path) -> None:
 
 
 @needs_criu
+def test_restore_bad_server_nice(shared_snapshot: SharedSnapshot, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTVLLM_SERVER_NICE", "-5")
+    r = run_cli("restore", str(shared_snapshot.path))
+    assert r.returncode == 2
+    assert "FASTVLLM_SERVER_NICE='-5' is not a nice value from 0 to 19" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not servers_on_port(TEST_PORT)
+
+
+@needs_criu
 def test_restore_not_a_snapshot(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     r = run_cli("restore", str(tmp_path / "x"))

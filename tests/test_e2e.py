@@ -5,9 +5,10 @@ restored server and restore that."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from fastvllm.runtime import manifest, proctree
+from fastvllm.runtime import cpu_share, manifest, proctree
 
 import fastvllm
 
@@ -47,6 +48,8 @@ def test_restore_is_token_identical_and_resnapshot_restores(
         < phases["criu_restore"]["start_s"] + phases["criu_restore"]["duration_s"]
     )
     assert "verify_checksums" not in phases
+    if Path("/proc/self/autogroup").exists():  # the restored session yields to others (runtime.cpu_share)
+        assert cpu_share.autogroup_nice(res["pid"]) == cpu_share.DEFAULT_NICE
     after = completions(res["url"], shared_snapshot.served_model_name, PROMPTS)
     assert after == shared_snapshot.before
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fastvllm.runtime import atomic, criu, manifest, proctree, shm, tiny_model
-from fastvllm.runtime.errors import IntegrityError, NotASnapshotError, SnapshotExistsError
+from fastvllm.runtime import atomic, cpu_share, criu, manifest, proctree, shm, tiny_model
+from fastvllm.runtime.errors import IntegrityError, NotASnapshotError, SnapshotExistsError, UsageError
 
 
 def test_tiny_model_is_byte_identical_across_runs(tmp_path: Path) -> None:
@@ -211,3 +211,39 @@ def test_mapped_hash_stops_when_asked(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(os.urandom(20 << 20))
     assert manifest.hash_file_mapped(p, stop=lambda: True) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [(None, cpu_share.DEFAULT_NICE), ("0", 0), (" 19 ", 19), ("-1", None), ("20", None), ("ten", None)],
+)
+def test_server_nice_setting(monkeypatch: pytest.MonkeyPatch, raw: str | None, want: int | None) -> None:
+    if raw is None:
+        monkeypatch.delenv(cpu_share.ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_share.ENV, raw)
+    if want is None:
+        with pytest.raises(UsageError, match="FASTVLLM_SERVER_NICE"):
+            cpu_share.server_nice()
+    else:
+        assert cpu_share.server_nice() == want
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/autogroup").exists(),
+    reason="this kernel has no autogroup (CONFIG_SCHED_AUTOGROUP off)",
+)
+def test_yield_to_host_sets_the_sessions_autogroup_nice_and_nothing_else() -> None:
+    mine = cpu_share.autogroup_nice(os.getpid())
+    p = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a session of its own, like a server
+    try:
+        assert cpu_share.autogroup_nice(p.pid) == 0
+        assert cpu_share.yield_to_host(p.pid, 7)
+        assert cpu_share.autogroup_nice(p.pid) == 7
+        assert not cpu_share.yield_to_host(p.pid, 0)  # 0 leaves it alone
+        assert cpu_share.autogroup_nice(p.pid) == 7
+        assert cpu_share.autogroup_nice(os.getpid()) == mine
+    finally:
+        p.kill()
+        p.wait()
+    assert not cpu_share.yield_to_host(p.pid, 7)  # gone: no error, nothing set
