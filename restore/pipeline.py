@@ -239,7 +239,7 @@ def restore_snapshot(
             ahead.release()
         if opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
             affinity.apply(m.affinity)
-        cpu_share.yield_to_host(pid, nice)  # CRIU's setsid() gave the tree a fresh autogroup
+        cpu_share.yield_to_host(proctree.session_pids(pid), nice)  # CRIU put it back where it ran
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)

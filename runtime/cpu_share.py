@@ -1,24 +1,34 @@
-"""A vLLM server's share of the CPU against the rest of the host, under Linux's autogroup.
+"""The CPU share of fastvllm's vLLM servers against the rest of the host, and among themselves.
 
 Why: vLLM's engine core and workers busy-poll their shared-memory queues (`sched_yield` for a
-second after each message). With autogroup on (`kernel.sched_autogroup_enabled=1`, the
-default of most kernels), the scheduler shares CPU between sessions, and every server runs in
-its own session (CRIU needs that). A client or router in another session then waits behind
-the polls: on this project's 2-core host a client streaming 600 tokens six times from the
-tiny model spent 5.9 s runnable but not running, and its streams stalled for 0.2-0.9 s at a
-time (the tokens arriving in bursts afterwards). With the server's session at autogroup nice
-5, 10 or 19 the same client waited 5-54 ms in all and no gap between chunks exceeded 100 ms,
-and the streams were no slower, because the server still gets every cycle nobody else wants.
-With autogroup off, per-thread fairness already keeps the polls from starving anyone
-(measured too), and this setting has no effect.
+second after each message), and every server runs in a session of its own (CRIU needs that).
+Under Linux's autogroup scheduler (`kernel.sched_autogroup_enabled=1`, the default of most
+kernels) the CPU is shared between sessions, and on this project's 2-core host that starved
+whatever was not polling (measured with ad-hoc scripts, thread schedstat sampled every 10 ms):
 
-The nice value is `FASTVLLM_SERVER_NICE` (0-19, default 10; 0 leaves the server as the
-kernel placed it). It is applied to launched servers and again after every restore, since
-CRIU's restored session starts a fresh autogroup at nice 0.
+- a client streaming 600 tokens six times from one tiny-model server spent 5.9 s of 9 s
+  runnable but not running, and its streams stalled 0.2-0.9 s at a time;
+- with one server streaming, a second, idle server took 66 ms (median) to 3.6 s to answer a
+  one-token request, and with both sessions at autogroup nice 10 (a first attempt at a fix)
+  it did not answer within 20 s: its API server waited 11.7 s runnable and ran 21 ms.
+
+Every server therefore joins one shared cgroup (`fastvllm` under the cpu controller, v1 or v2)
+with a low weight. A task in a cgroup other than the root is not autogrouped, so inside it the
+servers' threads share the CPU thread by thread, where the polls yield to the woken threads;
+and the group as a whole yields to the host's other work (clients, the router, the restore's
+own read-ahead) while taking every cycle nobody else wants. Measured the same way: the idle
+server answered in 22-26 ms (median, max 38-144 ms) while the other streamed, and the client
+of the streaming one never stalled.
+
+The weight is `FASTVLLM_SERVER_NICE` (0-19, default 10) read as a nice value through the
+kernel's nice-to-weight table (nice 10 is 110 against 1024); 0 makes fastvllm move nothing (CRIU
+still restores a tree into the cgroup it was dumped in, creating it if needed). Where no cgroup can be made (a container with a read-only cgroupfs), servers stay put:
+there, in a container's cgroup, autogroup does not apply anyway.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -26,10 +36,13 @@ from fastvllm.runtime.errors import UsageError
 
 ENV = "FASTVLLM_SERVER_NICE"
 DEFAULT_NICE = 10
+CGROUP = "fastvllm"
+# The kernel's sched_prio_to_weight for nice 0..19 (kernel/sched/core.c).
+_NICE_WEIGHT = (1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
 
 
 def server_nice() -> int:
-    """The autogroup nice for servers, from the environment."""
+    """The servers' nice value from the environment (0: leave them alone)."""
     raw = os.environ.get(ENV, str(DEFAULT_NICE)).strip()
     try:
         nice = int(raw)
@@ -38,29 +51,91 @@ def server_nice() -> int:
     if not 0 <= nice <= 19:
         raise UsageError(
             f"{ENV}={raw!r} is not a nice value from 0 to 19",
-            hint=f"unset it (default {DEFAULT_NICE}) or set 0 to leave servers at the kernel's default",
+            hint=f"unset it (default {DEFAULT_NICE}) or set 0 to leave servers where the kernel puts them",
         )
     return nice
 
 
-def yield_to_host(pid: int, nice: int | None = None) -> bool:
-    """Set the autogroup nice of `pid`'s session (the whole server tree shares it). Returns
-    False where the kernel has no autogroup (the file is missing) or the process is gone: the
-    server then runs as the kernel placed it, which only costs latency, so it is not an error."""
-    nice = server_nice() if nice is None else nice
-    if nice == 0:
-        return False
+def _cpu_hierarchy() -> tuple[Path, int] | None:
+    """(mount point, version) of the cgroup hierarchy with the cpu controller, or None."""
     try:
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-    except OSError:
-        return False
-    return True
-
-
-def autogroup_nice(pid: int) -> int | None:
-    """The autogroup nice of `pid`'s session (None without autogroup)."""
-    try:
-        text = Path(f"/proc/{pid}/autogroup").read_text()  # "/autogroup-123 nice 10"
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return None
-    return int(text.split()[-1])
+    v2 = None
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        fields, post_fields = pre.split(), post.split()
+        if len(fields) < 5 or len(post_fields) < 3:
+            continue
+        fstype, options = post_fields[0], post_fields[2].split(",")
+        if fstype == "cgroup" and "cpu" in options:
+            return Path(fields[4]), 1
+        if fstype == "cgroup2" and v2 is None:
+            v2 = Path(fields[4])
+    if v2 is not None:
+        try:
+            if "cpu" in (v2 / "cgroup.subtree_control").read_text().split():
+                return v2, 2
+        except OSError:
+            return None
+    return None
+
+
+def group_path() -> Path | None:
+    """Where the servers' cgroup is, or would be (None without a cpu controller)."""
+    found = _cpu_hierarchy()
+    return None if found is None else found[0] / CGROUP
+
+
+def _ensure_group(nice: int) -> Path | None:
+    found = _cpu_hierarchy()
+    if found is None:
+        return None
+    root, version = found
+    group = root / CGROUP
+    weight = _NICE_WEIGHT[nice]
+    try:
+        group.mkdir(exist_ok=True)
+        if version == 1:
+            (group / "cpu.shares").write_text(str(weight))
+        else:  # cpu.weight 100 is the default, as 1024 is for shares
+            (group / "cpu.weight").write_text(str(max(1, math.ceil(weight * 100 / 1024))))
+    except OSError:
+        return None
+    return group
+
+
+def yield_to_host(pids: list[int], nice: int | None = None) -> Path | None:
+    """Move the processes `pids` (a server's tree; children forked later follow their parent)
+    into the servers' shared cgroup. Returns the cgroup, or None where servers stay put (nice
+    0, no cpu controller, a read-only cgroupfs, or the processes are gone): that only costs
+    latency on a crowded host, so it is not an error."""
+    nice = server_nice() if nice is None else nice
+    if nice == 0:
+        return None
+    group = _ensure_group(nice)
+    if group is None:
+        return None
+    moved = 0
+    for pid in pids:
+        try:
+            (group / "cgroup.procs").write_text(str(pid))
+            moved += 1
+        except OSError:
+            continue
+    return group if moved else None
+
+
+def group_of(pid: int) -> str | None:
+    """The cpu cgroup path of `pid` ("/fastvllm" once it joined), None if it cannot be read."""
+    found = _cpu_hierarchy()
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if (found is not None and found[1] == 2 and controllers == "") or "cpu" in controllers.split(","):
+            return path
+    return None

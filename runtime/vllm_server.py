@@ -172,8 +172,8 @@ def launch(spec: LaunchSpec, log_path: Path) -> Server:
     """Start the server in its own session, stdin from /dev/null, output to `log_path`.
 
     Its own session makes it the root of a self-contained tree for CRIU (no --shell-job, so a
-    restored tree gets its own session back and we can stop it by session id). That session's
-    CPU share is lowered (runtime.cpu_share) so vLLM's polling loops yield to other sessions."""
+    restored tree gets its own session back and we can stop it by session id). It joins the
+    servers' shared cgroup (runtime.cpu_share) so vLLM's polling loops yield to other work."""
     nice = cpu_share.server_nice()  # a bad setting fails before anything starts
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -187,7 +187,7 @@ def launch(spec: LaunchSpec, log_path: Path) -> Server:
             start_new_session=True,
             close_fds=True,
         )
-    cpu_share.yield_to_host(proc.pid, nice)  # its busy-polling must not starve other sessions
+    cpu_share.yield_to_host([proc.pid], nice)  # its busy-polling must not starve the host
     return Server(pid=proc.pid, host=spec.host, port=spec.port, log_path=log_path, proc=proc)
 
 

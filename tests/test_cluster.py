@@ -147,7 +147,9 @@ def rc(snaps: Snaps) -> Iterator[RayCluster]:
         ray.init(address=cluster.address, namespace=ray_runtime.NAMESPACE, log_to_driver=False)
         roots = {n.node_id: str(snaps.root / name) for name, n in nodes.items()}
         names = {n.node_id: name for name, n in nodes.items()}
-        handle, _ = ray_runtime.start(roots, slots=1, names=names)
+        # fetch off: these "hosts" share one machine, where a copy restored beside its running
+        # original would need the original's PIDs and port; the one test of copying turns it on
+        handle, _ = ray_runtime.start(roots, slots=1, names=names, fetch=False)
         yield RayCluster(cluster, nodes, ray_runtime.ControllerHandle(handle), pids)
     finally:
         for pid in pids:
@@ -422,3 +424,29 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
         f"\n{len(results)} requests, all served ({len(results) - n_at_kill} after node1 was removed); "
         "2 streams, the one on node1 resumed on node0 with identical tokens"
     )
+
+
+def test_a_host_without_the_snapshot_copies_it_from_a_peer_and_serves(rc: RayCluster, snaps: Snaps) -> None:
+    # nothing may run from A or B here: a copy of A restored on node2 takes A's PIDs and port
+    rc.ctl.call("stop_all")
+    live = [r["name"] for r in rc.ctl.call("status")["hosts"]]
+    assert "node2" in live and not list((snaps.root / "node2").iterdir())
+    d = rc.ctl.call("place", snaps.model, True)  # fetch: node2 is an option, charged the copy
+    node2 = next(o for o in d["options"] if o["host"] == "node2")
+    assert 0 < node2["seconds"] < float("inf"), d
+    inst = rc.ctl.call("start", snaps.model, True, "node2")
+    rc.pids.append(inst["pid"])
+    assert inst["host"] == "node2" and inst["copy_s"] > 0
+    copy = Path(inst["snapshot"])
+    assert copy.parent == snaps.root / "node2"
+    src = snaps.a if copy.name == snaps.a.name else snaps.b
+    m = manifest.load(copy)
+    assert m.files == manifest.load(src).files
+    body = {"model": snaps.model, "prompt": m.canary.prompt, "max_tokens": m.canary.max_tokens}
+    r = httpx.post(f"{inst['url']}/v1/completions", json=body | {"temperature": 0, "return_token_ids": True})
+    assert r.json()["choices"][0]["token_ids"] == m.canary.token_ids
+    print(
+        f"\ncopied {src.name} to node2 in {inst['copy_s']:.2f} s "
+        f"(estimate with the copy {node2['seconds']:.2f} s), restored in {inst['restore_s']:.2f} s"
+    )
+    rc.ctl.call("stop", inst["url"])

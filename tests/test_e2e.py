@@ -5,7 +5,6 @@ restored server and restore that."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from fastvllm.runtime import cpu_share, manifest, proctree
@@ -48,8 +47,8 @@ def test_restore_is_token_identical_and_resnapshot_restores(
         < phases["criu_restore"]["start_s"] + phases["criu_restore"]["duration_s"]
     )
     assert "verify_checksums" not in phases
-    if Path("/proc/self/autogroup").exists():  # the restored session yields to others (runtime.cpu_share)
-        assert cpu_share.autogroup_nice(res["pid"]) == cpu_share.DEFAULT_NICE
+    if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
+        assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
     after = completions(res["url"], shared_snapshot.served_model_name, PROMPTS)
     assert after == shared_snapshot.before
 

@@ -229,21 +229,20 @@ def test_server_nice_setting(monkeypatch: pytest.MonkeyPatch, raw: str | None, w
         assert cpu_share.server_nice() == want
 
 
-@pytest.mark.skipif(
-    not Path("/proc/self/autogroup").exists(),
-    reason="this kernel has no autogroup (CONFIG_SCHED_AUTOGROUP off)",
-)
-def test_yield_to_host_sets_the_sessions_autogroup_nice_and_nothing_else() -> None:
-    mine = cpu_share.autogroup_nice(os.getpid())
+@pytest.mark.skipif(cpu_share.group_path() is None, reason="no cgroup hierarchy with the cpu controller here")
+def test_yield_to_host_moves_a_tree_into_the_servers_cgroup() -> None:
+    mine = cpu_share.group_of(os.getpid())
     p = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a session of its own, like a server
     try:
-        assert cpu_share.autogroup_nice(p.pid) == 0
-        assert cpu_share.yield_to_host(p.pid, 7)
-        assert cpu_share.autogroup_nice(p.pid) == 7
-        assert not cpu_share.yield_to_host(p.pid, 0)  # 0 leaves it alone
-        assert cpu_share.autogroup_nice(p.pid) == 7
-        assert cpu_share.autogroup_nice(os.getpid()) == mine
+        assert cpu_share.yield_to_host([p.pid], 0) is None  # 0 leaves it alone
+        assert cpu_share.group_of(p.pid) == mine
+        group = cpu_share.yield_to_host([p.pid], cpu_share.DEFAULT_NICE)
+        assert group == cpu_share.group_path()
+        assert cpu_share.group_of(p.pid) == "/" + cpu_share.CGROUP
+        weights = [f.read_text().strip() for f in (group / "cpu.shares", group / "cpu.weight") if f.exists()]
+        assert weights in (["110"], ["11"])  # nice 10 through the kernel's table (v1 shares, v2 weight)
+        assert cpu_share.group_of(os.getpid()) == mine  # the caller stays where it was
     finally:
         p.kill()
         p.wait()
-    assert not cpu_share.yield_to_host(p.pid, 7)  # gone: no error, nothing set
+    assert cpu_share.yield_to_host([p.pid]) is None  # gone: no error, nothing moved
