@@ -21,9 +21,10 @@ server answered in 22-26 ms (median, max 38-144 ms) while the other streamed, an
 of the streaming one never stalled.
 
 The weight is `FASTVLLM_SERVER_NICE` (0-19, default 10) read as a nice value through the
-kernel's nice-to-weight table (nice 10 is 110 against 1024); 0 makes fastvllm move nothing (CRIU
-still restores a tree into the cgroup it was dumped in, creating it if needed). Where no cgroup can be made (a container with a read-only cgroupfs), servers stay put:
-there, in a container's cgroup, autogroup does not apply anyway.
+kernel's nice-to-weight table (nice 10 is 110 against 1024); 0 makes fastvllm move nothing
+(CRIU still restores a tree into the cgroup it was dumped in, creating it if needed). Where no
+cgroup can be made (a container with a read-only cgroupfs), servers stay put: in a
+container's cgroup autogroup does not apply anyway.
 """
 
 from __future__ import annotations

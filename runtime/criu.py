@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import xxhash
-from fastvllm.runtime import mapped
+from fastvllm.runtime import mapped, native_build
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
 
 MIN_VERSION = (4, 2)
@@ -175,32 +174,8 @@ def _cpu_has_amx() -> bool:
 
 def xcomp_preload() -> Path | None:
     """The LD_PRELOAD library that gives restored tasks AMX permission (native/xcomp_perm.c
-    says why), compiled once into the user's cache; None where the CPU has no AMX."""
-    if not _cpu_has_amx():
-        return None
-    src = Path(__file__).parent / "native" / "xcomp_perm.c"
-    digest = xxhash.xxh3_64_hexdigest(src.read_bytes())
-    home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
-    lib = home / "lib" / f"xcomp_perm-{digest}.so"
-    if lib.is_file():
-        return lib
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        raise EnvironmentNotReadyError(
-            "this CPU has AMX and restoring needs a small helper library, but no C compiler was found",
-            hint="install gcc (apt-get install gcc) or run scripts/setup.sh",
-        )
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run(
-        [cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        raise EnvironmentNotReadyError(
-            f"could not build {lib.name}: {r.stderr.strip()[-200:]}", hint="check gcc"
-        )
-    os.replace(tmp, lib)
-    return lib
+    says why); None where the CPU has no AMX."""
+    return native_build.build("xcomp_perm") if _cpu_has_amx() else None
 
 
 def _run(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from fastvllm.runtime import cpu_share
+from fastvllm.runtime import bind_ports, cpu_share
 from fastvllm.runtime.errors import ModelError, PortInUseError, ServerError
 
 DEFAULT_PORT = 8000
@@ -175,6 +175,11 @@ def launch(spec: LaunchSpec, log_path: Path) -> Server:
     restored tree gets its own session back and we can stop it by session id). It joins the
     servers' shared cgroup (runtime.cpu_share) so vLLM's polling loops yield to other work."""
     nice = cpu_share.server_nice()  # a bad setting fails before anything starts
+    env = spec.env()
+    ports = bind_ports.env_for(spec.port)  # its own sockets off the ephemeral ports, for restores
+    if ports:
+        ports["LD_PRELOAD"] = " ".join(p for p in (ports["LD_PRELOAD"], env.get("LD_PRELOAD", "")) if p)
+        env.update(ports)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -182,7 +187,7 @@ def launch(spec: LaunchSpec, log_path: Path) -> Server:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=spec.env(),
+            env=env,
             cwd="/",
             start_new_session=True,
             close_fds=True,

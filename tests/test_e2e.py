@@ -5,9 +5,11 @@ restored server and restore that."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import psutil
 import pytest
-from fastvllm.runtime import cpu_share, manifest, proctree
+from fastvllm.runtime import bind_ports, cpu_share, manifest, proctree
 
 import fastvllm
 
@@ -49,6 +51,15 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     assert "verify_checksums" not in phases
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
+    # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
+    listening = {
+        c.laddr.port
+        for p in proctree.session_pids(res["pid"])
+        for c in psutil.Process(p).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    } - {TEST_PORT}
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert listening and all(bind_ports.LOW <= p < ephemeral_low for p in listening), sorted(listening)
     after = completions(res["url"], shared_snapshot.served_model_name, PROMPTS)
     assert after == shared_snapshot.before
 

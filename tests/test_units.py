@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -246,3 +247,46 @@ def test_yield_to_host_moves_a_tree_into_the_servers_cgroup() -> None:
         p.kill()
         p.wait()
     assert cpu_share.yield_to_host([p.pid]) is None  # gone: no error, nothing moved
+
+
+_BIND_PROBE = """
+import json, os, socket
+held = []
+def take(kind=socket.SOCK_STREAM):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+    return s.getsockname()[1]
+mine = [take() for _ in range(3)]
+r, w = os.pipe()
+if os.fork() == 0:  # a child process of the same server draws from the same sequence
+    os.write(w, " ".join(str(take()) for _ in range(4)).encode())
+    os._exit(0)
+os.wait()
+child = [int(x) for x in os.read(r, 100).split()]
+print(json.dumps([mine, child, take(socket.SOCK_DGRAM)]))
+"""
+
+
+@pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the bind helper"
+)
+def test_bind_ports_helper_draws_port_zero_binds_from_the_servers_range(tmp_path: Path) -> None:
+    from fastvllm.runtime import native_build
+
+    env = dict(
+        os.environ,
+        LD_PRELOAD=str(native_build.build("bind_ports")),
+        FASTVLLM_BIND_PORTS="20100-20105",
+        FASTVLLM_BIND_FIRST="20102",
+        FASTVLLM_BIND_STATE=str(tmp_path / "state"),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _BIND_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    parent_ports, child_ports, udp = json.loads(r.stdout)
+    assert parent_ports == [20102, 20103, 20104]  # in sequence from the server's first port
+    # the child went on from the shared sequence, wrapped around, and once the six ports were
+    # all held fell back to the kernel's choice
+    assert child_ports[:3] == [20105, 20100, 20101] and not 20100 <= child_ports[3] <= 20105
+    assert not 20100 <= udp <= 20105  # only TCP is moved
