@@ -135,7 +135,9 @@ def place_cmd(
     """Where MODEL would restore fastest, and the estimate for every host that could take it.
 
     Estimate = queue wait + cached bytes / page-cache bandwidth + other local bytes / disk
-    bandwidth (+ GPU bytes / host-to-device bandwidth), with each host's measured figures."""
+    bandwidth (+ GPU bytes / host-to-device bandwidth), with each host's measured figures. A
+    host without the snapshot (when the controller fetches) is charged its size / network
+    bandwidth instead of the local terms."""
     d = _guard(lambda: _controller(snapshots, ray_address).call("place", model))
     if as_json:
         _emit(d)
@@ -244,6 +246,14 @@ def serve(
     host: Annotated[str, typer.Option(help="The router's address.")] = "127.0.0.1",
     start: Annotated[list[str], typer.Option(help="Model to place and restore at start (repeatable).")] = [],  # noqa: B006
     slots: Annotated[int, typer.Option(min=0, help="Servers per host (0: its GPUs, or 1).")] = 0,
+    fetch: Annotated[
+        bool,
+        typer.Option(
+            help="Let placement pick a host without the snapshot, which copies it from a peer first "
+            "(--no-fetch where several Ray nodes share one machine: a copy restored beside its running "
+            "original needs the same PIDs and port)."
+        ),
+    ] = True,
     ray_address: RayOpt = "",
 ) -> None:
     """Run the controller and the OpenAI-compatible router in the foreground.
@@ -259,7 +269,7 @@ def serve(
 
         ray = ray_runtime._ray()
         ray.init(address=ray_address, namespace=ray_runtime.NAMESPACE, log_to_driver=False)
-        handle, _ = ray_runtime.start(str(snapshots), slots=slots or None)
+        handle, _ = ray_runtime.start(str(snapshots), slots=slots or None, fetch=fetch)
         return ray_runtime.ControllerHandle(handle)
 
     ctl = _guard(up)

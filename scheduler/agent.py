@@ -4,7 +4,8 @@ restores there (one at a time: restores share the disk, so queueing them is what
 estimate's queue term models).
 
 The same class runs embedded (single host, no Ray) and inside a Ray actor pinned to its
-node (`scheduler.ray_runtime`); everything it returns is plain JSON-able data.
+node (`scheduler.ray_runtime`); everything it returns is plain JSON-able data. Agents also copy
+snapshots to each other (`serve_snapshot` on the holder, `fetch_snapshot` on the receiver).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastvllm.prefetch import residency
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
 from fastvllm.runtime import instances, manifest, proctree
 from fastvllm.runtime.errors import UsageError
-from fastvllm.scheduler import probe
+from fastvllm.scheduler import probe, transfer
 from fastvllm.scheduler.estimate import Bandwidths, HostView, Locality, Session, restore_seconds
 
 
@@ -43,6 +44,7 @@ class InstanceInfo:
     snapshot: str
     host: str  # the agent's node name
     restore_s: float = 0.0
+    copy_s: float = 0.0  # copying the snapshot from a peer first (0: it was here)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class NodeAgent:
         self._queued: list[tuple[str, float]] = []  # (model, estimated seconds)
         self._running_until = 0.0  # estimated end of the restore in progress
         self._instances: dict[int, InstanceInfo] = {}
+        self._senders: list[transfer.Sender] = []
         self.sink = probe.Sink()
         t0 = time.perf_counter()
         disk, memory = probe.disk_and_memory(self.root)
@@ -203,6 +206,40 @@ class NodeAgent:
             self._instances[inst.pid] = inst
         return asdict(inst)
 
+    def serve_snapshot(self, model: str) -> dict[str, object]:
+        """Offer this host's snapshot of `model` (the most resident one) to one peer: a sender
+        waits for its connection; the offer says where it listens."""
+        snap = self._snapshot_for(model)
+        sender = transfer.Sender(Path(snap.path))
+        with self._mu:
+            self._senders = [s for s in self._senders if s.thread.is_alive()] + [sender]
+        return {
+            "address": [self.address, sender.port],
+            "name": Path(snap.path).name,
+            "bytes": snap.bytes,
+            "from": self.name,
+        }
+
+    def fetch_snapshot(self, offer: dict[str, object]) -> dict[str, object]:
+        """Copy the snapshot a peer offers (`serve_snapshot`) into this host's snapshot directory;
+        it counts in this host's queue while it arrives. Returns where it went and how long it took."""
+        name, size, src = str(offer["name"]), int(offer["bytes"]), str(offer["from"])  # type: ignore[call-overload]
+        out = self.root / name
+        if out.exists():
+            out = self.root / f"{name}-from-{src}-{int(time.time())}"
+        est = size / self.bw.network if self.bw.network > 0 else 0.0
+        item = (f"copy of {name}", est)
+        with self._mu:
+            self._queued.append(item)
+        t0 = time.perf_counter()
+        try:
+            address = offer["address"]
+            transfer.receive((str(address[0]), int(address[1])), out)  # type: ignore[index]
+        finally:
+            with self._mu:
+                self._queued.remove(item)
+        return {"path": str(out), "bytes": size, "seconds": time.perf_counter() - t0, "from": src}
+
     def stop(self, pid: int) -> None:
         with self._mu:
             self._instances.pop(pid, None)
@@ -217,6 +254,8 @@ class NodeAgent:
 
     def close(self) -> None:
         self.sink.close()
+        for s in self._senders:
+            transfer.close(s)
 
     def pid(self) -> int:
         return os.getpid()

@@ -5,6 +5,11 @@ routing table (model -> serving instances) the router reads.
 Agents are reached through a small client interface, so the same controller runs embedded
 (agents are objects in this process) and on Ray (agents are actors; `ray_runtime`). A host
 whose agent stops answering is marked dead and its instances leave the routing table.
+
+A host without the model's snapshot is an option too (`fetch`): the estimator charges it the
+copy at its measured network bandwidth, and when it wins, the controller has the holder with
+the most of the snapshot in its page cache send it there (`scheduler.transfer`) before the
+restore.
 """
 
 from __future__ import annotations
@@ -52,9 +57,17 @@ class HostDown(FastVLLMError):
 
 class Controller:
     def __init__(
-        self, agents: Mapping[str, AgentClient], *, is_down: Callable[[BaseException], bool] | None = None
+        self,
+        agents: Mapping[str, AgentClient],
+        *,
+        is_down: Callable[[BaseException], bool] | None = None,
+        fetch: bool = True,
     ) -> None:
         self.agents = dict(agents)
+        # consider hosts without the snapshot (copied from a peer first); off where "hosts" share
+        # one machine, as in the tests: a copy restored beside its running original would need
+        # that original's PIDs and port
+        self.fetch = fetch
         self.dead: set[str] = set()
         self.serving: dict[str, InstanceInfo] = {}  # url -> instance
         self._rr = itertools.count()
@@ -112,12 +125,18 @@ class Controller:
         sizes = {s.model: s.bytes for r in reps for s in r.snapshots}
         return [r.view() for r in reps], sizes
 
-    def place(self, model: str, *, only_holders: bool = True, request: bool = False) -> Decision:
-        """The placement decision for `model` over the live hosts. `only_holders`: consider
-        only hosts that hold a snapshot of it (this runtime restores local snapshots; copying
-        one from a peer is modelled by the estimator and the simulator, not done here).
-        `request`: an instance is being asked for (`start`), so it counts as demand, before
-        the decision, as the simulator counts an arriving request."""
+    def place(
+        self, model: str, fetch: bool | None = None, *, request: bool = False, on: str | None = None
+    ) -> Decision:
+        """The placement decision for `model` over the live hosts. `fetch` (default: the
+        controller's): also consider hosts without a snapshot of it, which copy it from a peer
+        first. `request`: an instance is being asked for (`start`), so it counts as demand,
+        before the decision, as the simulator counts an arriving request. `on`: only that host."""
+        return self._decide(model, fetch=fetch, request=request, on=on)[0]
+
+    def _decide(
+        self, model: str, *, fetch: bool | None, request: bool, on: str | None
+    ) -> tuple[Decision, dict[str, HostView], str]:
         views, sizes = self.views()
         model = resolve(model, sizes)
         if model not in sizes:
@@ -125,27 +144,51 @@ class Controller:
                 f"no live host holds a snapshot of {model}",
                 hint="'fastvllm cluster status' lists the snapshots each host holds",
             )
-        if only_holders:
+        if on is not None:
+            if on not in {v.name for v in views}:
+                raise UsageError(f"no live host is called {on}", hint="'fastvllm cluster status' lists them")
+            views = [v for v in views if v.name == on]
+        if not (self.fetch if fetch is None else fetch):
             views = [v for v in views if model in v.snapshots]
+        if not views:  # only with `on`: some live host holds the model
+            raise UsageError(
+                f"host {on} holds no snapshot of {model}", hint="allow a copy from a peer (fetch)"
+            )
         with self._mu:
             if request:
                 self.demand.note(model, time.monotonic())
             demand = self.demand.rates(time.monotonic())
-        return place(model, sizes[model], views, sizes=sizes, demand=demand)
+        d = place(model, sizes[model], views, sizes=sizes, demand=demand)
+        return d, {v.name: v for v in views}, model
 
-    def start(self, model: str) -> InstanceInfo:
-        """Place `model` and restore it there; returns the serving instance."""
-        d = self.place(model, request=True)
-        model = resolve(model, {s.model: s.bytes for r in self.reports() for s in r.snapshots})
+    def start(self, model: str, fetch: bool | None = None, on: str | None = None) -> InstanceInfo:
+        """Place `model` (on `on`, if given), copy its snapshot there if that host has none, and
+        restore it there; returns the serving instance."""
+        d, views, model = self._decide(model, fetch=fetch, request=True, on=on)
         if d.best.kind == "migrate":
             raise UsageError(
                 f"placing {model} needs a migration off {d.best.host} first",
                 hint=f"fastvllm cluster migrate {d.best.session} --to {d.best.session_to}",
             )
+        copied = self.copy_snapshot(model, d.best.host) if model not in views[d.best.host].snapshots else {}
         got = InstanceInfo(**self._call(d.best.host, "restore", model))
+        got.copy_s = float(copied.get("seconds", 0.0))
         with self._mu:
             self.serving[got.url] = got
         return got
+
+    def copy_snapshot(self, model: str, to: str) -> dict[str, Any]:
+        """Copy a snapshot of `model` to host `to` from the live holder with the most of it in
+        its page cache; returns the receiver's record (path, bytes, seconds, from)."""
+        holders = [r for r in self.reports() if r.name != to and any(s.model == model for s in r.snapshots)]
+        if not holders:
+            raise UsageError(
+                f"no live host other than {to} holds a snapshot of {model}",
+                hint="'fastvllm cluster status' lists the snapshots each host holds",
+            )
+        src = max(holders, key=lambda r: max(s.resident_bytes for s in r.snapshots if s.model == model))
+        offer = self._call(src.name, "serve_snapshot", model)
+        return dict(self._call(to, "fetch_snapshot", offer))
 
     def stop(self, url: str) -> None:
         with self._mu:

@@ -66,8 +66,8 @@ class ControllerActorImpl:
     """The controller, as an actor. Threaded (max_concurrency) so status and routing calls
     are answered while a restore runs."""
 
-    def __init__(self, agents: Mapping[str, Any]) -> None:
-        self.c = Controller({h: RayClient(a) for h, a in agents.items()}, is_down=is_down)
+    def __init__(self, agents: Mapping[str, Any], fetch: bool = True) -> None:
+        self.c = Controller({h: RayClient(a) for h, a in agents.items()}, is_down=is_down, fetch=fetch)
         self.c.measure_network()
 
     def call(self, method: str, *args: Any) -> Any:
@@ -86,11 +86,13 @@ def start(
     *,
     slots: int | None = None,
     names: Mapping[str, str] | None = None,
+    fetch: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Start an agent on every alive node of the connected Ray cluster (or those in `roots`
     when it maps node ids to snapshot directories) and the controller. Returns (controller
     handle, {host name: agent handle}). `names` maps node ids to host names (default: the
-    first 8 hex digits of the node id)."""
+    first 8 hex digits of the node id). `fetch`: placement may pick a host without the
+    snapshot, which then copies it from a peer (off when the "nodes" share one machine)."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -113,7 +115,7 @@ def start(
     # Pinned beside the driver, as the router is: left to Ray's scheduler it can land on any
     # node, and removing that node then takes the controller (and every failover) with it.
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    controller = ctl_cls.options(name=CONTROLLER_NAME, scheduling_strategy=here).remote(agents)
+    controller = ctl_cls.options(name=CONTROLLER_NAME, scheduling_strategy=here).remote(agents, fetch)
     ray.get(controller.call.remote("live_hosts"))
     return controller, agents
 

@@ -1,0 +1,167 @@
+"""Copying a snapshot from one host to another, agent to agent, over one TCP stream.
+
+Why our own stream rather than rsync, scp or Ray's object store: a snapshot's /dev/shm copies
+are sparse (for the tiny model two 0.42 GB files holding 0.1 MB of data), so the sender sends
+each file's data runs only (`runtime.sparse`) and the receiver leaves the holes as holes. And
+the receiver must never show a half-copied or damaged snapshot to its scans: it writes into a
+hidden staging directory beside the destination, checks every file against the manifest's
+checksums, records them as checked on this host (`runtime.verified`, so the first restore
+does not hash them again) and renames the directory into place, or deletes it on any failure.
+
+The stream: an 8-byte length, a JSON header (the files with their sizes, modes and data
+runs, relative to the snapshot directory), then the bytes of every run in header order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastvllm.runtime import atomic, manifest, sparse, verified
+from fastvllm.runtime.errors import FastVLLMError, IntegrityError, UsageError
+
+CHUNK = 8 << 20
+ACCEPT_TIMEOUT_S = 120.0
+
+
+class TransferError(FastVLLMError):
+    """A snapshot copy between hosts broke off (peer gone, connection reset)."""
+
+    exit_code = 12
+
+
+def _files(snapshot: Path) -> list[str]:
+    """What a copy carries: the manifest and the files it lists (not logs, not what this host
+    learned about the snapshot: the receiver learns its own)."""
+    return [manifest.MANIFEST, *(f.path for f in manifest.load(snapshot).files)]
+
+
+def _header(snapshot: Path, names: list[str]) -> list[dict[str, object]]:
+    out = []
+    for name in names:
+        p = snapshot / name
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            runs = sparse.data_extents(fd, st.st_size)
+        finally:
+            os.close(fd)
+        out.append({"path": name, "size": st.st_size, "mode": st.st_mode & 0o777, "runs": runs})
+    return out
+
+
+class Sender:
+    """Serves one copy of `snapshot` to the first peer that connects, from a thread, so an
+    agent can hand its address to the controller and return."""
+
+    def __init__(self, snapshot: Path, host: str = "0.0.0.0") -> None:
+        self.snapshot = snapshot
+        self.names = _files(snapshot)  # a foreign or half-written directory fails here, at once
+        self.sock = socket.create_server((host, 0))
+        self.sock.settimeout(ACCEPT_TIMEOUT_S)
+        self.port = self.sock.getsockname()[1]
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name="fastvllm-snapshot-sender", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as e:  # nobody came: the receiver failed before connecting
+            self.error = e
+            self.sock.close()
+            return
+        self.sock.close()
+        try:
+            with conn:
+                header = json.dumps(_header(self.snapshot, self.names)).encode()
+                conn.sendall(struct.pack("<Q", len(header)) + header)
+                for entry in json.loads(header):
+                    with open(self.snapshot / entry["path"], "rb") as f:
+                        for off, length in entry["runs"]:
+                            n = conn.sendfile(f, off, length)
+                            if n != length:
+                                raise TransferError(
+                                    f"{entry['path']} shrank while it was sent", hint="take the copy again"
+                                )
+                            self.sent += n
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(1)  # the receiver's acknowledgement: every byte arrived
+        except (OSError, TransferError) as e:
+            self.error = e
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if k == 0:
+            raise TransferError("the sending host closed the connection mid-copy", hint="try the copy again")
+        got += k
+    return bytes(buf)
+
+
+def receive(
+    address: tuple[str, int],
+    out: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Copy the snapshot a `Sender` serves at `address` to `out` (which must not exist), check
+    it and publish it atomically. Returns `out`."""
+    if out.exists():
+        raise UsageError(f"{out} already exists", hint="remove it or copy to another name")
+    staging = atomic.staging_dir(out)
+    try:
+        with socket.create_connection(address, timeout=timeout) as conn:
+            (hlen,) = struct.unpack("<Q", _recv_exact(conn, 8))
+            entries = json.loads(_recv_exact(conn, hlen))
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            for e in entries:
+                rel = Path(e["path"])
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise IntegrityError(f"the sender named a file outside the snapshot: {rel}")
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, e["mode"] | 0o600)
+                try:
+                    os.ftruncate(fd, e["size"])  # the holes stay holes
+                    for off, length in e["runs"]:
+                        done = 0
+                        while done < length:
+                            k = conn.recv_into(view, min(CHUNK, length - done))
+                            if k == 0:
+                                raise TransferError(
+                                    "the sending host closed the connection mid-copy",
+                                    hint="try the copy again",
+                                )
+                            os.pwrite(fd, view[:k], off + done)
+                            done += k
+                            if on_bytes:
+                                on_bytes(k)
+                finally:
+                    os.close(fd)
+            conn.sendall(b"k")
+        m = manifest.load(staging)
+        manifest.verify_files(staging, m.files)  # damaged in transit or at the source: never published
+        verified.record(staging, m.files)
+        atomic.publish(staging, out)
+    except BaseException:
+        atomic.discard(staging)
+        raise
+    return out
+
+
+def close(sender: Sender) -> None:
+    with contextlib.suppress(OSError):
+        sender.sock.close()
