@@ -29,6 +29,7 @@ from fastvllm.restore import hotset, order
 from fastvllm.restore.readahead import ReadAhead
 from fastvllm.runtime import (
     affinity,
+    bind_ports,
     cpu_share,
     criu,
     cuda_checkpoint,
@@ -153,6 +154,7 @@ def restore_snapshot(
     with tl.phase("validate"):
         m, found, mode = _preflight(path, opts.criu_restore)
         nice = cpu_share.server_nice()
+        bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
     ahead: ReadAhead | None = None
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
     hot: hotset.HotSet | None = None

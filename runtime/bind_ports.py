@@ -23,6 +23,15 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def helper() -> Path | None:
+    """The helper library, built if this version is not yet (None without a C compiler). A
+    restore needs it too: the restored tree maps it from the path it had when dumped."""
+    try:
+        return native_build.build("bind_ports")
+    except EnvironmentNotReadyError:
+        return None
+
+
 def env_for(api_port: int) -> dict[str, str]:
     """The environment that makes a server's port-0 binds land in its block; {} where the host's
     ephemeral range leaves no room below it, or no C compiler was there to build the helper
@@ -31,9 +40,8 @@ def env_for(api_port: int) -> dict[str, str]:
     blocks = (high - LOW + 1) // BLOCK
     if blocks < 1:
         return {}
-    try:
-        lib = native_build.build("bind_ports")
-    except EnvironmentNotReadyError:
+    lib = helper()
+    if lib is None:
         return {}
     first = LOW + (api_port % blocks) * BLOCK
     state = instances.instances_dir() / f"bind-ports-{api_port}"
