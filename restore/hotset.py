@@ -235,9 +235,10 @@ def read(
     returns the bytes read. A file that cannot be read is skipped (it is only a hint)."""
     files = sorted(hot.files, key=order)
     paths = [Path(f.path) if f.path.startswith("/") else snapshot / f.path for f in files]
-    # Path lookups first, many at once: after a cache drop each costs dentry and inode reads,
-    # and CRIU opens every mapped file by path one after the other (0.3 s of a cold restore's
-    # 0.6 s CRIU step here went to those opens).
+    # Path lookups and first pages first, many at once: after a cache drop each costs dentry,
+    # inode and header reads, and CRIU opens every mapped file by path and reads its ELF header
+    # one after the other (0.3 s of a cold restore's 0.6 s CRIU step here went to those opens;
+    # with the first pages read too, CRIU's own page faults fell from 119 to 34, perf).
     with ThreadPoolExecutor(LOOKUP_THREADS) as pool:
         list(pool.map(_lookup, paths))
     done = 0
@@ -272,8 +273,14 @@ def read(
 
 
 def _lookup(path: Path) -> None:
+    """The path's dentries and inode, and the file's first page: CRIU reads each mapped ELF
+    file's header and build-id note as it restores the mapping, one file after another."""
     with contextlib.suppress(OSError):
-        os.stat(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.pread(fd, PAGE, 0)
+        finally:
+            os.close(fd)
 
 
 def _populate(fd: int, off: int, n: int) -> None:
