@@ -255,7 +255,7 @@ class NodeAgent:
     def close(self) -> None:
         self.sink.close()
         for s in self._senders:
-            transfer.close(s)
+            s.close()
 
     def pid(self) -> int:
         return os.getpid()

@@ -71,6 +71,11 @@ class Sender:
         self.thread = threading.Thread(target=self._serve, name="fastvllm-snapshot-sender", daemon=True)
         self.thread.start()
 
+    def close(self) -> None:
+        """Stop waiting for a peer (an agent shutting down)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
     def _serve(self) -> None:
         try:
             conn, _ = self.sock.accept()
@@ -160,8 +165,3 @@ def receive(
         atomic.discard(staging)
         raise
     return out
-
-
-def close(sender: Sender) -> None:
-    with contextlib.suppress(OSError):
-        sender.sock.close()
