@@ -150,17 +150,6 @@ def _check(method: str, threads: int, chunk: int) -> None:
         )
 
 
-def data_extents(path: Path) -> tuple[int, list[tuple[int, int]]]:
-    """The file's size and its runs of data (`runtime.sparse`): holes have nothing to read, and
-    warming them fills the page cache with zeroes."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        return size, sparse.data_extents(fd, size)
-    finally:
-        os.close(fd)
-
-
 def warm(
     paths: Sequence[Path],
     *,
@@ -185,7 +174,9 @@ def warm(
     holes = 0
     for p in paths:
         try:
-            size, extents = data_extents(Path(p))
+            # only the runs of data: holes have nothing to read, and warming them fills the
+            # page cache with zeroes
+            size, _, extents = sparse.file_extents(Path(p))
         except OSError as e:
             raise os_error(p, e) from None
         holes += size - sum(n for _, n in extents)

@@ -241,7 +241,8 @@ def restore_snapshot(
             ahead.release()
         if opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
             affinity.apply(m.affinity)
-        cpu_share.yield_to_host(proctree.session_pids(pid), nice)  # CRIU put it back where it ran
+        # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in
+        cpu_share.yield_to_host(m.server.tree_pids, nice)
         if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
             with tl.phase("cuda_restore"):
                 cuda_checkpoint.resume(m.cuda_pids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -31,3 +32,13 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         out.append((data, end - data))
         pos = end
     return out
+
+
+def file_extents(path: Path) -> tuple[int, int, list[tuple[int, int]]]:
+    """(size, permission bits, runs of data) of the file at `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        return st.st_size, st.st_mode & 0o777, data_extents(fd, st.st_size)
+    finally:
+        os.close(fd)

@@ -45,14 +45,8 @@ def _files(snapshot: Path) -> list[str]:
 def _header(snapshot: Path, names: list[str]) -> list[dict[str, object]]:
     out = []
     for name in names:
-        p = snapshot / name
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            runs = sparse.data_extents(fd, st.st_size)
-        finally:
-            os.close(fd)
-        out.append({"path": name, "size": st.st_size, "mode": st.st_mode & 0o777, "runs": runs})
+        size, mode, runs = sparse.file_extents(snapshot / name)
+        out.append({"path": name, "size": size, "mode": mode, "runs": runs})
     return out
 
 
@@ -103,15 +97,20 @@ class Sender:
             self.error = e
 
 
+def _recv_some(conn: socket.socket, view: memoryview) -> int:
+    """Receive into `view` (at least one byte); a closed connection mid-copy is an error."""
+    k = conn.recv_into(view, len(view))
+    if k == 0:
+        raise TransferError("the sending host closed the connection mid-copy", hint="try the copy again")
+    return k
+
+
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = conn.recv_into(view[got:], n - got)
-        if k == 0:
-            raise TransferError("the sending host closed the connection mid-copy", hint="try the copy again")
-        got += k
+        got += _recv_some(conn, view[got:])
     return bytes(buf)
 
 
@@ -144,12 +143,7 @@ def receive(
                     for off, length in e["runs"]:
                         done = 0
                         while done < length:
-                            k = conn.recv_into(view, min(CHUNK, length - done))
-                            if k == 0:
-                                raise TransferError(
-                                    "the sending host closed the connection mid-copy",
-                                    hint="try the copy again",
-                                )
+                            k = _recv_some(conn, view[: min(CHUNK, length - done)])
                             os.pwrite(fd, view[:k], off + done)
                             done += k
                             if on_bytes:

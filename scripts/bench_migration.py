@@ -14,7 +14,7 @@ Reported: the pause at the switch (last token from the source to the first from 
 at the router), next to the mean gap between tokens of the same stream, and the catch-up
 rounds. Each repetition also streams once through the router without a migration. That
 stream's largest gap between chunks is the yardstick: on a host short of cores, vLLM's own
-stream stalls too. Medians go to JSON and a PNG chart.
+stream can stall too. Medians go to JSON and a PNG chart.
 
     python -m fastvllm.scripts.bench_migration --switches 10 --out results/migration
 """
@@ -174,9 +174,9 @@ def run(
         for i in range(max_reps):
             if sum(r.get("outcome") == "switched" for r in runs) >= switches:
                 break
-            # The yardstick for the pause: on a busy host a vLLM stream stalls by itself (its
-            # engine and API server share the cores), so each rep also streams once through the
-            # router without a migration and keeps that stream's largest gap between chunks.
+            # The yardstick for the pause: a vLLM stream can stall by itself on a host short of
+            # cores (before runtime.cpu_share, for seconds), so each rep also streams once
+            # through the router without a migration and keeps that stream's largest gap.
             plain, _, plain_gap = _stream(url, body)
             assert plain == reference, "an unmigrated stream through the router differs"
             unmigrated.append(plain_gap)

@@ -129,8 +129,9 @@ def rc(snaps: Snaps) -> Iterator[RayCluster]:
 
     # 2 cores here: explicit, small nodes; actors take no CPU slots. Ray's workers bind ports in
     # 10002-19999 by default, which holds the servers' ports (CRIU gives a restored server its
-    # original one): a suite failed once on "Address already in use" restoring PORT_B. So the
-    # workers get a range of their own, below the kernel's ephemeral ports.
+    # original one), so the workers get a range of their own, below the kernel's ephemeral
+    # ports. (The servers' own internal ports are kept off the ephemeral ones by
+    # runtime.bind_ports: "Address already in use" on one of those broke restores too.)
     worker_ports = {"min_worker_port": 25000, "max_worker_port": 25999}
     assert TEST_PORT + 50 < 25000 or TEST_PORT > 25999, "FASTVLLM_TEST_PORT overlaps Ray's worker ports"
     cluster = Cluster(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from fastvllm.prefetch import files, residency, warm
-from fastvllm.runtime import units
+from fastvllm.runtime import sparse, units
 from fastvllm.runtime.errors import UsageError
 from typer.testing import CliRunner
 
@@ -215,7 +215,7 @@ def test_warm_reads_data_and_leaves_holes(disk_dir: Path) -> None:
         out.truncate(64 * mib)
         out.flush()
         os.fsync(out.fileno())  # dirty pages are not evicted
-    size, extents = warm.data_extents(f)
+    size, _, extents = sparse.file_extents(f)
     if len(extents) == 1:
         pytest.skip(f"{disk_dir} does not report holes (SEEK_DATA)")
     assert size == 64 * mib and extents == [(0, mib), (33 * mib, mib)]
