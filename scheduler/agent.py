@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastvllm.prefetch import residency
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-from fastvllm.runtime import instances, manifest, proctree
+from fastvllm.runtime import instances, manifest, proctree, sparse
 from fastvllm.runtime.errors import UsageError
 from fastvllm.scheduler import probe, transfer
 from fastvllm.scheduler.estimate import Bandwidths, HostView, Locality, Session, restore_seconds
@@ -31,7 +31,7 @@ from fastvllm.scheduler.estimate import Bandwidths, HostView, Locality, Session,
 class SnapshotInfo:
     model: str  # the served model name: what clients ask for
     path: str
-    bytes: int
+    bytes: int  # its data: holes in sparse files are neither read nor copied, so they cost nothing
     files: int
     resident_bytes: int
 
@@ -108,11 +108,14 @@ def scan(root: Path) -> list[SnapshotInfo]:
         except UsageError:
             continue  # half-written or foreign: not a snapshot this agent can restore
         paths = [d / f.path for f in m.files]
-        with contextlib.suppress(UsageError):
+        with contextlib.suppress(UsageError, OSError):
             res = residency.of_files(paths)
-            resident = sum(min(r.resident_pages * mmap.PAGESIZE, r.bytes) for r in res)
-            total = sum(r.bytes for r in res)
-            out.append(SnapshotInfo(m.server.served_model_name, str(d), total, len(paths), resident))
+            # A snapshot's /dev/shm copies are 0.4 GB files holding 0.1 MB: counted by their
+            # size, a warm snapshot's holes were charged at disk speed and could lose to a cold
+            # one on a host whose disk probe read faster.
+            data = [sum(n for _, n in sparse.file_extents(p)[2]) for p in paths]
+            resident = sum(min(r.resident_pages * mmap.PAGESIZE, n) for r, n in zip(res, data, strict=True))
+            out.append(SnapshotInfo(m.server.served_model_name, str(d), sum(data), len(paths), resident))
     return out
 
 

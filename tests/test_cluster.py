@@ -243,18 +243,32 @@ def test_agents_report_measured_bandwidths(rc: RayCluster, snaps: Snaps) -> None
     assert hosts["node2"]["snapshots"] == []
 
 
+def _seen(rc: RayCluster) -> dict[str, Any]:
+    """What placement saw, per host: bandwidths (GB/s) and snapshots (GB, resident GB), for a
+    failing assertion to show."""
+    return {
+        h["name"]: {
+            "bw": {k: round(v / 1e9, 2) for k, v in h["bw"].items()},
+            "snaps": [
+                (round(s["bytes"] / 1e9, 3), round(s["resident_bytes"] / 1e9, 3)) for s in h["snapshots"]
+            ],
+        }
+        for h in rc.ctl.call("status")["hosts"]
+    }
+
+
 def test_placement_picks_the_resident_snapshot_and_restores_there(rc: RayCluster, snaps: Snaps) -> None:
     # A in the page cache, B dropped from it: node0 restores first
     pwarm.warm(_files(snaps.a))
     pwarm.evict(_files(snaps.b))
     d = rc.ctl.call("place", snaps.model)
-    assert d["best"]["host"] == "node0", d
+    assert d["best"]["host"] == "node0", (d, _seen(rc))
     assert {o["host"] for o in d["options"]} == {"node0", "node1"}  # node2 holds no snapshot
     # the other way round: node1
     pwarm.evict(_files(snaps.a))
     pwarm.warm(_files(snaps.b))
     d = rc.ctl.call("place", snaps.model)
-    assert d["best"]["host"] == "node1", d
+    assert d["best"]["host"] == "node1", (d, _seen(rc))
     print("\nplacement options:", [(o["host"], round(o["seconds"], 3)) for o in d["options"]])
 
     inst = rc.ctl.call("start", snaps.model)  # restores on node1, through its agent actor
@@ -270,6 +284,17 @@ def test_placement_picks_the_resident_snapshot_and_restores_there(rc: RayCluster
     rc.pids.append(inst2["pid"])
     assert inst2["host"] == "node0"
     print(f"restores: node1 {inst['restore_s']:.2f} s (resident), node0 {inst2['restore_s']:.2f} s (cold)")
+
+
+@pytest.fixture
+def pair(rc: RayCluster, snaps: Snaps) -> dict[str, dict[str, Any]]:
+    """host -> instance, one on node0 and one on node1: the placement test leaves them, and
+    they are started here where it did not (so its failure does not fail the tests below)."""
+    have = {i["host"] for i in rc.ctl.instances()}
+    for host in ("node0", "node1"):
+        if host not in have:
+            rc.pids.append(rc.ctl.call("start", snaps.model, None, host)["pid"])
+    return {i["host"]: i for i in rc.ctl.instances()}
 
 
 @dataclass
@@ -291,9 +316,11 @@ def router(rc: RayCluster) -> Iterator[RouterRef]:
         ray.kill(actor)
 
 
-def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router: Any) -> None:
-    insts = rc.ctl.instances()
-    assert len(insts) == 2, "the placement test leaves one instance on node0 and one on node1"
+def test_live_migration_is_token_identical(
+    rc: RayCluster, snaps: Snaps, pair: dict[str, dict[str, Any]], router: Any
+) -> None:
+    insts = list(pair.values())
+    assert len(insts) == 2
     body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
     body |= {"return_token_ids": True, "ignore_eos": True}
     t0 = time.perf_counter()
@@ -328,11 +355,13 @@ def test_live_migration_is_token_identical(rc: RayCluster, snaps: Snaps, router:
     )
 
 
-def test_drain_moves_every_session_off_a_host(rc: RayCluster, snaps: Snaps, router: Any) -> None:
+def test_drain_moves_every_session_off_a_host(
+    rc: RayCluster, snaps: Snaps, pair: dict[str, dict[str, Any]], router: Any
+) -> None:
     body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
     body |= {"ignore_eos": True}
     body |= {"return_token_ids": True}
-    insts = rc.ctl.instances()
+    insts = list(pair.values())
     reference = _stream(insts[0]["url"], body)
     host_of = {i["url"]: i["host"] for i in insts}
     for _ in range(3):  # as above: a try where the source finishes first proves nothing
@@ -354,9 +383,9 @@ def test_drain_moves_every_session_off_a_host(rc: RayCluster, snaps: Snaps, rout
 
 
 def test_removing_a_node_leaves_requests_served_by_the_others(
-    rc: RayCluster, snaps: Snaps, router: Any
+    rc: RayCluster, snaps: Snaps, pair: dict[str, dict[str, Any]], router: Any
 ) -> None:
-    insts = {i["host"]: i for i in rc.ctl.instances()}
+    insts = pair
     assert set(insts) == {"node0", "node1"}
     body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     body |= {"return_token_ids": True}

@@ -138,3 +138,21 @@ def test_controller_places_on_a_host_without_the_snapshot_and_copies_it_there(tm
     finally:
         a.close()
         b.close()
+
+
+def test_an_agent_counts_a_snapshots_data_not_its_holes(tmp_path: Path) -> None:
+    """Placement charges bytes at disk speed: the sparse /dev/shm copy's holes are never read
+    (nor copied), so they must not count, resident or not."""
+    from fastvllm.prefetch import warm
+    from fastvllm.scheduler.agent import scan
+
+    snap = _snapshot(tmp_path / "snap")
+    files = [snap / e.path for e in manifest.load(snap).files]
+    data = (3 << 20) + 4 + (1 << 20) + 8192 + 4096
+    warm.evict(files)
+    (cold,) = scan(tmp_path)
+    assert cold.bytes == data < SHM_SIZE
+    assert cold.resident_bytes < data // 2
+    warm.warm(files)
+    (hot,) = scan(tmp_path)
+    assert hot.bytes == data and hot.resident_bytes == data
