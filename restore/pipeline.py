@@ -213,7 +213,7 @@ def restore_snapshot(
             unchecked_files = [f for f in m.files if f.path not in trusted]
             manifest.verify_files(path, unchecked_files, on_bytes=on_verify_bytes)
     # Unique per restore, not just per PID: containers sharing a volume restore the same
-    # snapshot as PID 1 each, and CRIU's pidfile must not be another restore's.
+    # snapshot as PID 1 each, and their logs must not be each other's.
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     logs = path / "logs"
     logs.mkdir(exist_ok=True)
@@ -231,7 +231,6 @@ def restore_snapshot(
                     found,
                     path / "criu",
                     logs / f"criu-restore-{stamp}-{os.getpid()}.log",
-                    logs / f".restore-{stamp}-{os.getpid()}.pid",
                     inherit={m.server.log_path_at_dump.lstrip("/"): fd},
                     mode=mode,
                 )

@@ -95,7 +95,6 @@ def restore_process_snapshot(
                 found,
                 path / "criu",
                 logs / f"criu-restore-{stamp}-{os.getpid()}.log",
-                logs / f".restore-{os.getpid()}.pid",
                 {},
                 shell_job=m.shell_job,
                 mode=mode,

@@ -20,9 +20,11 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,9 @@ COMMON_FLAGS = ["--tcp-established", "--ext-unix-sk", "--link-remap", "--file-lo
 # stock /usr/local/sbin/criu it leaves alone; it is a superset (copy stays its default), so it
 # comes first.
 PATCHED_CRIU = "/usr/local/libexec/fastvllm/criu"
+# Where the patched CRIU keeps its kernel-feature cache (scripts/build_criu_mmap.sh builds it with
+# this RUNDIR; stock CRIU uses /run and keeps nothing where /run is not tmpfs).
+KDAT_DIR = Path("/dev/shm/fastvllm-criu-kdat")
 _CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu")
 RESTORE_MODES = ("copy", "mmap", "lazy")
 
@@ -178,6 +183,30 @@ def xcomp_preload() -> Path | None:
     return native_build.build("xcomp_perm") if _cpu_has_amx() else None
 
 
+def _private_kdat_dir() -> None:
+    """Keep KDAT_DIR root's own and private before CRIU runs: CRIU trusts the cache it finds
+    there, and /dev/shm is world-writable, so a directory (or anything) someone else put there
+    is removed first. Without the directory CRIU simply probes the kernel again."""
+    if os.geteuid() != 0:
+        return
+    for _ in range(3):
+        try:
+            st = os.lstat(KDAT_DIR)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError, OSError):
+                os.mkdir(KDAT_DIR, 0o700)
+            continue
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077:
+            return
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(KDAT_DIR)
+            else:
+                os.unlink(KDAT_DIR)
+
+
 def _run(
     criu: Criu,
     args: list[str],
@@ -187,6 +216,7 @@ def _run(
     preload: Path | None = None,
 ) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
+    _private_kdat_dir()
     env = dict(os.environ)
     if preload is not None:
         env["LD_PRELOAD"] = f"{preload} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(preload)
@@ -267,7 +297,6 @@ def restore(
     criu: Criu,
     images: Path,
     log: Path,
-    pidfile: Path,
     inherit: dict[str, int],
     *,
     shell_job: bool = False,
@@ -278,8 +307,7 @@ def restore(
     has moved or grown since the dump, is handed over this way. `mode` is one of
     RESTORE_MODES (see resolve_mode); with `mmap` the restored tree keeps the page images
     mapped, so they must stay in place and unchanged while it runs."""
-    pidfile.unlink(missing_ok=True)  # CRIU creates it with O_EXCL
-    args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached", "--pidfile", str(pidfile)]
+    args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached"]
     if shell_job:
         args.append("--shell-job")
     for key, fd in inherit.items():
@@ -294,14 +322,41 @@ def restore(
         work.mkdir(parents=True, exist_ok=True)
         daemon = _start_lazy_daemon(criu, images, work, log.with_name(log.stem + "-lazy.log"))
         args += ["--lazy-pages", "-W", str(work)]
+        scratch = None
+        # unique: containers sharing a volume restore one snapshot as PID 1 each
+        pidfile = work / f"restore-{uuid.uuid4().hex}.pid"
+    else:
+        scratch = _scratch_dir(log.parent)
+        args += ["-W", str(scratch)]
+        pidfile = scratch / "restore.pid"
+    args += ["--pidfile", str(pidfile)]
     try:
         _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())
+        return int(pidfile.read_text().strip())
     except BaseException:
         if daemon is not None:  # nothing will ask it for pages
             with contextlib.suppress(ProcessLookupError):
                 os.kill(daemon, signal.SIGKILL)
         raise
-    return int(pidfile.read_text().strip())
+    finally:
+        pidfile.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_dir(fallback: Path) -> Path:
+    """A private directory for CRIU's work files (its stats, its pidfile, its cgroup yard), on
+    tmpfs where there is one, else under `fallback`.
+
+    Why: in its work directory CRIU truncates the last restore's `stats-restore` and creates and
+    removes its cgroup yard. On ext4 each frees blocks, which needs the block bitmaps (cold after
+    the page cache was dropped) and, on a `discard` mount, a synchronous discard: sampled on
+    this machine, a cold restore's CRIU spent ~0.1 s of its 0.5 s there. On tmpfs neither
+    touches a disk."""
+    with contextlib.suppress(OSError):
+        return Path(tempfile.mkdtemp(prefix="fastvllm-criu-", dir="/dev/shm"))
+    fallback.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".criu-work-", dir=fallback))
 
 
 def _start_lazy_daemon(criu: Criu, images: Path, work: Path, log: Path) -> int:

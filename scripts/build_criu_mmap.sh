@@ -5,19 +5,25 @@
 #   scripts/build_criu_mmap.sh SRC_DIR [DEST=/usr/local/libexec/fastvllm/criu] [BUILD_DIR]
 #
 # The source tree is copied to BUILD_DIR (default: a temporary directory) and left untouched.
-# DEST.patches records the hash of the patches the binary was built from.
+# DEST.patches records the hash of the patches and of this script the binary was built from.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SRC=${1:?usage: build_criu_mmap.sh SRC_DIR [DEST] [BUILD_DIR]}
 DEST=${2:-/usr/local/libexec/fastvllm/criu}
 BUILD=${3:-$(mktemp -d /tmp/criu-mmap.XXXXXX)}
-stamp=$(cat "$ROOT"/patches/criu/*.patch | sha256sum | cut -c1-16)
+# The kernel-feature cache (criu.kdat) lives in RUNDIR, and CRIU keeps it only on tmpfs (a
+# reboot must drop it). Where /run is a disk, stock CRIU probes the kernel on every run: 0.06-0.1 s
+# of a warm restore here and 0.2 s of a cold one (it runs `iptables -L`, mounts, ptraces). This
+# build looks in a directory on /dev/shm instead, which fastvllm keeps root-owned and private
+# (runtime/criu.py KDAT_DIR; the two must match).
+KDAT_DIR=/dev/shm/fastvllm-criu-kdat
+stamp=$(cat "$ROOT"/patches/criu/*.patch "$ROOT"/scripts/build_criu_mmap.sh | sha256sum | cut -c1-16)
 rm -rf "$BUILD" && cp -a "$SRC" "$BUILD"
 make -C "$BUILD" clean >/dev/null 2>&1 || true
 for p in "$ROOT"/patches/criu/*.patch; do
   patch -s -d "$BUILD" -p1 <"$p" || { echo "patch $(basename "$p") does not apply to $SRC" >&2; exit 1; }
 done
-make -C "$BUILD" -j"$(nproc)" criu >"$BUILD/build.log" 2>&1 \
+make -C "$BUILD" -j"$(nproc)" criu RUNDIR="$KDAT_DIR" >"$BUILD/build.log" 2>&1 \
   || { tail -n 30 "$BUILD/build.log" >&2; echo "patched CRIU build failed (log: $BUILD/build.log)" >&2; exit 1; }
 install -D -m 0755 "$BUILD/criu/criu" "$DEST"
 echo "$stamp" >"$DEST.patches"

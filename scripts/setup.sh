@@ -121,11 +121,12 @@ install_criu() {
 # fastvllm's patched CRIU (patches/criu: restore --mmap-pages maps the page images instead of
 # copying them; dump copes with such mappings). Built from the same source as the stock one and
 # installed beside it, at $CRIU_MMAP_BIN, which fastvllm prefers; the stock /usr/local/sbin/criu
-# stays as it is. Rebuilt when the patches change (their hash is stamped next to the binary).
+# stays as it is. Rebuilt when the patches or its build script change (their hash is stamped
+# next to the binary).
 CRIU_MMAP_BIN=${CRIU_MMAP_BIN:-$CRIU_PREFIX/libexec/fastvllm/criu}
 install_criu_mmap() {
   step "fastvllm's patched CRIU (restore --mmap-pages) -> $CRIU_MMAP_BIN"
-  local stamp; stamp=$(cat "$ROOT"/patches/criu/*.patch | sha256sum | cut -c1-16)
+  local stamp; stamp=$(cat "$ROOT"/patches/criu/*.patch "$ROOT"/scripts/build_criu_mmap.sh | sha256sum | cut -c1-16)
   if [ -x "$CRIU_MMAP_BIN" ] && [ "$(cat "$CRIU_MMAP_BIN.patches" 2>/dev/null)" = "$stamp" ] \
      && "$CRIU_MMAP_BIN" --help 2>&1 | grep -q -- --mmap-pages; then
     echo "up to date ($("$CRIU_MMAP_BIN" --version | head -n1), patches $stamp)"; return

@@ -49,6 +49,11 @@ def test_restore_is_token_identical_and_resnapshot_restores(
         < phases["criu_restore"]["start_s"] + phases["criu_restore"]["duration_s"]
     )
     assert "verify_checksums" not in phases
+    # CRIU's work files (stats, pidfile, cgroup yard) went to a scratch directory, now gone:
+    # neither the image directory nor the logs nor /dev/shm keeps them (runtime.criu._scratch_dir)
+    assert not list((shared_snapshot.path / "criu").glob("stats-restore*"))
+    assert not list((shared_snapshot.path / "logs").glob("*.pid"))
+    assert not list(Path("/dev/shm").glob("fastvllm-criu-*"))
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)

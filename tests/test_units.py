@@ -290,3 +290,25 @@ def test_bind_ports_helper_draws_port_zero_binds_from_the_servers_range(tmp_path
     # all held fell back to the kernel's choice
     assert child_ports[:3] == [20105, 20100, 20101] and not 20100 <= child_ports[3] <= 20105
     assert not 20100 <= udp <= 20105  # only TCP is moved
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="kept for root's CRIU only")
+def test_criu_kernel_cache_directory_is_kept_private(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CRIU trusts the kernel-feature cache it finds: a directory others can write, or a link
+    planted where the directory belongs, is replaced by an empty private one."""
+    import stat
+
+    d = tmp_path / "kdat"
+    monkeypatch.setattr(criu, "KDAT_DIR", d)
+    criu._private_kdat_dir()
+    assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
+    os.chmod(d, 0o777)
+    (d / "criu.kdat").write_bytes(b"planted")
+    criu._private_kdat_dir()
+    st = os.lstat(d)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and not list(d.iterdir())
+    d.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    d.symlink_to(tmp_path / "elsewhere")
+    criu._private_kdat_dir()
+    assert not d.is_symlink() and d.is_dir() and (tmp_path / "elsewhere").is_dir()
