@@ -354,7 +354,7 @@ def _scratch_dir(fallback: Path) -> Path:
     this machine, a cold restore's CRIU spent ~0.1 s of its 0.5 s there. On tmpfs neither
     touches a disk."""
     with contextlib.suppress(OSError):
-        return Path(tempfile.mkdtemp(prefix="fastvllm-criu-", dir="/dev/shm"))
+        return Path(tempfile.mkdtemp(prefix="fastvllm-criu-work-", dir="/dev/shm"))
     fallback.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".criu-work-", dir=fallback))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fastvllm.runtime import bind_ports, cpu_share, manifest, proctree
+from fastvllm.runtime import bind_ports, cpu_share, criu, manifest, proctree
 
 import fastvllm
 
@@ -53,7 +53,9 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     # neither the image directory nor the logs nor /dev/shm keeps them (runtime.criu._scratch_dir)
     assert not list((shared_snapshot.path / "criu").glob("stats-restore*"))
     assert not list((shared_snapshot.path / "logs").glob("*.pid"))
-    assert not list(Path("/dev/shm").glob("fastvllm-criu-*"))
+    assert not list(Path("/dev/shm").glob("fastvllm-criu-work-*"))
+    if criu.find_criu().path == criu.PATCHED_CRIU:  # built to keep its kernel probes on tmpfs
+        assert (criu.KDAT_DIR / "criu.kdat").is_file()
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
