@@ -322,6 +322,20 @@ def hash_file_mapped(
         drop()
 
 
+def update_zeros(h: Any, n: int) -> None:
+    """Feed `n` zero bytes to hasher `h`: a hole, hashed as the zeros it reads as, unread."""
+    zeros = memoryview(_ZEROS)
+    while n > 0:
+        k = min(_CHUNK, n)
+        h.update(zeros[:k])
+        n -= k
+
+
+def new_hasher() -> Any:
+    """The hasher of FileEntry.xxh3_128, for a writer that hashes what it writes."""
+    return xxhash.xxh3_128()
+
+
 def _hash_sparse(
     path: Path,
     chunk: Callable[[Any, int, int], memoryview | None],
@@ -331,20 +345,18 @@ def _hash_sparse(
     """The walk both hashes share: data runs (SEEK_DATA / SEEK_HOLE) are hashed in chunks that
     `chunk(f, pos, n)` returns (None: the file shrank, so the digest will not match), holes as
     zeros without reading them."""
-    h = xxhash.xxh3_128()
-    zeros = memoryview(_ZEROS)
+    h = new_hasher()
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
         pos = 0
         runs = [(d, d + n) for d, n in sparse.data_extents(fd, size)]
         for data, end in [*runs, (size, size)]:  # the last pair hashes a trailing hole
-            while pos < data:  # a hole reads as zeros
-                n = min(_CHUNK, data - pos)
-                h.update(zeros[:n])
-                pos += n
+            if pos < data:  # a hole reads as zeros
+                update_zeros(h, data - pos)
                 if on_bytes:
-                    on_bytes(n)
+                    on_bytes(data - pos)
+                pos = data
             while pos < end:
                 if stop is not None and stop():
                     return None

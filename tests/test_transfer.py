@@ -156,3 +156,20 @@ def test_an_agent_counts_a_snapshots_data_not_its_holes(tmp_path: Path) -> None:
     warm.warm(files)
     (hot,) = scan(tmp_path)
     assert hot.bytes == data and hot.resident_bytes == data
+
+
+def test_a_copy_missing_a_file_or_carrying_a_stranger_is_never_published(tmp_path: Path) -> None:
+    """The manifest comes first and decides: a file it lists that never arrives, or one it does
+    not list, fails the copy before anything is published."""
+    src = _snapshot(tmp_path / "a" / "snap")
+    man = (src / manifest.MANIFEST).read_bytes()
+    first = {"path": manifest.MANIFEST, "size": len(man), "mode": 0o600, "runs": [[0, len(man)]]}
+    (tmp_path / "b").mkdir()
+    port = _fake_sender([first], man)
+    with pytest.raises(IntegrityError, match=r"the copy lacks .*, which the snapshot needs"):
+        transfer.receive(("127.0.0.1", port), tmp_path / "b" / "snap")
+    stranger = {"path": "criu/extra.img", "size": 4, "mode": 0o600, "runs": [[0, 4]]}
+    port = _fake_sender([first, stranger], man + b"evil")
+    with pytest.raises(IntegrityError, match=r"criu/extra\.img is not the file its manifest lists"):
+        transfer.receive(("127.0.0.1", port), tmp_path / "b" / "snap")
+    assert list((tmp_path / "b").iterdir()) == []
