@@ -137,30 +137,29 @@ def receive(
             entries = json.loads(_recv_exact(conn, hlen))
             buf = bytearray(CHUNK)
             view = memoryview(buf)
-            expected: dict[str, manifest.FileEntry] | None = None
+            m: manifest.Manifest | None = None  # the manifest comes first: it says what the rest must be
+            expected: dict[str, manifest.FileEntry] = {}
             for e in entries:
                 rel = Path(e["path"])
                 if rel.is_absolute() or ".." in rel.parts:
                     raise IntegrityError(f"the sender named a file outside the snapshot: {rel}")
-                want = None
-                if expected is None and e["path"] != manifest.MANIFEST:
+                if m is None and e["path"] != manifest.MANIFEST:
                     raise IntegrityError("the sender's copy does not start with the snapshot's manifest")
-                if expected is not None:
-                    want = expected.pop(e["path"], None)
-                    if want is None or want.size != e["size"]:
-                        raise IntegrityError(f"the sender's {rel} is not the file its manifest lists")
+                want = expected.pop(e["path"], None) if m is not None else None
+                if m is not None and (want is None or want.size != e["size"]):
+                    raise IntegrityError(f"the sender's {rel} is not the file its manifest lists")
                 dest = staging / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 digest = _receive_file(conn, dest, e, view, on_bytes)
                 if want is not None:
                     manifest.check_digest(want, digest)  # damaged in transit or at the source
-                else:  # the manifest itself, first: it says what every later file must be
-                    expected = {f.path: f for f in manifest.load(staging).files}
-            if expected is None or expected:
+                else:
+                    m = manifest.load(staging)
+                    expected = {f.path: f for f in m.files}
+            if m is None or expected:
                 missing = sorted(expected)[0] if expected else manifest.MANIFEST
                 raise IntegrityError(f"the copy lacks {missing}, which the snapshot needs")
             conn.sendall(b"k")
-        m = manifest.load(staging)
         verified.record(staging, m.files)
         atomic.publish(staging, out, files_synced=True)
     except BaseException:

@@ -12,8 +12,8 @@ SRC=${1:?usage: build_criu_mmap.sh SRC_DIR [DEST] [BUILD_DIR]}
 DEST=${2:-/usr/local/libexec/fastvllm/criu}
 BUILD=${3:-$(mktemp -d /tmp/criu-mmap.XXXXXX)}
 # The kernel-feature cache (criu.kdat) lives in RUNDIR, and CRIU keeps it only on tmpfs (a
-# reboot must drop it). Where /run is a disk, stock CRIU probes the kernel on every run: 0.06-0.1 s
-# of a warm restore here and 0.2 s of a cold one (it runs `iptables -L`, mounts, ptraces). This
+# reboot must drop it). Where /run is a disk, stock CRIU probes the kernel on every run: 0.06-0.2 s
+# of a restore here (it runs `iptables -L`, mounts, ptraces; README). This
 # build looks in a directory on /dev/shm instead, which fastvllm keeps root-owned and private
 # (runtime/criu.py KDAT_DIR; the two must match).
 KDAT_DIR=/dev/shm/fastvllm-criu-kdat
