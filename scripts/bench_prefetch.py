@@ -20,6 +20,7 @@
 
     python -m fastvllm.scripts.bench_prefetch --reps 3            # takes a tiny snapshot first
     python -m fastvllm.scripts.bench_prefetch --snapshot DIR      # or uses yours
+    bash scripts/gpu/session.sh prefetch                          # on the GPU machine
 
 Medians to JSON and a PNG chart (results/prefetch/ by default).
 """
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -154,6 +156,16 @@ def _mapped_files(root: int) -> set[Path]:
     return out
 
 
+def _gpu_name() -> str | None:
+    """The GPU the snapshot's server ran on (None on a CPU host): the same benchmark runs on both."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 4)
 
@@ -164,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         snap = args.snapshot
         if snap is None:
             _say("taking a snapshot of the tiny model (once)")
-            snap = api.snapshot("tiny", work / "snap", port=args.port).path
+            extra = shlex.split(args.vllm_args)
+            snap = api.snapshot("tiny", work / "snap", port=args.port, vllm_args=extra).path
         files = _files(snap)
         total = sum(p.stat().st_size for p in files)
         _say(f"{len(files)} files, {total / 1e9:.3f} GB in {snap}")
@@ -254,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "cpus": os.cpu_count(),
                 "kernel": system.kernel_release(),
                 "vllm": vllm_server.vllm_version(),
+                "gpu": _gpu_name(),
             },
             "snapshot": str(snap) if args.snapshot else "tiny (taken by the benchmark)",
             "files": len(files),
@@ -368,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--bound-threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--vllm-args",
+        default="",
+        help="extra vLLM flags for the snapshot it takes (e.g. the GPU machine's attention backend)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/prefetch"))
     run(ap.parse_args(argv))
 

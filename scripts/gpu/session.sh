@@ -3,15 +3,16 @@
 # Earlier calls put the vLLM bundle's parts in /root/parts (../shared/gpu-vllm/build.sh) and
 # the loader peers' wheels in .whl/ (see README: "GPU runs"). Usage there, from the repo root:
 #   bash scripts/gpu/session.sh setup          # unpack vLLM, install peers + fastvllm
-#   bash scripts/gpu/session.sh tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests
+#   bash scripts/gpu/session.sh tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch
 # e2e and restore need CRIU there: `bash scripts/gpu/pack_criu.sh` here, carry .criu-dev.
 set -euo pipefail
 SITE=/root/site FV=/root/fv PEERS=/root/peers
 export PYTHONPATH=$FV:$PEERS:$SITE PYTHONUNBUFFERED=1
 export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE=1
 [ -x .criu-dev/criu.sh ] && export FASTVLLM_CRIU=$PWD/.criu-dev/criu.sh
+[ -x .criu-dev/bin/vmtouch ] && export PATH=$PWD/.criu-dev/bin:$PATH
 OUT=${OUT:-/tmp/out}
-case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests}" in
+case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch}" in
   setup)
     [ -d $SITE/vllm ] || [ ! -f /root/parts/unpack.sh ] || bash /root/parts/unpack.sh /root/parts $SITE
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -33,6 +34,10 @@ case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests}" 
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && python3 -m pytest -v -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_criu_mmap.py" \
       "$OLDPWD/tests/test_e2e_criu_modes.py" "$OLDPWD/tests/test_e2e.py" 2>&1 | tee $OUT/gpu-criu-modes.log) ;;
+  prefetch)  # issue 4: prefetch throughput and the overlapped restore of the tiny model on the GPU
+    (cd /tmp && python3 -m fastvllm.scripts.bench_prefetch --reps "${REPS:-3}" --port 18931 \
+      --vllm-args "--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5" \
+      --out $OUT/prefetch 2>&1 | tee $OUT/prefetch.log) ;;
   tests)
     # importlib mode: the repo's own fastvllm/ folder must not shadow the installed package
     (cd /tmp && python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_weights.py" 2>&1 | tee $OUT/gpu-tests.log) ;;
