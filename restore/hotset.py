@@ -37,7 +37,9 @@ from fastvllm.runtime import atomic, manifest
 
 LOCAL_DIR = manifest.LOCAL_DIR
 HOT_FILE = "hot.json"
-VERSION = 2
+# 3: learned from a tree that faulted its page images in one page at a time (restore.pipeline
+# _Faults); a version 2 set, learned beside whole-file reads, is inflated and learned again.
+VERSION = 3
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
 # a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's

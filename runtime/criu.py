@@ -287,6 +287,13 @@ def _dump_lock() -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@functools.cache
+def supports_mmap_random(criu: Criu) -> bool:
+    """Whether this CRIU can advise mapped runs MADV_RANDOM (patches/criu 0003)."""
+    r = subprocess.run([criu.path, "--help"], capture_output=True, text=True, check=False)
+    return "--mmap-pages-random" in r.stdout + r.stderr
+
+
 def _descendants(pid: int) -> list[int]:
     with contextlib.suppress(psutil.Error):
         return [c.pid for c in psutil.Process(pid).children(recursive=True)]
@@ -301,12 +308,15 @@ def restore(
     *,
     shell_job: bool = False,
     mode: str = "copy",
+    random_faults: bool = False,
 ) -> int:
     """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
     (without its leading '/') to an open descriptor that replaces it: the server's log, which
     has moved or grown since the dump, is handed over this way. `mode` is one of
     RESTORE_MODES (see resolve_mode); with `mmap` the restored tree keeps the page images
-    mapped, so they must stay in place and unchanged while it runs."""
+    mapped, so they must stay in place and unchanged while it runs. `random_faults` (mmap mode,
+    where this CRIU can) makes a fault on the mapped page images read only its own page:
+    right where a read-ahead already brought in what the tree will touch."""
     args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached"]
     if shell_job:
         args.append("--shell-job")
@@ -314,6 +324,8 @@ def restore(
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
     if mode == "mmap":
         args.append("--mmap-pages")
+        if random_faults and supports_mmap_random(criu):
+            args.append("--mmap-pages-random")
     daemon: int | None = None
     if mode == "lazy":
         # The lazy-pages daemon and the restore meet on a socket in a work directory of their own

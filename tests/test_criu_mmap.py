@@ -160,6 +160,30 @@ def test_every_byte_with_every_run_mapped(
 
 
 @needs_patched
+def test_every_byte_with_random_faults(shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mmap-pages-random (patch 0003): the mapped runs are advised MADV_RANDOM (VmFlags "rr"),
+    and the contents are the same."""
+    found = criu.find_criu()
+    if not criu.supports_mmap_random(found):
+        pytest.skip(f"{found.path} predates patch 0003 (scripts/setup.sh rebuilds it)")
+    snap = tmp_path / "snap"
+    _snapshot(shapes, snap)
+    plain = criu.restore  # process mode does not ask for random faults itself
+    monkeypatch.setattr(criu, "restore", lambda *a, **k: plain(*a, **{**k, "random_faults": True}))
+    restore_process_snapshot(snap, criu_restore="mmap")
+    flags, inside = [], False
+    for line in Path(f"/proc/{shapes.pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+            inside = len(head) >= 6 and "/pages-" in head[5]
+        elif inside and line.startswith("VmFlags:"):
+            flags.append(set(head[1:]))
+    assert flags and all("rr" in f for f in flags), flags
+    assert shapes.check(1).startswith("ok")
+    assert shapes.check(2).startswith("ok")
+
+
+@needs_patched
 def test_a_mmap_restored_process_snapshots_again_without_the_old_images(
     shapes: Shapes, tmp_path: Path
 ) -> None:

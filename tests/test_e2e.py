@@ -18,6 +18,19 @@ from .conftest import PROMPTS, TEST_PORT, SharedSnapshot, completions, needs_cri
 pytestmark = [pytest.mark.slow, needs_criu]
 
 
+def _page_image_vm_flags(pids: list[int]) -> list[set[str]]:
+    """The VmFlags of every mapping of a CRIU page image among `pids` (/proc/PID/smaps)."""
+    out, inside = [], False
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header
+                inside = len(head) >= 6 and "/pages-" in head[5]
+            elif inside and line.startswith("VmFlags:"):
+                out.append(set(head[1:]))
+    return out
+
+
 def test_snapshot_is_published_private_and_complete(shared_snapshot: SharedSnapshot) -> None:
     path = shared_snapshot.path
     assert (path.stat().st_mode & 0o777) == 0o700
@@ -54,8 +67,14 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     assert not list((shared_snapshot.path / "criu").glob("stats-restore*"))
     assert not list((shared_snapshot.path / "logs").glob("*.pid"))
     assert not list(Path("/dev/shm").glob("fastvllm-criu-work-*"))
-    if criu.find_criu().path == criu.PATCHED_CRIU:  # built to keep its kernel probes on tmpfs
+    found = criu.find_criu()
+    if found.path == criu.PATCHED_CRIU:  # built to keep its kernel probes on tmpfs
         assert (criu.KDAT_DIR / "criu.kdat").is_file()
+    if res["criu_restore"] == "mmap" and criu.supports_mmap_random(found):
+        # the snapshot's own files are trusted here, so nothing read its page images whole:
+        # the tree's runs mapped from them fault one page at a time (VmFlags "rr": MADV_RANDOM)
+        flags = _page_image_vm_flags(proctree.session_pids(res["pid"]))
+        assert flags and all("rr" in f for f in flags), flags
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
@@ -149,12 +168,24 @@ def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
     change, see test_damaged_page_image_fails_the_restore; a re-snapshot in another test
     hard-links the weight file into the store, which changes its ctime, so the first restore
     here may hash that one), a restore learns the tree's hot set and the next reads it first;
-    --reverify hashes everything again. Tokens stay identical throughout."""
+    --reverify hashes everything again. Tokens stay identical throughout.
+    With CRIU's random faults (patch 0003) a hot set is learned only from page images the tree
+    faulted in from a cold cache (restore.pipeline._Faults): a warm restore learns nothing."""
+    from fastvllm.prefetch import warm
     from fastvllm.restore import hotset
 
     path = shared_snapshot.path
+    images = sorted((path / "criu").glob("pages-*.img"))
+    hotset.path_of(path).unlink(missing_ok=True)
+    exact = criu.supports_mmap_random(criu.find_criu())
     got = []
     for reverify in (False, False, True):
+        if exact and not got:
+            r = fastvllm.restore(path)  # warm: the snapshot was just written, or restored
+            restored_cleanup.append(r.server.pid)
+            fastvllm.stop(r.server.pid)
+            assert r.criu_restore != "mmap" or not hotset.path_of(path).exists()
+            warm.evict(images)  # the next one faults them in from the disk, and learns
         r = fastvllm.restore(path, reverify=reverify)
         restored_cleanup.append(r.server.pid)
         assert r.canary_ok and r.readahead is not None
