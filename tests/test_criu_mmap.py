@@ -160,7 +160,9 @@ def test_every_byte_with_every_run_mapped(
 
 
 @needs_patched
-def test_every_byte_with_random_faults(shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_byte_with_random_faults(
+    shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--mmap-pages-random (patch 0003): the mapped runs are advised MADV_RANDOM (VmFlags "rr"),
     and the contents are the same."""
     found = criu.find_criu()
