@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # The restore that learns the tree's hot set (restore.hotset), as the first restore of a
         # snapshot on a host does; not counted.
         _say("one restore to learn the hot set (not counted)")
+        system.drop_page_cache()  # learned only from page images faulted in from the disk
         first = api.restore(snap)
         api.stop(first.server.pid)
         hot = hotset.load(snap, {f.path: f.size for f in manifest.load(snap).files})
