@@ -82,10 +82,20 @@ def criu_version(path: str) -> str:
 
 
 @functools.cache
+def _help(criu: Criu) -> str:
+    """`criu --help`, read once: fastvllm's patches announce their options there."""
+    r = subprocess.run([criu.path, "--help"], capture_output=True, text=True, check=False)
+    return r.stdout + r.stderr
+
+
 def supports_mmap(criu: Criu) -> bool:
     """Whether this CRIU has fastvllm's --mmap-pages restore (patches/criu)."""
-    r = subprocess.run([criu.path, "--help"], capture_output=True, text=True, check=False)
-    return "--mmap-pages" in r.stdout + r.stderr
+    return "--mmap-pages" in _help(criu)
+
+
+def supports_mmap_random(criu: Criu) -> bool:
+    """Whether this CRIU can advise mapped runs MADV_RANDOM (patches/criu 0003)."""
+    return "--mmap-pages-random" in _help(criu)
 
 
 @functools.cache
@@ -285,13 +295,6 @@ def _dump_lock() -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-@functools.cache
-def supports_mmap_random(criu: Criu) -> bool:
-    """Whether this CRIU can advise mapped runs MADV_RANDOM (patches/criu 0003)."""
-    r = subprocess.run([criu.path, "--help"], capture_output=True, text=True, check=False)
-    return "--mmap-pages-random" in r.stdout + r.stderr
 
 
 def _descendants(pid: int) -> list[int]:
