@@ -220,7 +220,7 @@ def restore_snapshot(
             # are read at once: the restored tree will fault them in, sequential reads first
             # are faster than its random ones.
             for e in ordered:
-                if order.is_page_image(e.path) and not residency.is_cold(path / e.path):
+                if order.is_page_image(e.path) and not cold[e.path]:
                     ahead.hold(e.path)
         ahead.start()
         if opts.verify and (unchecked := order.before_pages(ordered) - trusted):

@@ -133,3 +133,17 @@ def restored_cleanup() -> Iterator[list[int]]:
         tree = proctree.session_pids(pid)
         fastvllm.stop(pid)
         proctree.wait_gone(tree, 30, reaped=True)
+
+
+def page_image_vm_flags(pids: list[int]) -> list[set[str]]:
+    """The VmFlags of every mapping of a CRIU page image among `pids` (/proc/PID/smaps): a tree
+    restored in mmap mode maps its page images, and CRIU's advice shows there ("rr": random)."""
+    out, inside = [], False
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header
+                inside = len(head) >= 6 and "/pages-" in head[5]
+            elif inside and line.startswith("VmFlags:"):
+                out.append(set(head[1:]))
+    return out

@@ -22,7 +22,7 @@ from fastvllm.runtime import criu, manifest, mapped, proctree
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, IntegrityError
 from fastvllm.snapshot.process import take_process_snapshot
 
-from .conftest import FASTVLLM, needs_criu
+from .conftest import FASTVLLM, needs_criu, page_image_vm_flags
 
 PROG = Path(__file__).parent / "progs" / "mmap_shapes.c"
 
@@ -173,13 +173,7 @@ def test_every_byte_with_random_faults(
     plain = criu.restore  # process mode does not ask for random faults itself
     monkeypatch.setattr(criu, "restore", lambda *a, **k: plain(*a, **{**k, "random_faults": True}))
     restore_process_snapshot(snap, criu_restore="mmap")
-    flags, inside = [], False
-    for line in Path(f"/proc/{shapes.pid}/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
-            inside = len(head) >= 6 and "/pages-" in head[5]
-        elif inside and line.startswith("VmFlags:"):
-            flags.append(set(head[1:]))
+    flags = page_image_vm_flags([shapes.pid])
     assert flags and all("rr" in f for f in flags), flags
     assert shapes.check(1).startswith("ok")
     assert shapes.check(2).startswith("ok")

@@ -13,22 +13,18 @@ from fastvllm.runtime import bind_ports, cpu_share, criu, manifest, proctree
 
 import fastvllm
 
-from .conftest import PROMPTS, TEST_PORT, SharedSnapshot, completions, needs_criu, run_cli, servers_on_port
+from .conftest import (
+    PROMPTS,
+    TEST_PORT,
+    SharedSnapshot,
+    completions,
+    needs_criu,
+    page_image_vm_flags,
+    run_cli,
+    servers_on_port,
+)
 
 pytestmark = [pytest.mark.slow, needs_criu]
-
-
-def _page_image_vm_flags(pids: list[int]) -> list[set[str]]:
-    """The VmFlags of every mapping of a CRIU page image among `pids` (/proc/PID/smaps)."""
-    out, inside = [], False
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header
-                inside = len(head) >= 6 and "/pages-" in head[5]
-            elif inside and line.startswith("VmFlags:"):
-                out.append(set(head[1:]))
-    return out
 
 
 def test_snapshot_is_published_private_and_complete(shared_snapshot: SharedSnapshot) -> None:
@@ -73,7 +69,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     if res["criu_restore"] == "mmap" and criu.supports_mmap_random(found):
         # the snapshot's own files are trusted here, so nothing read its page images whole:
         # the tree's runs mapped from them fault one page at a time (VmFlags "rr": MADV_RANDOM)
-        flags = _page_image_vm_flags(proctree.session_pids(res["pid"]))
+        flags = page_image_vm_flags(proctree.session_pids(res["pid"]))
         assert flags and all("rr" in f for f in flags), flags
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
