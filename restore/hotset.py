@@ -9,10 +9,14 @@ them turns random faults into a few sequential reads.
 
 How: after the canary, every file-backed mapping of every process of the tree is looked up in
 /proc/PID/pagemap; a present page (read in, written or not) is a file page the tree needed.
-CRIU itself needs other bytes of the page images earlier: in mmap mode it still reads the runs
-it does not map (short runs, file-backed and executable memory, stacks) while it restores. Those
-are the parts of each page image that no mapping of the tree covers, so they are learned as
-the complement of the mapped ranges, and read first.
+CRIU itself needs other bytes earlier, while it restores: in mmap mode it still reads the
+page-image runs it does not map (short runs, file-backed and executable memory, stacks), learned
+as the parts of each page image no mapping of the tree covers; and it writes the dumped private
+copies of library pages (relocations, .data) into private file mappings, each write reading the
+library's page first. Those are the library pages pagemap shows as anonymous. Both are read
+first; what the running tree reads (library code, the page images it faults in) comes next.
+Each range is read without the kernel's read-ahead around it (it had read 61 MB beyond the
+236 MB asked).
 Page images of the snapshot are keyed by their path in the snapshot; any other file (Python,
 torch, vLLM libraries) by its absolute path, size and mtime, so an upgraded library is not read
 by its old ranges. The result lives beside the snapshot (`local/hot.json`), outside the
@@ -39,7 +43,8 @@ LOCAL_DIR = manifest.LOCAL_DIR
 HOT_FILE = "hot.json"
 # 3: learned from a tree that faulted its page images in one page at a time (restore.pipeline
 # _Faults); a version 2 set, learned beside whole-file reads, is inflated and learned again.
-VERSION = 3
+# 4: the library pages CRIU writes private copies of are a stage of their own, read first.
+VERSION = 4
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
 # a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's
@@ -50,12 +55,14 @@ MERGE_GAP = 64 << 10
 LOOKUP_THREADS = 16
 PAGEMAP_CHUNK = 1 << 18  # pages per pagemap read: 2 MiB of entries for 1 GiB of addresses
 _PRESENT = np.uint64(1 << 63)
+_FILE_PAGE = np.uint64(1 << 61)  # a page of the file (or shared anonymous), not a private copy
 
 
-# When a range is needed, which is the order it is read in.
-STAGE_CRIU = 0  # page-image runs CRIU reads while it restores (the ones it does not map)
-STAGE_LIBRARY = 1  # library pages: CRIU writes the tree's private copies of them as it restores
-STAGE_TREE = 2  # page-image pages the running tree faulted in
+# When a range is needed, which is the order it is read in (libraries and page images each).
+STAGE_COPIED = 0  # library pages CRIU writes the tree's private copies over as it restores
+STAGE_CRIU = 1  # page-image runs CRIU reads while it restores (the ones it does not map)
+STAGE_LIBRARY = 2  # library pages the running tree reads (code, read-only data)
+STAGE_TREE = 3  # page-image pages the running tree faulted in
 
 
 @dataclass
@@ -124,34 +131,40 @@ def _mappings(pid: int, regular: dict[str, bool]) -> list[tuple[int, int, int, s
     return out
 
 
-def _present(pm: BinaryIO, lo: int, hi: int) -> np.ndarray:
-    """Indexes (in pages from `lo`) of the present pages in [lo, hi), read from an open
-    /proc/PID/pagemap in bounded chunks (8 bytes per page: a large mapping must not need a
-    buffer of its own size)."""
-    found = []
+def _present(pm: BinaryIO, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indexes (in pages from `lo`) of the present pages in [lo, hi): the file's own pages, and
+    private copies. Read from an open /proc/PID/pagemap in bounded chunks (8 bytes per page: a
+    large mapping must not need a buffer of its own size)."""
+    own, copies = [], []
     first, end = lo // PAGE, hi // PAGE
     for start in range(first, end, PAGEMAP_CHUNK):
         n = min(PAGEMAP_CHUNK, end - start)
         pm.seek(start * 8)
         entries = np.frombuffer(pm.read(n * 8), dtype=np.uint64)
-        found.append(np.flatnonzero(entries & _PRESENT) + (start - first))
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        present = (entries & _PRESENT) != 0
+        filed = (entries & _FILE_PAGE) != 0
+        own.append(np.flatnonzero(present & filed) + (start - first))
+        copies.append(np.flatnonzero(present & ~filed) + (start - first))
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(own) if own else empty), (np.concatenate(copies) if copies else empty)
 
 
 def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
     """The file pages the processes `pids` have in memory now (see the module docstring)."""
     snapshot = snapshot.absolute()
     pages: dict[str, set[int]] = {}
+    copies: dict[str, set[int]] = {}
     mapped: dict[str, list[tuple[int, int]]] = {}
     regular: dict[str, bool] = {}
     for pid in pids:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
             for lo, hi, offset, path in _mappings(pid, regular):
                 mapped.setdefault(path, []).append((offset, hi - lo))
-                present = _present(pm, lo, hi)
+                own, copied = _present(pm, lo, hi)
                 # every mapped file is kept, even with nothing present: CRIU opens each by path,
                 # and from a cold cache each path lookup is a few random reads
-                pages.setdefault(path, set()).update((present + offset // PAGE).tolist())
+                pages.setdefault(path, set()).update((own + offset // PAGE).tolist())
+                copies.setdefault(path, set()).update((copied + offset // PAGE).tolist())
     files = []
     for path, got in sorted(pages.items()):
         try:
@@ -159,15 +172,23 @@ def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
         except OSError:
             continue
         p = Path(path)
-        ranges = [(o, min(n, st.st_size - o)) for o, n in _merge(got) if o < st.st_size]
+
+        def ranges(found: set[int], size: int = st.st_size) -> list[tuple[int, int]]:
+            return [(o, min(n, size - o)) for o, n in _merge(found) if o < size]
+
         if p.is_relative_to(snapshot):
             key = str(p.relative_to(snapshot))
-            files.append(HotFile(key, st.st_size, 0, ranges, STAGE_TREE))
+            # the tree's own faults bring a page image's pages in, read or written
+            files.append(HotFile(key, st.st_size, 0, ranges(got | copies[path]), STAGE_TREE))
             copied = _complement(mapped[path], st.st_size)
             if copied:
                 files.append(HotFile(key, st.st_size, 0, copied, STAGE_CRIU))
         else:
-            files.append(HotFile(path, st.st_size, st.st_mtime_ns, ranges, STAGE_LIBRARY))
+            # a page with a private copy in any process was read when CRIU wrote that copy
+            written = ranges(copies[path])
+            if written:
+                files.append(HotFile(path, st.st_size, st.st_mtime_ns, written, STAGE_COPIED))
+            files.append(HotFile(path, st.st_size, st.st_mtime_ns, ranges(got - copies[path]), STAGE_LIBRARY))
     return HotSet(files)
 
 
@@ -267,7 +288,7 @@ def read(
                 done += n
                 if on_bytes is not None:
                     on_bytes(n)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a range past the end of a file changed since
             pass
         finally:
             os.close(fd)
@@ -280,6 +301,7 @@ def _lookup(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # that page, not a read-ahead window
             os.pread(fd, PAGE, 0)
         finally:
             os.close(fd)
@@ -288,4 +310,7 @@ def _lookup(path: Path) -> None:
 def _populate(fd: int, off: int, n: int) -> None:
     start = off - off % PAGE
     with mmap.mmap(fd, n + (off - start), prot=mmap.PROT_READ, offset=start) as mm:
+        # Without it, a fault on a page the kernel marked for read-ahead reads the next window
+        # (up to read_ahead_kb, 8 MiB here) past the range: 61 MB more than the 236 MB asked.
+        mm.madvise(mmap.MADV_RANDOM)
         mm.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))

@@ -111,12 +111,16 @@ def test_a_hot_set_drops_files_that_changed(tmp_path: Path) -> None:
 
 
 def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A child maps the first 400 pages of a file and reads pages 3 and 300: those, and only
-    around them, are hot for the tree; the 112 pages no mapping covers are what CRIU would have
-    copied, read first."""
+    """A child maps the first 400 pages of a page image and reads pages 3 and 300: those, and
+    only around them, are hot for the tree; the 112 pages no mapping covers are what CRIU would
+    have copied, read first. Of a library mapped private, the page it wrote a copy of (as CRIU
+    writes relocated pages) is read before CRIU starts, the page it only read after."""
     snap, _ = _snapshot(tmp_path)
     target = snap / "criu" / "pages-1.img"
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(os.urandom(64 * PAGE))
     _drop(target)  # else the freshly written file sits in large folios, mapped whole
+    _drop(lib)
     monkeypatch.setattr(hotset, "PAGEMAP_CHUNK", 7)  # pagemap read in many chunks, none aligned
     code = (
         "import mmap, os, sys\n"
@@ -124,6 +128,12 @@ def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch:
         f"m = mmap.mmap(f.fileno(), 400 * {PAGE}, prot=mmap.PROT_READ)\n"
         "m.madvise(mmap.MADV_RANDOM)\n"  # no read-ahead around the two faults
         f"_ = m[3 * {PAGE}] + m[300 * {PAGE}]\n"
+        f"g = open({str(lib)!r}, 'rb')\n"
+        f"c = mmap.mmap(g.fileno(), 64 * {PAGE}, flags=mmap.MAP_PRIVATE,"
+        " prot=mmap.PROT_READ | mmap.PROT_WRITE)\n"
+        "c.madvise(mmap.MADV_RANDOM)\n"
+        f"c[10 * {PAGE}] = 1\n"  # a private copy, as CRIU writes it
+        f"_ = c[40 * {PAGE}]\n"  # read only
         "print('ready', flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -143,8 +153,13 @@ def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch:
     # two ranges, each at most the kernel's fault-around window (16 pages) of cached neighbours
     assert len(img.ranges) == 2 and all(n <= 16 * PAGE for _, n in img.ranges), img.ranges
     assert [o <= p * PAGE < o + n for (o, n), p in zip(img.ranges, (3, 300), strict=True)] == [True, True]
-    libraries = [f for f in hot.files if f.path.startswith("/")]  # the interpreter's
-    assert libraries and all(f.mtime_ns and f.stage == hotset.STAGE_LIBRARY for f in libraries)
+    (written,) = [f for f in hot.files if f.path == str(lib) and f.stage == hotset.STAGE_COPIED]
+    (read,) = [f for f in hot.files if f.path == str(lib) and f.stage == hotset.STAGE_LIBRARY]
+    assert written.ranges == [(10 * PAGE, PAGE)]
+    assert read.mtime_ns == lib.stat().st_mtime_ns and any(o <= 40 * PAGE < o + n for o, n in read.ranges)
+    assert not any(o <= 10 * PAGE < o + n for o, n in read.ranges)
+    libraries = [f for f in hot.files if f.path.startswith("/")]  # the interpreter's too
+    assert all(f.mtime_ns and f.stage in (hotset.STAGE_COPIED, hotset.STAGE_LIBRARY) for f in libraries)
 
 
 def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
