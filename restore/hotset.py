@@ -58,7 +58,7 @@ _PRESENT = np.uint64(1 << 63)
 _FILE_PAGE = np.uint64(1 << 61)  # a page of the file (or shared anonymous), not a private copy
 
 
-# When a range is needed, which is the order it is read in (libraries and page images each).
+# When a range is needed, which is the order it is read in.
 STAGE_COPIED = 0  # library pages CRIU writes the tree's private copies over as it restores
 STAGE_CRIU = 1  # page-image runs CRIU reads while it restores (the ones it does not map)
 STAGE_LIBRARY = 2  # library pages the running tree reads (code, read-only data)
@@ -172,24 +172,29 @@ def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
         except OSError:
             continue
         p = Path(path)
-
-        def ranges(found: set[int], size: int = st.st_size) -> list[tuple[int, int]]:
-            return [(o, min(n, size - o)) for o, n in _merge(found) if o < size]
-
         if p.is_relative_to(snapshot):
             key = str(p.relative_to(snapshot))
             # the tree's own faults bring a page image's pages in, read or written
-            files.append(HotFile(key, st.st_size, 0, ranges(got | copies[path]), STAGE_TREE))
+            files.append(HotFile(key, st.st_size, 0, _ranges(got | copies[path], st.st_size), STAGE_TREE))
             copied = _complement(mapped[path], st.st_size)
             if copied:
                 files.append(HotFile(key, st.st_size, 0, copied, STAGE_CRIU))
         else:
             # a page with a private copy in any process was read when CRIU wrote that copy
-            written = ranges(copies[path])
+            written = _ranges(copies[path], st.st_size)
             if written:
                 files.append(HotFile(path, st.st_size, st.st_mtime_ns, written, STAGE_COPIED))
-            files.append(HotFile(path, st.st_size, st.st_mtime_ns, ranges(got - copies[path]), STAGE_LIBRARY))
+            files.append(
+                HotFile(
+                    path, st.st_size, st.st_mtime_ns, _ranges(got - copies[path], st.st_size), STAGE_LIBRARY
+                )
+            )
     return HotSet(files)
+
+
+def _ranges(pages: set[int], size: int) -> list[tuple[int, int]]:
+    """`pages` merged into (offset, length) ranges, cut at the end of a file of `size` bytes."""
+    return [(o, min(n, size - o)) for o, n in _merge(pages) if o < size]
 
 
 def _complement(covered: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
