@@ -269,7 +269,7 @@ def hash_file(
     `stop()` is asked before each chunk read; once it says True the digest is abandoned (None)."""
     view = memoryview(bytearray(_CHUNK))
 
-    def chunk(f: Any, pos: int, n: int) -> memoryview | None:
+    def chunk(f: Any, pos: int, n: int, _exact: bool) -> memoryview | None:
         f.seek(pos)
         got = 0
         while got < n:
@@ -302,12 +302,15 @@ def hash_file_mapped(
             v.release()
             m.close()
 
-    def chunk(f: Any, pos: int, n: int) -> memoryview | None:
+    def chunk(f: Any, pos: int, n: int, exact: bool) -> memoryview | None:
         drop()
         if os.fstat(f.fileno()).st_size < pos + n:
             return None
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         m = mmap.mmap(f.fileno(), pos - base + n, prot=mmap.PROT_READ, offset=base)
+        if exact:  # a run of data before a hole: the fault's read-around would zero-fill the hole
+            os.posix_fadvise(f.fileno(), pos, n, os.POSIX_FADV_WILLNEED)
+            m.madvise(mmap.MADV_RANDOM)
         # Before Linux 5.14 (EINVAL) the hash's own page faults read the window in.
         with contextlib.suppress(OSError):
             m.madvise(_MADV_POPULATE_READ)
@@ -338,19 +341,20 @@ def new_hasher() -> Any:
 
 def _hash_sparse(
     path: Path,
-    chunk: Callable[[Any, int, int], memoryview | None],
+    chunk: Callable[[Any, int, int, bool], memoryview | None],
     on_bytes: Callable[[int], None] | None,
     stop: Callable[[], bool] | None,
 ) -> str | None:
     """The walk both hashes share: data runs (SEEK_DATA / SEEK_HOLE) are hashed in chunks that
-    `chunk(f, pos, n)` returns (None: the file shrank, so the digest will not match), holes as
-    zeros without reading them."""
+    `chunk(f, pos, n, exact)` returns (None: the file shrank, so the digest will not match), holes
+    as zeros without reading them. `exact`: the file has holes, so read no byte past the run."""
     h = new_hasher()
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
         pos = 0
         runs = [(d, d + n) for d, n in sparse.data_extents(fd, size)]
+        exact = sum(end - d for d, end in runs) < size
         for data, end in [*runs, (size, size)]:  # the last pair hashes a trailing hole
             if pos < data:  # a hole reads as zeros
                 update_zeros(h, data - pos)
@@ -361,7 +365,7 @@ def _hash_sparse(
                 if stop is not None and stop():
                     return None
                 n = min(_CHUNK, end - pos)
-                got = chunk(f, pos, n)
+                got = chunk(f, pos, n, exact)
                 if got is None:
                     return h.hexdigest()
                 h.update(got)

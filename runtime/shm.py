@@ -51,6 +51,8 @@ def copy_sparse(src: Path, dst: Path) -> None:
     with open(src, "rb", buffering=0) as fi, open(tmp, "wb", buffering=0) as fo:
         fin, fout = fi.fileno(), fo.fileno()
         size = st.st_size
+        # reads fetch their run of data and no read-ahead window past it into the hole
+        os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_RANDOM)
         os.ftruncate(fout, size)
         for data, n in sparse.data_extents(fin, size):
             off, hole = data, data + n
