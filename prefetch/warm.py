@@ -37,7 +37,7 @@ from fastvllm.prefetch.files import os_error
 from fastvllm.prefetch.residency import _mapped, resident_pages
 from fastvllm.runtime import sparse
 from fastvllm.runtime.errors import FastVLLMError, UsageError
-from fastvllm.runtime.memory import MADV_POPULATE_READ, MADV_RANDOM, advise
+from fastvllm.runtime.memory import MADV_POPULATE_READ, advise
 from fastvllm.runtime.units import human_bytes
 
 METHODS = ("read", "populate", "fadvise", "readahead")
@@ -115,14 +115,14 @@ class _Reader:
             self.fd, self.path = os.open(path, os.O_RDONLY | os.O_CLOEXEC), path
             if exact:  # reads (the fallback too) then fetch what they ask, no read-ahead window
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        if exact:
-            # one request for the run; the random hints below only stop the kernel reading past it
+        if exact and self.method in ("populate", "read"):  # the other two queue the run themselves
+            # one request for the run; the random hints only stop the kernel reading past it
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
         if self.method == "populate" and not self.fallback.is_set():
             try:
                 with _mapped(self.fd, offset, length, path) as addr:
                     if exact:
-                        advise(addr, length, MADV_RANDOM)
+                        advise(addr, length, mmap.MADV_RANDOM)
                     advise(addr, length, MADV_POPULATE_READ)
                 return length
             except OSError as e:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-MADV_RANDOM = 1  # no read-around on faults: each reads its own page
 MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22  # Linux 5.14: fault a range in (page tables filled) without writing it
