@@ -117,7 +117,9 @@ def kind_of(
     where: tuple[str, int] | None, hot_ranges: dict[str, list[tuple[int, int, int]]], kinds: dict[str, str]
 ) -> str:
     """The kind of bytes a request starting at `where` (file, offset) reads: 'stage N' of the
-    hot set, 'miss' (a page image outside it), or the file's kind from `kinds`."""
+    hot set, 'miss' (a page image outside it), or the file's kind from `kinds`. A plain scan:
+    a set's stages overlap (a tree range merged across a gap can span one of CRIU's runs), and
+    the first listed wins, as the reader reads them first."""
     if where is None:
         return "other"
     name, off = where
@@ -169,7 +171,7 @@ def trace_one(snap: Path, cold: bool, bucket_s: float) -> dict[str, Any]:
         except OSError:
             continue  # another file system, or gone: its reads count as "other"
     hot_ranges: dict[str, list[tuple[int, int, int]]] = collections.defaultdict(list)
-    for hf in hot_files:
+    for hf in sorted(hot_files, key=lambda f: f.stage):  # the order the reader reads them in
         hot_ranges[hf.path] += [(o, n, hf.stage) for o, n in hf.ranges]
 
     with tempfile.TemporaryDirectory(prefix="fastvllm-trace-") as tmp:

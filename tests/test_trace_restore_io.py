@@ -50,6 +50,10 @@ def test_kind_of_names_hot_stages_misses_and_files() -> None:
     assert tr.kind_of(("weights/model.fvw", 0), hot, kinds) == "weights"
     assert tr.kind_of(("/usr/lib/libc.so.6", 8192), hot, kinds) == "library"
     assert tr.kind_of(None, hot, kinds) == "other"
+    # a tree range merged across a gap spans one of CRIU's runs: the earlier stage names it
+    overlapping = {"criu/pages-1.img": [(4096, 4096, 1), (0, 65536, 3)]}
+    assert tr.kind_of(("criu/pages-1.img", 5000), overlapping, kinds) == "stage 1"
+    assert tr.kind_of(("criu/pages-1.img", 100), overlapping, kinds) == "stage 3"
 
 
 def test_physical_extents_cover_the_data_runs_of_a_sparse_file(tmp_path: Path) -> None:
