@@ -203,6 +203,14 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _http(timeout: float) -> httpx.Client:
+    """A client for the server's API, which is plain HTTP on a port of this host. No TLS is
+    spoken, so none is set up: httpx's default SSL context (certifi's CA bundle) took 22-42 ms
+    of CPU to build per client here, four or more times per restore (health, weights, wake-up,
+    canary, first completion), and longer from a cold page cache beside a restore."""
+    return httpx.Client(timeout=timeout, verify=False)
+
+
 def wait_healthy(
     server: Server,
     timeout: float,
@@ -211,7 +219,7 @@ def wait_healthy(
 ) -> None:
     """Poll /health until it answers 200; fail early if the tree dies."""
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
+    with _http(2.0) as client:
         while True:
             try:
                 if client.get(f"{server.base_url}/health").status_code == 200:
@@ -234,7 +242,8 @@ def wait_healthy(
 
 
 def served_model_name(server: Server) -> str:
-    r = httpx.get(f"{server.base_url}/v1/models", timeout=10.0)
+    with _http(10.0) as client:
+        r = client.get(f"{server.base_url}/v1/models")
     r.raise_for_status()
     return r.json()["data"][0]["id"]
 
@@ -243,7 +252,8 @@ def rpc(server: Server, method: str, timeout: float = 600.0, **kwargs: str) -> l
     """Call a worker-extension method on every worker (POST /collective_rpc, dev mode)."""
     body = {"method": method, "kwargs": kwargs, "timeout": timeout}
     try:
-        r = httpx.post(f"{server.base_url}/collective_rpc", json=body, timeout=timeout + 10)
+        with _http(timeout + 10) as client:
+            r = client.post(f"{server.base_url}/collective_rpc", json=body)
     except httpx.HTTPError as e:
         raise ServerError(f"{method} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
     if r.status_code != 200:
@@ -269,7 +279,8 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
         "ignore_eos": True,
     }
     try:
-        r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=timeout)
+        with _http(timeout) as client:
+            r = client.post(f"{server.base_url}/v1/completions", json=body)
     except httpx.HTTPError as e:
         raise ServerError(
             f"completion request to {server.base_url} failed: {e}", hint=f"see {server.log_path}"
@@ -285,7 +296,8 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
 
 def _post(server: Server, what: str, path: str, timeout: float) -> httpx.Response:
     try:
-        r = httpx.post(f"{server.base_url}{path}", timeout=timeout)
+        with _http(timeout) as client:
+            r = client.post(f"{server.base_url}{path}")
     except httpx.HTTPError as e:
         raise ServerError(f"{what} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
     if r.status_code != 200:
@@ -306,6 +318,7 @@ def wake_up(server: Server, tags: str | None = None, timeout: float = 300.0) -> 
 
 
 def is_sleeping(server: Server) -> bool:
-    r = httpx.get(f"{server.base_url}/is_sleeping", timeout=30.0)
+    with _http(30.0) as client:
+        r = client.get(f"{server.base_url}/is_sleeping")
     r.raise_for_status()
     return bool(r.json().get("is_sleeping"))
