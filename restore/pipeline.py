@@ -147,6 +147,7 @@ def _preflight(path: Path, criu_restore: str) -> tuple[manifest.Manifest, criu.C
             f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
             hint="stop that process (is the snapshotted server still running?)",
         )
+    criu.check_thread_ids_free([f.path for f in m.files], m.server.tree_pids)
     # A stopped tree's zombies hold their PIDs until init reaps them (seconds on some hosts).
     if proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True):
         raise UsageError(

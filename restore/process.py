@@ -57,6 +57,7 @@ def _check_host(m: manifest.ProcessManifest, found: criu.Criu) -> None:
             f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
             hint="stop that process (is the snapshotted tree still running?)",
         )
+    criu.check_thread_ids_free([f.path for f in m.files], m.tree_pids)
 
 
 def restore_process_snapshot(

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from fastvllm.runtime import mapped, native_build
+from fastvllm.runtime import mapped, native_build, proctree
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
 
 MIN_VERSION = (4, 2)
@@ -79,6 +79,30 @@ def criu_version(path: str) -> str:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"Version:\s*(\S+)", out)
     return m.group(1) if m else "unknown"
+
+
+_CORE = re.compile(r"(?:^|/)core-(\d+)\.img$")
+
+
+def image_thread_ids(paths: list[str]) -> list[int]:
+    """The thread IDs a CRIU image restores: one core-TID.img per thread of every process.
+    CRIU gives each thread its old ID back, and cannot where another holds it."""
+    return sorted(int(m.group(1)) for p in paths if (m := _CORE.search(p)))
+
+
+def check_thread_ids_free(image_paths: list[str], tree_pids: list[int]) -> None:
+    """Fail before CRIU runs if another process holds one of the tree's thread IDs: CRIU would
+    fail deep in its restorer ('Unable to create a thread: -17') with the tree half built. Seen
+    here once the host's PID counter (pid_max 32768) wrapped around into a snapshot's IDs. The
+    tree's own PIDs (`tree_pids`) are the caller's to check: a stopped tree's are waited for."""
+    taken = proctree.ids_taken(image_thread_ids(image_paths), tree_pids)
+    if taken:
+        tid, owner = taken[0]
+        raise UsageError(
+            f"thread ID {tid} is in use by PID {owner} ({len(taken)} of the snapshot's thread IDs are "
+            "taken); CRIU restores the snapshot's threads with their original IDs",
+            hint=f"stop PID {owner} if it can go; a container restore (--container) has IDs of its own",
+        )
 
 
 @functools.cache

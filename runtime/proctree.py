@@ -54,6 +54,31 @@ def alive(pid: int) -> bool:
         return False
 
 
+def ids_taken(ids: list[int], ours: list[int]) -> list[tuple[int, int]]:
+    """(id, the process holding it) for each of `ids` that a live thread or process holds,
+    except those in `ours` (the tree's own PIDs, checked, and waited for, on their own).
+    /proc/ID answers for a thread's ID too, though /proc does not list it."""
+    taken = []
+    skip = set(ours)
+    for i in ids:
+        if i in skip or not alive(i):
+            continue
+        taken.append((i, _thread_group(i)))
+    return taken
+
+
+def _thread_group(tid: int) -> int:
+    """The process a thread ID belongs to (the ID itself if that cannot be read)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
+
+
 def wait_gone(pids: list[int], timeout: float, *, reaped: bool = False) -> list[int]:
     """Wait until none of `pids` is alive (zombies of our own children are reaped); returns
     those left at the deadline. With `reaped`, a zombie still counts: a restore must wait for

@@ -312,3 +312,35 @@ def test_criu_kernel_cache_directory_is_kept_private(monkeypatch: pytest.MonkeyP
     d.symlink_to(tmp_path / "elsewhere")
     criu._private_kdat_dir()
     assert not d.is_symlink() and d.is_dir() and (tmp_path / "elsewhere").is_dir()
+
+
+def test_image_thread_ids_are_the_core_images() -> None:
+    names = ["criu/core-12.img", "criu/core-7.img", "criu/mm-12.img", "criu/pagemap-3.img"]
+    assert criu.image_thread_ids(names) == [7, 12]
+
+
+def test_a_thread_id_held_elsewhere_fails_the_restore_before_criu() -> None:
+    import threading
+
+    started, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def hold() -> None:
+        tid.append(threading.get_native_id())
+        started.set()
+        done.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    started.wait(10)
+    try:
+        never = int(Path("/proc/sys/kernel/pid_max").read_text())  # IDs stay below it
+        images = [f"criu/core-{tid[0]}.img", f"criu/core-{never}.img", f"criu/core-{os.getpid()}.img"]
+        # the tree's own PIDs are left to the caller (a stopped tree's are waited for)
+        assert proctree.ids_taken(criu.image_thread_ids(images), [os.getpid()]) == [(tid[0], os.getpid())]
+        with pytest.raises(UsageError, match=f"thread ID {tid[0]} is in use by PID {os.getpid()}"):
+            criu.check_thread_ids_free(images, [os.getpid()])
+        criu.check_thread_ids_free([f"criu/core-{never}.img"], [])  # nothing held: no error
+    finally:
+        done.set()
+        t.join()
