@@ -141,13 +141,7 @@ def _preflight(path: Path, criu_restore: str) -> tuple[manifest.Manifest, criu.C
         running = [i.pid for i in instances.running() if i.port == m.server.port]
         hint = f"stop it first: fastvllm stop {running[0]}" if running else "stop what listens there"
         raise PortInUseError(f"{e.message}: the restored server needs it back", hint=hint) from e
-    busy = [pid for pid in m.server.tree_pids if proctree.alive(pid)]
-    if busy:
-        raise UsageError(
-            f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
-            hint="stop that process (is the snapshotted server still running?)",
-        )
-    criu.check_thread_ids_free([f.path for f in m.files], m.server.tree_pids)
+    criu.check_ids_free([f.path for f in m.files], m.server.tree_pids, "server")
     # A stopped tree's zombies hold their PIDs until init reaps them (seconds on some hosts).
     if proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True):
         raise UsageError(

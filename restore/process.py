@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvllm.runtime import criu, cuda_checkpoint, manifest, proctree, system, verified
-from fastvllm.runtime.errors import IdentityMismatchError, UsageError
+from fastvllm.runtime.errors import IdentityMismatchError
 from fastvllm.runtime.timeline import Timeline
 
 
@@ -51,13 +51,7 @@ def _check_host(m: manifest.ProcessManifest, found: criu.Criu) -> None:
             "snapshot was taken on a different host setup: " + "; ".join(diffs),
             hint="restore on a host with the same CRIU, kernel, GPU model and driver",
         )
-    busy = [p for p in m.tree_pids if proctree.alive(p)]
-    if busy:
-        raise UsageError(
-            f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
-            hint="stop that process (is the snapshotted tree still running?)",
-        )
-    criu.check_thread_ids_free([f.path for f in m.files], m.tree_pids)
+    criu.check_ids_free([f.path for f in m.files], m.tree_pids)
 
 
 def restore_process_snapshot(

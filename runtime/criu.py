@@ -90,11 +90,18 @@ def image_thread_ids(paths: list[str]) -> list[int]:
     return sorted(int(m.group(1)) for p in paths if (m := _CORE.search(p)))
 
 
-def check_thread_ids_free(image_paths: list[str], tree_pids: list[int]) -> None:
-    """Fail before CRIU runs if another process holds one of the tree's thread IDs: CRIU would
-    fail deep in its restorer ('Unable to create a thread: -17') with the tree half built. Seen
-    here once the host's PID counter (pid_max 32768) wrapped around into a snapshot's IDs. The
-    tree's own PIDs (`tree_pids`) are the caller's to check: a stopped tree's are waited for."""
+def check_ids_free(image_paths: list[str], tree_pids: list[int], tree: str = "tree") -> None:
+    """Fail before CRIU runs if a live process holds one of the tree's PIDs or thread IDs: CRIU
+    gives them all their old IDs back. A thread ID held elsewhere failed CRIU deep in its
+    restorer ('Unable to create a thread: -17') with the tree half built, once the host's PID
+    counter (pid_max 32768) wrapped around into a snapshot's IDs. Zombies of a stopped tree
+    do not count here: the caller waits for them to be reaped."""
+    busy = [pid for pid in tree_pids if proctree.alive(pid)]
+    if busy:
+        raise UsageError(
+            f"PID {busy[0]} is in use; CRIU restores the snapshot's processes with their original PIDs",
+            hint=f"stop that process (is the snapshotted {tree} still running?)",
+        )
     taken = proctree.ids_taken(image_thread_ids(image_paths), tree_pids)
     if taken:
         tid, owner = taken[0]
