@@ -14,7 +14,12 @@ page-image runs it does not map (short runs, file-backed and executable memory, 
 as the parts of each page image no mapping of the tree covers; and it writes the dumped private
 copies of library pages (relocations, .data) into private file mappings, each write reading the
 library's page first. Those are the library pages pagemap shows as anonymous. Both are read
-first; what the running tree reads (library code, the page images it faults in) comes next.
+first; what the running tree reads (library code, the page images it faults in) comes next,
+staged by the step of the restore that first needed it (serving `/health`, taking its weights
+back, the first completion): the restore that learns looks at the tree after each step
+(`capture`). The tree then runs each step while the pages of the later ones are still being
+read, instead of waiting for all of them (a cold restore ended `/health` just after the last
+of 240 MB arrived; 28 MB of it were needed by then).
 Each range is read without the kernel's read-ahead around it (it had read 61 MB beyond the
 236 MB asked).
 Page images of the snapshot are keyed by their path in the snapshot; any other file (Python,
@@ -30,7 +35,7 @@ import json
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +49,8 @@ HOT_FILE = "hot.json"
 # 3: learned from a tree that faulted its page images in one page at a time (restore.pipeline
 # _Faults); a version 2 set, learned beside whole-file reads, is inflated and learned again.
 # 4: the library pages CRIU writes private copies of are a stage of their own, read first.
-VERSION = 4
+# 5: the tree's pages are staged by the restore step that first needed them.
+VERSION = 5
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
 # a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's
@@ -61,8 +67,15 @@ _FILE_PAGE = np.uint64(1 << 61)  # a page of the file (or shared anonymous), not
 # When a range is needed, which is the order it is read in.
 STAGE_COPIED = 0  # library pages CRIU writes the tree's private copies over as it restores
 STAGE_CRIU = 1  # page-image runs CRIU reads while it restores (the ones it does not map)
-STAGE_LIBRARY = 2  # library pages the running tree reads (code, read-only data)
-STAGE_TREE = 3  # page-image pages the running tree faulted in
+STAGE_LIBRARY = 2  # library pages the running tree reads (code, read-only data) to serve /health
+STAGE_TREE = 3  # page-image pages the running tree faulted in to serve /health
+# Later steps of the restore (weights back, first completion) come after, library pages first.
+STEPS = ("health", "weights", "first completion")
+
+
+def tree_stage(step: int, library: bool) -> int:
+    """The stage of the pages the running tree first needed in restore step `step` (STEPS)."""
+    return STAGE_LIBRARY + 2 * step + (0 if library else 1)
 
 
 @dataclass
@@ -149,24 +162,40 @@ def _present(pm: BinaryIO, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate(own) if own else empty), (np.concatenate(copies) if copies else empty)
 
 
-def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
-    """The file pages the processes `pids` have in memory now (see the module docstring)."""
-    snapshot = snapshot.absolute()
-    pages: dict[str, set[int]] = {}
-    copies: dict[str, set[int]] = {}
-    mapped: dict[str, list[tuple[int, int]]] = {}
+@dataclass
+class Capture:
+    """The file pages a tree has in memory at one moment, by path (page indexes in the file)."""
+
+    pages: dict[str, set[int]] = field(default_factory=dict)  # the file's own pages
+    copies: dict[str, set[int]] = field(default_factory=dict)  # private copies (written)
+    mapped: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # (offset, length)
+
+
+def capture(pids: Iterable[int]) -> Capture:
+    """What the processes `pids` have in memory now (see the module docstring)."""
+    cap = Capture()
     regular: dict[str, bool] = {}
     for pid in pids:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
             for lo, hi, offset, path in _mappings(pid, regular):
-                mapped.setdefault(path, []).append((offset, hi - lo))
+                cap.mapped.setdefault(path, []).append((offset, hi - lo))
                 own, copied = _present(pm, lo, hi)
                 # every mapped file is kept, even with nothing present: CRIU opens each by path,
                 # and from a cold cache each path lookup is a few random reads
-                pages.setdefault(path, set()).update((own + offset // PAGE).tolist())
-                copies.setdefault(path, set()).update((copied + offset // PAGE).tolist())
+                cap.pages.setdefault(path, set()).update((own + offset // PAGE).tolist())
+                cap.copies.setdefault(path, set()).update((copied + offset // PAGE).tolist())
+    return cap
+
+
+def learn(pids: Iterable[int], snapshot: Path, earlier: Sequence[Capture] = ()) -> HotSet:
+    """The file pages the processes `pids` have in memory now. The tree's own are staged by the
+    first of the `earlier` captures (one per finished restore step, in STEPS order) that had
+    them; pages none of them had belong to the step after the last."""
+    snapshot = snapshot.absolute()
+    now = capture(pids)
+    steps = [*earlier, now]
     files = []
-    for path, got in sorted(pages.items()):
+    for path, got in sorted(now.pages.items()):
         try:
             st = os.stat(path)
         except OSError:
@@ -175,21 +204,36 @@ def learn(pids: Iterable[int], snapshot: Path) -> HotSet:
         if p.is_relative_to(snapshot):
             key = str(p.relative_to(snapshot))
             # the tree's own faults bring a page image's pages in, read or written
-            files.append(HotFile(key, st.st_size, 0, _ranges(got | copies[path], st.st_size), STAGE_TREE))
-            copied = _complement(mapped[path], st.st_size)
+            by_step = [c.pages.get(path, set()) | c.copies.get(path, set()) for c in steps]
+            files += _staged(key, st.st_size, 0, got | now.copies[path], by_step, library=False)
+            copied = _complement(now.mapped[path], st.st_size)
             if copied:
                 files.append(HotFile(key, st.st_size, 0, copied, STAGE_CRIU))
         else:
             # a page with a private copy in any process was read when CRIU wrote that copy
-            written = _ranges(copies[path], st.st_size)
+            written = _ranges(now.copies[path], st.st_size)
             if written:
                 files.append(HotFile(path, st.st_size, st.st_mtime_ns, written, STAGE_COPIED))
-            files.append(
-                HotFile(
-                    path, st.st_size, st.st_mtime_ns, _ranges(got - copies[path], st.st_size), STAGE_LIBRARY
-                )
-            )
+            by_step = [c.pages.get(path, set()) for c in steps]
+            files += _staged(path, st.st_size, st.st_mtime_ns, got - now.copies[path], by_step, library=True)
     return HotSet(files)
+
+
+def _staged(
+    key: str, size: int, mtime_ns: int, pages: set[int], by_step: list[set[int]], *, library: bool
+) -> list[HotFile]:
+    """`pages` of one file, one HotFile per restore step that first had some of them (a page
+    inside an earlier step's merged range is read with it). A file with none still gets one:
+    `read` looks every path up, since CRIU opens each mapped file by path."""
+    out = []
+    done: set[int] = set()
+    for step, seen in enumerate(by_step):
+        new = (pages if step == len(by_step) - 1 else pages & seen) - done
+        ranges = _ranges(new, size)
+        if ranges:
+            out.append(HotFile(key, size, mtime_ns, ranges, tree_stage(step, library)))
+            done.update(q for o, n in ranges for q in range(o // PAGE, (o + n + PAGE - 1) // PAGE))
+    return out or [HotFile(key, size, mtime_ns, [], tree_stage(0, library))]
 
 
 def _ranges(pages: set[int], size: int) -> list[tuple[int, int]]:

@@ -269,6 +269,11 @@ def restore_snapshot(
         root = pid
         with tl.phase("health"):
             vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
+        learning = opts.prefetch and hot is None and faults.learn
+        steps: list[hotset.Capture] = []
+        if learning:  # which pages each step needed: later restores read them in that order
+            with tl.phase("hot_set_capture"):
+                steps.append(hotset.capture(proctree.session_pids(root)))
         if m.sleep_level == 1:
             with tl.phase("wake_up"):
                 vllm_server.wake_up(server)
@@ -300,6 +305,9 @@ def restore_snapshot(
             if m.sleep_level == 2:
                 with tl.phase("wake_kv_cache"):
                     vllm_server.wake_up(server, "kv_cache")
+        if learning and (m.sleep_level == 1 or m.weights_file):
+            with tl.phase("hot_set_capture"):
+                steps.append(hotset.capture(proctree.session_pids(root)))
         # The canary runs while the read-ahead finishes the page images' checksums instead of
         # after them: the processes already run from them (only the small images had to be
         # checked before CRIU). The restore counts as serving only once both are in, so the time
@@ -337,7 +345,7 @@ def restore_snapshot(
                     raise damaged from exc
             ahead.stop()
         raise
-    _remember(opts, path, m, ahead, trusted, hot, pid, tl, learn=faults.learn)
+    _remember(opts, path, m, ahead, trusted, hot, pid, tl, learn=faults.learn, steps=steps)
     instances.record(
         instances.Instance(
             pid,
@@ -368,18 +376,19 @@ def _remember(
     tl: Timeline,
     *,
     learn: bool = True,
+    steps: list[hotset.Capture] | None = None,
 ) -> None:
     """Keep what this restore learned for the next one on this host: which files it checked
-    (not hashed again while unchanged) and, the first time `learn` allows, the tree's hot set.
-    Both after the time to first completion was taken, and both only hints: a failure here
-    changes nothing."""
+    (not hashed again while unchanged) and, the first time `learn` allows, the tree's hot set
+    (staged by the `steps` captured as the restore went). Both after the time to first
+    completion was taken, and both only hints: a failure here changes nothing."""
     if opts.verify:
         checked = set(ahead.stats.verified) if ahead is not None else {f.path for f in m.files}
         if checked - trusted:
             verified.record(path, [f for f in m.files if f.path in checked])
     if opts.prefetch and hot is None and learn:
         with tl.phase("learn_hot_set"):
-            hotset.save(path, hotset.learn(proctree.session_pids(pid), path))
+            hotset.save(path, hotset.learn(proctree.session_pids(pid), path, steps or ()))
 
 
 def _canary(

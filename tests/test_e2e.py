@@ -163,8 +163,8 @@ def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
     hashed: the next restore on this host reads them without hashing them again (until they
     change, see test_damaged_page_image_fails_the_restore; a re-snapshot in another test
     hard-links the weight file into the store, which changes its ctime, so the first restore
-    here may hash that one), a restore learns the tree's hot set and the next reads it first;
-    --reverify hashes everything again. Tokens stay identical throughout.
+    here may hash that one), a restore learns the tree's hot set (staged by restore step) and
+    the next reads it first; --reverify hashes everything again. Tokens stay identical throughout.
     With CRIU's random faults (patch 0003) a hot set is learned only from page images the tree
     faulted in from a cold cache (restore.pipeline._Faults): a warm restore learns nothing."""
     from fastvllm.prefetch import warm
@@ -188,6 +188,9 @@ def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
         got.append(r.readahead)
         fastvllm.stop(r.server.pid)
     assert hotset.path_of(path).is_file()
+    learned = hotset.load(path, {f.path: f.size for f in manifest.load(path).files})
+    # staged by restore step: the weight reload and the first completion needed pages /health had not
+    assert learned is not None and max(f.stage for f in learned.files) > hotset.STAGE_TREE
     first, second, again = got
     n_files = len(manifest.load(path).files)
     assert int(first["hashed_files"]) + int(first["trusted_files"]) == n_files  # type: ignore[call-overload]

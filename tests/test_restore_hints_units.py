@@ -162,6 +162,58 @@ def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch:
     assert all(f.mtime_ns and f.stage in (hotset.STAGE_COPIED, hotset.STAGE_LIBRARY) for f in libraries)
 
 
+def test_learning_stages_pages_by_the_step_that_first_needed_them(tmp_path: Path) -> None:
+    """A child touches page 3 of a page image and page 40 of a library, is captured (a restore
+    step ended), then touches pages 300 and 50: the first pair is read in the first step's
+    stages, the second pair in the next step's, each library's before the page image's."""
+    snap, _ = _snapshot(tmp_path)
+    target = snap / "criu" / "pages-1.img"
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(os.urandom(64 * PAGE))
+    _drop(target)
+    _drop(lib)
+    code = (
+        "import mmap, sys\n"
+        f"f, g = open({str(target)!r}, 'rb'), open({str(lib)!r}, 'rb')\n"
+        f"m = mmap.mmap(f.fileno(), 400 * {PAGE}, prot=mmap.PROT_READ)\n"
+        f"c = mmap.mmap(g.fileno(), 64 * {PAGE}, prot=mmap.PROT_READ)\n"
+        "m.madvise(mmap.MADV_RANDOM)\n"
+        "c.madvise(mmap.MADV_RANDOM)\n"
+        f"_ = m[3 * {PAGE}] + c[40 * {PAGE}]\n"
+        "print('one', flush=True)\n"
+        "sys.stdin.readline()\n"
+        f"_ = m[300 * {PAGE}] + c[50 * {PAGE}]\n"
+        "print('two', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "one"
+        first = hotset.capture([child.pid])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "two"
+        hot = hotset.learn([child.pid], snap, [first])
+    finally:
+        child.kill()
+        child.wait()
+
+    def stage_of(path: str, page: int) -> int:
+        (stage,) = [
+            f.stage for f in hot.files if f.path == path for o, n in f.ranges if o <= page * PAGE < o + n
+        ]
+        return stage
+
+    assert stage_of("criu/pages-1.img", 3) == hotset.tree_stage(0, library=False) == hotset.STAGE_TREE
+    assert stage_of("criu/pages-1.img", 300) == hotset.tree_stage(1, library=False)
+    assert stage_of(str(lib), 40) == hotset.tree_stage(0, library=True) == hotset.STAGE_LIBRARY
+    assert stage_of(str(lib), 50) == hotset.tree_stage(1, library=True)
+    assert hotset.STAGE_CRIU < hotset.STAGE_LIBRARY < hotset.STAGE_TREE < hotset.tree_stage(1, library=True)
+
+
 def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
     snap, _ = _snapshot(tmp_path)
     target = snap / "criu" / "pages-1.img"
