@@ -30,6 +30,11 @@ from typing import Any
 
 from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
 
+# Imported with the worker, before any snapshot, not on the first reload: a restored tree would
+# otherwise import it on its critical path (path lookups and reads from a cold cache, and a
+# compile where no bytecode is cached: 20-25 ms of a restore here).
+from fastvllm.weights import fileformat, loader
+
 PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<closure variable>
 
 
@@ -105,8 +110,6 @@ class WorkerExtension:
         return list(seen.items())
 
     def fastvllm_dump_weights(self, path: str) -> dict[str, Any]:
-        from fastvllm.weights import fileformat
-
         t0 = time.perf_counter()
         idx = fileformat.write(
             Path(path), self._fastvllm_tensors(), meta={"writer": "fastvllm worker extension"}
@@ -146,8 +149,6 @@ class WorkerExtension:
         return {"weight_bytes_released": weights, "kv_bytes_released": kv, "weight_bytes_kept_opaque": opaque}
 
     def fastvllm_reload(self, path: str, threads: str = "0", verify: str = "0") -> dict[str, Any]:
-        from fastvllm.weights import loader
-
         kw: dict[str, Any] = {"verify": verify == "1"}
         if int(threads) > 0:
             kw["threads"] = int(threads)
