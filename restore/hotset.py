@@ -19,7 +19,7 @@ staged by the step of the restore that first needed it (serving `/health`, takin
 back, the first completion): the restore that learns looks at the tree after each step
 (`capture`). The tree then runs each step while the pages of the later ones are still being
 read, instead of waiting for all of them (a cold restore ended `/health` just after the last
-of 240 MB arrived; 28 MB of it were needed by then).
+of its 240 MB arrived, when the tree had needed 28 MB of its own 133 MB by then).
 Each range is read without the kernel's read-ahead around it (it had read 61 MB beyond the
 236 MB asked).
 Page images of the snapshot are keyed by their path in the snapshot; any other file (Python,
