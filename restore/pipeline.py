@@ -238,6 +238,8 @@ def restore_snapshot(
     logs.mkdir(exist_ok=True)
     server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
     pid: int | None = None
+    # The first restore with a read-ahead and no hot set learns one (see _Faults for which may).
+    steps: list[hotset.Capture] | None = [] if opts.prefetch and hot is None and faults.learn else None
     criu_ran = False
     put_back: list[Path] = []
     try:
@@ -269,9 +271,7 @@ def restore_snapshot(
         root = pid
         with tl.phase("health"):
             vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
-        learning = opts.prefetch and hot is None and faults.learn
-        steps: list[hotset.Capture] = []
-        if learning:  # which pages each step needed: later restores read them in that order
+        if steps is not None:  # which pages each step needed: later restores read them in order
             with tl.phase("hot_set_capture"):
                 steps.append(hotset.capture(proctree.session_pids(root)))
         if m.sleep_level == 1:
@@ -305,7 +305,7 @@ def restore_snapshot(
             if m.sleep_level == 2:
                 with tl.phase("wake_kv_cache"):
                     vllm_server.wake_up(server, "kv_cache")
-        if learning and (m.sleep_level == 1 or m.weights_file):
+        if steps is not None and (m.sleep_level == 1 or m.weights_file):
             with tl.phase("hot_set_capture"):
                 steps.append(hotset.capture(proctree.session_pids(root)))
         # The canary runs while the read-ahead finishes the page images' checksums instead of
@@ -345,7 +345,7 @@ def restore_snapshot(
                     raise damaged from exc
             ahead.stop()
         raise
-    _remember(opts, path, m, ahead, trusted, hot, pid, tl, learn=faults.learn, steps=steps)
+    _remember(opts, path, m, ahead, trusted, pid, tl, steps)
     instances.record(
         instances.Instance(
             pid,
@@ -371,24 +371,21 @@ def _remember(
     m: manifest.Manifest,
     ahead: ReadAhead | None,
     trusted: set[str],
-    hot: hotset.HotSet | None,
     pid: int,
     tl: Timeline,
-    *,
-    learn: bool = True,
-    steps: list[hotset.Capture] | None = None,
+    steps: list[hotset.Capture] | None,
 ) -> None:
     """Keep what this restore learned for the next one on this host: which files it checked
-    (not hashed again while unchanged) and, the first time `learn` allows, the tree's hot set
-    (staged by the `steps` captured as the restore went). Both after the time to first
+    (not hashed again while unchanged) and, when this restore learns one (`steps` is not None),
+    the tree's hot set, staged by the `steps` captured as it went. Both after the time to first
     completion was taken, and both only hints: a failure here changes nothing."""
     if opts.verify:
         checked = set(ahead.stats.verified) if ahead is not None else {f.path for f in m.files}
         if checked - trusted:
             verified.record(path, [f for f in m.files if f.path in checked])
-    if opts.prefetch and hot is None and learn:
+    if steps is not None:
         with tl.phase("learn_hot_set"):
-            hotset.save(path, hotset.learn(proctree.session_pids(pid), path, steps or ()))
+            hotset.save(path, hotset.learn(proctree.session_pids(pid), path, steps))
 
 
 def _canary(
