@@ -69,12 +69,12 @@ STAGE_COPIED = 0  # library pages CRIU writes the tree's private copies over as 
 STAGE_CRIU = 1  # page-image runs CRIU reads while it restores (the ones it does not map)
 STAGE_LIBRARY = 2  # library pages the running tree reads (code, read-only data) to serve /health
 STAGE_TREE = 3  # page-image pages the running tree faulted in to serve /health
-# Later steps of the restore (weights back, first completion) come after, library pages first.
-STEPS = ("health", "weights", "first completion")
+# Later steps of the restore come after, library pages first: step 0 serves /health, step 1
+# takes the weights back, step 2 is the first completion.
 
 
 def tree_stage(step: int, library: bool) -> int:
-    """The stage of the pages the running tree first needed in restore step `step` (STEPS)."""
+    """The stage of the pages the running tree first needed in restore step `step`."""
     return STAGE_LIBRARY + 2 * step + (0 if library else 1)
 
 
@@ -189,7 +189,7 @@ def capture(pids: Iterable[int]) -> Capture:
 
 def learn(pids: Iterable[int], snapshot: Path, earlier: Sequence[Capture] = ()) -> HotSet:
     """The file pages the processes `pids` have in memory now. The tree's own are staged by the
-    first of the `earlier` captures (one per finished restore step, in STEPS order) that had
+    first of the `earlier` captures (one per finished restore step, in order) that had
     them; pages none of them had belong to the step after the last."""
     snapshot = snapshot.absolute()
     now = capture(pids)
