@@ -95,11 +95,12 @@ def is_page_image(rel: str) -> bool:
     return rel.startswith("criu/") and _PAGES.search(rel) is not None
 
 
+def is_small_image(rel: str) -> bool:
+    """Whether `rel` (a manifest path) is one of CRIU's images other than the page images."""
+    return rel.startswith("criu/") and _PAGES.search(rel) is None
+
+
 def before_pages(ordered: list[manifest.FileEntry]) -> set[str]:
     """The files a restore reads before any page image: the /dev/shm copies and CRIU's small
     images (what each process is: credentials, files, registers, memory layout)."""
-    return {
-        e.path
-        for e in ordered
-        if e.path.startswith("shm/") or (e.path.startswith("criu/") and not _PAGES.search(e.path))
-    }
+    return {e.path for e in ordered if e.path.startswith("shm/") or is_small_image(e.path)}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fastvllm.prefetch import residency, warm
 from fastvllm.restore import hotset, order
-from fastvllm.restore.readahead import ReadAhead
+from fastvllm.restore.readahead import HotReader, ReadAhead
 from fastvllm.runtime import (
     affinity,
     bind_ports,
@@ -111,10 +111,8 @@ class _Faults:
     learn: bool = True
 
 
-def _preflight(path: Path, criu_restore: str) -> tuple[manifest.Manifest, criu.Criu, str]:
-    system.require_criu_privileges()  # first: without it nothing below can succeed
-    m = manifest.load(path)
-    found = criu.find_criu()
+def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore: str) -> str:
+    """The checks before CRIU may run; returns the CRIU restore mode."""
     mode = criu.resolve_mode(found, criu_restore, gpu=bool(m.cuda_pids))
     diffs = m.identity.differences(manifest.HostIdentity.here(found.version))
     if diffs:
@@ -148,7 +146,7 @@ def _preflight(path: Path, criu_restore: str) -> tuple[manifest.Manifest, criu.C
             "the snapshot's PIDs are still held by exited processes nobody has reaped",
             hint="retry in a few seconds; if it persists, the host's init does not reap orphans",
         )
-    return m, found, mode
+    return mode
 
 
 def restore_snapshot(
@@ -159,20 +157,56 @@ def restore_snapshot(
     tl = timeline or Timeline()
     path = opts.snapshot.expanduser().absolute()
     proctree.adopt_orphans()
+    early: HotReader | None = None
     with tl.phase("validate"):
-        m, found, mode = _preflight(path, opts.criu_restore)
-        nice = cpu_share.server_nice()
-        bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
+        system.require_criu_privileges()  # first: without it nothing below can succeed
+        m = manifest.load(path)
+        found = criu.find_criu()
+        if opts.prefetch:
+            # What CRIU and the tree need first is read while the host is still checked (see
+            # HotReader): the hot set is a hint, reading it decides nothing.
+            hot = hotset.load(path, {f.path: f.size for f in m.files})
+            # CRIU's binary and libraries, then the small images it reads first (its page
+            # images are in the hot set; the /dev/shm copies are sparse and read exactly later)
+            first: list[str | Path] = [*criu.program_files(found)]
+            first += [path / f.path for f in m.files if order.is_small_image(f.path)]
+            early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes)
+            early.start()
+        try:
+            mode = _preflight(path, m, found, opts.criu_restore)
+            nice = cpu_share.server_nice()
+            bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
+        except BaseException:
+            if early is not None:
+                early.stop()
+            raise
+    try:
+        return _restore_checked(opts, tl, path, m, found, mode, nice, early, on_verify_bytes)
+    finally:
+        if early is not None:
+            early.stop()  # stopped with the read-ahead that adopted it, or here on a failure
+
+
+def _restore_checked(
+    opts: RestoreOptions,
+    tl: Timeline,
+    path: Path,
+    m: manifest.Manifest,
+    found: criu.Criu,
+    mode: str,
+    nice: int,
+    early: HotReader | None,
+    on_verify_bytes: Callable[[int], None] | None,
+) -> RestoreResult:
     ahead: ReadAhead | None = None
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
-    hot: hotset.HotSet | None = None
+    hot = early.hot if early is not None else None
     # Whether the tree faults its page images in itself, each fault reading its own page only
     # (CRIU's --mmap-pages-random), and so whether it may learn its hot set from them.
     faults = _Faults()
     if opts.prefetch:
         manifest.check_sizes(path, m.files)  # a missing or truncated file fails before anything starts
         ordered = order.restore_order(path, m)
-        hot = hotset.load(path, {f.path: f.size for f in m.files})
         if mode == "mmap":
             random_ok = criu.supports_mmap_random(found)
             cold = {e.path: residency.is_cold(path / e.path) for e in ordered if order.is_page_image(e.path)}
@@ -201,7 +235,7 @@ def restore_snapshot(
             timeline=tl,
             on_bytes=on_verify_bytes,
             trusted=trusted,
-            hot=hot,
+            hot=early,
         )
         if m.weights_file and residency.is_cold(path / m.weights_file):
             # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s

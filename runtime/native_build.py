@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import xxhash
+from fastvllm.runtime import system
 from fastvllm.runtime.errors import EnvironmentNotReadyError
 
 SOURCES = Path(__file__).parent / "native"
@@ -19,7 +20,7 @@ def build(name: str) -> Path:
     """The library built from `native/<name>.c` (built now if this version is not yet)."""
     src = SOURCES / f"{name}.c"
     digest = xxhash.xxh3_64_hexdigest(src.read_bytes())
-    home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+    home = system.fastvllm_home()
     lib = home / "lib" / f"{name}-{digest}.so"
     if lib.is_file():
         return lib

@@ -47,6 +47,12 @@ def image_identity() -> str:
         return ""
 
 
+def fastvllm_home() -> Path:
+    """Where fastvllm keeps what it builds or learns once per user (helpers, the tiny model,
+    what it found out about CRIU): $FASTVLLM_HOME, else ~/.cache/fastvllm."""
+    return Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+
+
 def kernel_release() -> str:
     return platform.release()
 

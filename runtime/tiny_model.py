@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fastvllm.runtime import system
+
 TINY_NAME = "tiny"
 TINY_VERSION = "2"
 SEED = 20261121
@@ -70,7 +72,7 @@ SIZES: dict[str, dict[str, int]] = {
 
 
 def default_dir(size: str = TINY_NAME) -> Path:
-    home = Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+    home = system.fastvllm_home()
     name = f"tiny-llama-v{TINY_VERSION}" if size == TINY_NAME else f"{size}-llama-v{TINY_VERSION}"
     return home / "models" / name
 

@@ -84,3 +84,37 @@ def test_auto_is_copy_for_gpu_snapshots_until_mmap_is_measured_faster_there(tmp_
     patched = _fake_criu(tmp_path, "  --mmap-pages          on restore, map ...")
     assert criu.resolve_mode(patched, "auto", gpu=True) == "copy"
     assert criu.resolve_mode(patched, "mmap", gpu=True) == "mmap"  # asked for: done
+
+
+def test_a_criu_probe_is_kept_until_the_binary_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore no longer runs `criu --version` and `--help` each time: what they said is kept
+    in fastvllm's home under the binary's identity, and asked again once the binary changes."""
+    runs = tmp_path / "runs"
+    path = tmp_path / "criu"
+
+    def write(version: str) -> None:
+        path.write_text(
+            f"#!/bin/sh\necho run >> {runs}\n"
+            f'case "$1" in --version) echo "Version: {version}";;\n'
+            '  *) echo "  --mmap-pages  on restore";; esac\n'
+        )
+        path.chmod(0o755)
+
+    write("4.2.1")
+    monkeypatch.setenv("FASTVLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FASTVLLM_CRIU", str(path))
+    monkeypatch.setattr(criu, "_PROBED", {})
+    found = criu.find_criu()
+    assert found == criu.Criu(str(path), "4.2.1") and criu.supports_mmap(found)
+    probed = runs.read_text().count("run")
+    assert probed >= 2  # --version and --help (and the loader's library listing)
+    assert (tmp_path / "home" / criu.PROBE_FILE).is_file()
+    monkeypatch.setattr(criu, "_PROBED", {})  # as a new process would start
+    assert criu.find_criu().version == "4.2.1" and criu.supports_mmap(found)
+    assert runs.read_text().count("run") == probed  # answered from the kept probe
+    write("4.3.10")  # a new binary (a new size and ctime): probed again
+    monkeypatch.setattr(criu, "_PROBED", {})
+    assert criu.find_criu().version == "4.3.10"
+    assert runs.read_text().count("run") > probed

@@ -84,30 +84,49 @@ def test_what_no_mapping_covers_is_what_criu_copied() -> None:
     assert hotset._complement([(0, 4 * PAGE)], 3 * PAGE) == []
 
 
-def test_a_hot_set_drops_files_that_changed(tmp_path: Path) -> None:
+def test_a_hot_set_skips_files_that_changed(tmp_path: Path) -> None:
+    """A page image of another size is dropped when the set is loaded (the manifest says its
+    size); a library that changed or went since is skipped when the set is read, its ranges
+    left unread, while an unchanged one is read."""
     snap, files = _snapshot(tmp_path)
-    lib = tmp_path / "libfoo.so"
-    lib.write_bytes(b"x" * 3 * PAGE)
-    st = lib.stat()
+    libs = [tmp_path / "libfoo.so", tmp_path / "libbar.so"]
+    for lib in libs:
+        lib.write_bytes(os.urandom(64 * PAGE))
+    foo, bar = (lib.stat() for lib in libs)
     hot = hotset.HotSet(
         [
             hotset.HotFile("criu/pages-1.img", 512 * PAGE, 0, [(0, PAGE), (8 * PAGE, 2 * PAGE)]),
-            hotset.HotFile(str(lib), st.st_size, st.st_mtime_ns, [(PAGE, PAGE)]),
+            hotset.HotFile(str(libs[0]), foo.st_size, foo.st_mtime_ns, [(PAGE, 8 * PAGE)]),
+            hotset.HotFile(str(libs[1]), bar.st_size, bar.st_mtime_ns, [(PAGE, 16 * PAGE)]),
             hotset.HotFile(str(tmp_path / "gone.so"), 10, 1, [(0, 10)]),
         ]
     )
     assert hotset.save(snap, hot)
     sizes = {e.path: e.size for e in files}
     got = hotset.load(snap, sizes)
-    assert got is not None and [f.path for f in got.files] == ["criu/pages-1.img", str(lib)]
-    assert got.bytes == 4 * PAGE
-    os.utime(lib, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # an upgraded library
-    got = hotset.load(snap, sizes)
-    assert got is not None and [f.path for f in got.files] == ["criu/pages-1.img"]
+    assert got is not None and [f.path for f in got.files] == [f.path for f in hot.files]
+    os.utime(libs[1], ns=(bar.st_atime_ns, bar.st_mtime_ns + 1))  # an upgraded library
+    for p in [snap / "criu" / "pages-1.img", *libs]:
+        _drop(p)
+    assert hotset.read(snap, got, order=lambda f: (0, f.path)) == 3 * PAGE + 8 * PAGE
+    assert residency.resident_pages(libs[0])[0] >= 8
+    assert residency.resident_pages(libs[1])[0] <= 1  # its first page at most: looked up, not read
     got = hotset.load(snap, sizes | {"criu/pages-1.img": 1})  # not the image it was learned on
-    assert got is not None and got.files == []
+    assert got is not None and "criu/pages-1.img" not in [f.path for f in got.files]
     hotset.path_of(snap).write_text("[]")
     assert hotset.load(snap, sizes) is None
+
+
+def test_advising_files_brings_them_in_without_waiting(tmp_path: Path) -> None:
+    """CRIU's own files are queued whole before the hot set (a missing one is skipped)."""
+    f = tmp_path / "criu-like"
+    f.write_bytes(os.urandom(600 * PAGE))
+    _drop(f)
+    hotset.advise([str(tmp_path / "missing"), str(f)])
+    deadline = time.monotonic() + 10
+    while residency.resident_pages(f)[0] < 600 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert residency.resident_pages(f)[0] == 600
 
 
 def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
