@@ -354,8 +354,8 @@ def read(
 def advise(paths: Iterable[str | Path]) -> None:
     """Queue reads of whole files without waiting for them (WILLNEED, in chunks the kernel does
     not cut), many files at once: from a cold cache each open is itself a few random reads. A
-    file that cannot be opened is skipped. For what a restore reads before any hot range:
-    CRIU's binary and libraries (16 MB), the snapshot's small images."""
+    file that cannot be opened is skipped. For what a restore reads before any hot range: the
+    snapshot's small images."""
     with ThreadPoolExecutor(LOOKUP_THREADS) as pool:
         list(pool.map(_advise, paths))
 

@@ -61,15 +61,14 @@ class ReadAheadStats:
 
 
 class HotReader:
-    """Reads what a restore needs first, on a thread of its own: CRIU's own program files and
-    the snapshot's small images (`first`, queued whole, not waited for), then the hot set
-    (`restore.hotset`).
+    """Reads what a restore needs first, on a thread of its own: the snapshot's small images
+    (`first`, queued whole, not waited for), then the hot set (`restore.hotset`).
 
     Why its own reader, started as soon as the manifest is read: the rest of a restore's
     checks (the host's identity, its ports and PIDs, which files are cold) and setting up the
     read-ahead took 0.04 s of a cold 0.34 s restore here, with the disk idle; CRIU then started
-    and waited on the hot set's first stages and on its own binary. A restore that fails its
-    checks stops the reader (`stop`)."""
+    and waited on the hot set's first stages. A restore that fails its checks stops the reader
+    (`stop`)."""
 
     def __init__(
         self,

@@ -84,11 +84,10 @@ def criu_version(path: str) -> str:
 
 @dataclass(frozen=True)
 class _Probe:
-    """What a CRIU binary says about itself: its version, its options, the libraries it loads."""
+    """What a CRIU binary says about itself: its version and its options."""
 
     version: str
     help: str
-    libraries: tuple[str, ...]
 
 
 PROBE_FILE = "criu-probe.json"
@@ -108,8 +107,8 @@ def _probe(path: str) -> _Probe:
     """The probe of the CRIU at `path`, run once per version of the binary and kept in
     fastvllm's home (`runtime.system.fastvllm_home`). Why: every restore asked `criu
     --version`, and from a cold page cache that exec read CRIU and its 22 libraries from the
-    disk before anything else could start (37-50 ms of a 0.3 s restore here); the restore now
-    reads them in the background instead (`program_files`)."""
+    disk before anything else could start (37-50 ms of a 0.3 s restore here); CRIU now reads
+    them once, when it restores."""
     ident = _identity(path)
     key = (path, *(ident or ()))
     if ident is not None and key in _PROBED:
@@ -119,13 +118,13 @@ def _probe(path: str) -> _Probe:
     got = kept.get(path)
     try:
         if ident is not None and isinstance(got, dict) and got["identity"] == ident:
-            probe = _Probe(str(got["version"]), str(got["help"]), tuple(map(str, got["libraries"])))
+            probe = _Probe(str(got["version"]), str(got["help"]))
             _PROBED[key] = probe
             return probe
     except (KeyError, TypeError):
         pass
     r = subprocess.run([path, "--help"], capture_output=True, text=True, check=False)
-    probe = _Probe(criu_version(path), r.stdout + r.stderr, _libraries(path))
+    probe = _Probe(criu_version(path), r.stdout + r.stderr)
     if ident is not None and ident == _identity(path):  # not replaced while it was probed
         _PROBED[key] = probe
         kept = {k: v for k, v in kept.items() if os.path.exists(k)}  # not test binaries long gone
@@ -133,7 +132,6 @@ def _probe(path: str) -> _Probe:
             "identity": ident,
             "version": probe.version,
             "help": probe.help,
-            "libraries": probe.libraries,
         }
         with contextlib.suppress(OSError):  # a home that cannot be written: probe again next time
             store.parent.mkdir(parents=True, exist_ok=True)
@@ -150,22 +148,6 @@ def _kept(store: Path) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return raw if isinstance(raw, dict) else {}
-
-
-def _libraries(path: str) -> tuple[str, ...]:
-    """The shared libraries the dynamic loader maps for `path`, as `ldd` lists them (the loader
-    itself, asked to trace, lists them and exits without running the program)."""
-    env = {"LD_TRACE_LOADED_OBJECTS": "1"}
-    try:
-        r = subprocess.run([path], capture_output=True, text=True, check=False, env=env, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return tuple(m.group(1) for line in r.stdout.splitlines() if (m := re.search(r"(/\S+) \(0x", line)))
-
-
-def program_files(criu: Criu) -> list[str]:
-    """CRIU's binary and the libraries it loads: what a restore reads first, before any image."""
-    return [criu.path, *_probe(criu.path).libraries]
 
 
 _CORE = re.compile(r"(?:^|/)core-(\d+)\.img$")

@@ -118,7 +118,7 @@ def test_a_hot_set_skips_files_that_changed(tmp_path: Path) -> None:
 
 
 def test_advising_files_brings_them_in_without_waiting(tmp_path: Path) -> None:
-    """CRIU's own files are queued whole before the hot set (a missing one is skipped)."""
+    """The small images are queued whole before the hot set (a missing one is skipped)."""
     f = tmp_path / "criu-like"
     f.write_bytes(os.urandom(600 * PAGE))
     _drop(f)
