@@ -19,9 +19,11 @@ so its first faults find them in the page cache.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,25 +105,29 @@ class HotReader:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
-        phase = self.timeline.phase("readahead_hot") if self.timeline else None
-        if phase is not None:
-            phase.__enter__()
         try:
-            hotset.advise(self.first)
-            if self.hot is not None and self.hot.files:
-                # What CRIU reads while it restores first (the library pages it writes private
-                # copies of, then the page-image runs it copies), then what the tree faults in.
-                self.bytes = hotset.read(
-                    self.root,
-                    self.hot,
-                    order=lambda f: (f.stage, f.path),
-                    stop=self._stop.is_set,
-                    on_bytes=self.on_bytes,
-                )
+            with _phase(self.timeline, "readahead_hot"):
+                self._read()
         finally:
             self.seconds = time.perf_counter() - t0
-            if phase is not None:
-                phase.__exit__(None, None, None)
+
+    def _read(self) -> None:
+        hotset.advise(self.first)
+        if self.hot is not None and self.hot.files:
+            # What CRIU reads while it restores first (the library pages it writes private
+            # copies of, then the page-image runs it copies), then what the tree faults in.
+            self.bytes = hotset.read(
+                self.root,
+                self.hot,
+                order=lambda f: (f.stage, f.path),
+                stop=self._stop.is_set,
+                on_bytes=self.on_bytes,
+            )
+
+
+def _phase(timeline: Timeline | None, name: str) -> AbstractContextManager[object]:
+    """The timeline's phase `name`, or nothing where there is no timeline."""
+    return timeline.phase(name) if timeline is not None else contextlib.nullcontext()
 
 
 class ReadAhead:
@@ -308,19 +314,15 @@ class ReadAhead:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
-        phase = self.timeline.phase("readahead") if self.timeline else None
-        if phase is not None:
-            phase.__enter__()
-        try:
-            workers = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-        finally:
-            self.stats.seconds = time.perf_counter() - t0
-            with self._changed:
-                self._finished = True
-                self._changed.notify_all()
-            if phase is not None:
-                phase.__exit__(None, None, None)
+        with _phase(self.timeline, "readahead"):
+            try:
+                workers = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.threads)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+            finally:
+                self.stats.seconds = time.perf_counter() - t0
+                with self._changed:
+                    self._finished = True
+                    self._changed.notify_all()
