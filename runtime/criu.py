@@ -93,23 +93,13 @@ class _Probe:
 PROBE_FILE = "criu-probe.json"
 
 
-def _identity(path: str) -> list[int] | None:
-    """(device, inode, size, mtime, ctime) of the binary: replacing or rebuilding it changes the
-    ctime, which no one can set, so a probe kept under an unchanged identity still holds."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def _probe(path: str) -> _Probe:
     """The probe of the CRIU at `path`, run once per version of the binary and kept in
     fastvllm's home (`runtime.system.fastvllm_home`). Why: every restore asked `criu
     --version`, and from a cold page cache that exec read CRIU and its 22 libraries from the
     disk before anything else could start (37-50 ms of a 0.3 s restore here); CRIU now reads
     them once, when it restores."""
-    ident = _identity(path)
+    ident = system.file_identity(path)  # a rebuilt or replaced binary is probed again
     key = (path, *(ident or ()))
     if ident is not None and key in _PROBED:
         return _PROBED[key]
@@ -125,7 +115,7 @@ def _probe(path: str) -> _Probe:
         pass
     r = subprocess.run([path, "--help"], capture_output=True, text=True, check=False)
     probe = _Probe(criu_version(path), r.stdout + r.stderr)
-    if ident is not None and ident == _identity(path):  # not replaced while it was probed
+    if ident is not None and ident == system.file_identity(path):  # not replaced while probed
         _PROBED[key] = probe
         kept = {k: v for k, v in kept.items() if os.path.exists(k)}  # not test binaries long gone
         kept[path] = {

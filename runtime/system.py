@@ -53,6 +53,17 @@ def fastvllm_home() -> Path:
     return Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
 
 
+def file_identity(path: str | Path) -> list[int] | None:
+    """(device, inode, size, mtime, ctime) of a file, None if it cannot be stat'ed. Any write,
+    copy, rename over it or chmod changes the ctime, which no user can set: a file whose
+    identity is unchanged holds the bytes it held when the identity was taken."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def kernel_release() -> str:
     return platform.release()
 

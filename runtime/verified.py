@@ -17,22 +17,13 @@ that cannot be written simply keeps none, and every restore then checks everythi
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from fastvllm.runtime import atomic, manifest
+from fastvllm.runtime import atomic, manifest, system
 
 LOCAL_DIR = manifest.LOCAL_DIR
 VERIFIED_FILE = "verified.json"
-
-
-def _identity(path: Path) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _load(snapshot: Path) -> dict[str, list[object]]:
@@ -50,7 +41,7 @@ def unchanged(snapshot: Path, files: Iterable[manifest.FileEntry]) -> set[str]:
     out = set()
     for e in files:
         stamp = stamps.get(e.path)
-        if stamp and stamp[:-1] == _identity(snapshot / e.path) and stamp[-1] == e.xxh3_128:
+        if stamp and stamp[:-1] == system.file_identity(snapshot / e.path) and stamp[-1] == e.xxh3_128:
             out.add(e.path)
     return out
 
@@ -59,7 +50,7 @@ def record(snapshot: Path, files: Iterable[manifest.FileEntry]) -> bool:
     """Note that `files` were just hashed and matched; False where nothing could be written."""
     stamps = _load(snapshot)
     for e in files:
-        ident = _identity(snapshot / e.path)
+        ident = system.file_identity(snapshot / e.path)
         if ident is not None:
             stamps[e.path] = [*ident, e.xxh3_128]
     try:
