@@ -56,14 +56,19 @@ def alive(pid: int) -> bool:
 
 def ids_taken(ids: list[int], ours: list[int]) -> list[tuple[int, int]]:
     """(id, the process holding it) for each of `ids` that a live thread or process holds,
-    except those in `ours` (the tree's own PIDs, checked, and waited for, on their own).
-    /proc/ID answers for a thread's ID too, though /proc does not list it."""
+    except those in `ours` (the tree's own PIDs, checked, and waited for, on their own) and
+    the threads of those: a stopped tree's process shows as a zombie while its other threads
+    are still exiting, and the caller's wait for its PID covers them (a restore right after a
+    stop failed on exactly that). /proc/ID answers for a thread's ID too, though /proc does not
+    list it."""
     taken = []
     skip = set(ours)
     for i in ids:
         if i in skip or not alive(i):
             continue
-        taken.append((i, _thread_group(i)))
+        owner = _thread_group(i)
+        if owner not in skip:
+            taken.append((i, owner))
     return taken
 
 

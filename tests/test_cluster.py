@@ -47,6 +47,9 @@ PROMPT = "The history of the lighthouse keeper begins"
 # here run in float32.
 FLOAT32 = ["--dtype", "float32"]
 N_TOKENS = 900  # long enough that the catch-up rounds end before the stream does (max_model_len 1024)
+# httpx's default of 5 s: a CI run once waited longer than that for an answer on a busy
+# 2-core host (a Ray cluster, two servers and the clients); hangs, not speed, are what it guards
+HTTP_TIMEOUT = 120.0
 
 
 @dataclass
@@ -182,7 +185,7 @@ def _running(
     ~1 s on an instance of its own, and one can start late on a busy host."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        got = httpx.get(f"{router}/fastvllm/sessions").json()["sessions"]
+        got = httpx.get(f"{router}/fastvllm/sessions", timeout=HTTP_TIMEOUT).json()["sessions"]
         running = [
             x
             for x in got
@@ -199,7 +202,7 @@ def _migration_outcome(router: str, session: str, timeout: float = 60) -> dict[s
     every token while the migration task is still in a catch-up round, its outcome not written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        recent = httpx.get(f"{router}/fastvllm/sessions").json()["recent_migrations"]
+        recent = httpx.get(f"{router}/fastvllm/sessions", timeout=HTTP_TIMEOUT).json()["recent_migrations"]
         mig = next((m for m in recent if m["session"] == session), None)
         if mig is not None and "outcome" in mig:
             return mig  # type: ignore[no-any-return]
@@ -276,7 +279,11 @@ def test_placement_picks_the_resident_snapshot_and_restores_there(rc: RayCluster
     assert inst["host"] == "node1" and inst["url"].endswith(f":{PORT_B}")
     m = manifest.load(snaps.b)
     body = {"model": snaps.model, "prompt": m.canary.prompt, "max_tokens": m.canary.max_tokens}
-    r = httpx.post(f"{inst['url']}/v1/completions", json=body | {"temperature": 0, "return_token_ids": True})
+    r = httpx.post(
+        f"{inst['url']}/v1/completions",
+        json=body | {"temperature": 0, "return_token_ids": True},
+        timeout=HTTP_TIMEOUT,
+    )
     assert r.json()["choices"][0]["token_ids"] == m.canary.token_ids
 
     # node1's only slot is taken now: the next instance goes to node0 even with A cold
@@ -373,12 +380,14 @@ def test_drain_moves_every_session_off_a_host(
             assert r.status_code == 200, r.text
             got = [f.result(timeout=300) for f in futs]
         assert got == [reference, reference]
-        httpx.post(f"{router.url}/fastvllm/undrain", json={})  # the host is back for the next try / test
+        httpx.post(
+            f"{router.url}/fastvllm/undrain", json={}, timeout=HTTP_TIMEOUT
+        )  # the host is back for the next try / test
         moved = [m for m in r.json()["migrations"] if m.get("outcome") == "switched"]
         if moved:
             break
     assert moved and all(host_of[m["to"]] != busy for m in moved)
-    after = httpx.get(f"{router.url}/fastvllm/sessions").json()["sessions"]
+    after = httpx.get(f"{router.url}/fastvllm/sessions", timeout=HTTP_TIMEOUT).json()["sessions"]
     assert after == []
 
 
@@ -389,9 +398,9 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
     assert set(insts) == {"node0", "node1"}
     body = {"model": snaps.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     body |= {"return_token_ids": True}
-    expect = httpx.post(f"{insts['node0']['url']}/v1/completions", json=body).json()["choices"][0][
-        "token_ids"
-    ]
+    expect = httpx.post(f"{insts['node0']['url']}/v1/completions", json=body, timeout=HTTP_TIMEOUT).json()[
+        "choices"
+    ][0]["token_ids"]
     long = {"model": snaps.model, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0.0}
     long |= {"return_token_ids": True, "ignore_eos": True}
     reference = _stream(insts["node0"]["url"], long)
@@ -439,7 +448,7 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
         t.join(180)
         streams.shutdown(wait=True)
     assert streamed == [reference, reference]  # the stream cut off by the kill went on, token-exact
-    assert httpx.get(f"{router.url}/fastvllm/sessions").json()["failovers"] >= 1
+    assert httpx.get(f"{router.url}/fastvllm/sessions", timeout=HTTP_TIMEOUT).json()["failovers"] >= 1
     assert len(results) >= n_at_kill + 10, "requests stopped being served after the node went"
     assert all(code == 200 and toks == expect for code, toks in results), results
     assert {i["host"] for i in rc.ctl.instances()} == {"node0"}
@@ -473,7 +482,11 @@ def test_a_host_without_the_snapshot_copies_it_from_a_peer_and_serves(rc: RayClu
     m = manifest.load(copy)
     assert m.files == manifest.load(src).files
     body = {"model": snaps.model, "prompt": m.canary.prompt, "max_tokens": m.canary.max_tokens}
-    r = httpx.post(f"{inst['url']}/v1/completions", json=body | {"temperature": 0, "return_token_ids": True})
+    r = httpx.post(
+        f"{inst['url']}/v1/completions",
+        json=body | {"temperature": 0, "return_token_ids": True},
+        timeout=HTTP_TIMEOUT,
+    )
     assert r.json()["choices"][0]["token_ids"] == m.canary.token_ids
     print(
         f"\ncopied {src.name} to node2 in {inst['copy_s']:.2f} s "
