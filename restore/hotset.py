@@ -13,7 +13,8 @@ CRIU itself needs other bytes earlier, while it restores: in mmap mode it still 
 page-image runs it does not map (short runs, file-backed and executable memory, stacks), learned
 as the parts of each page image no mapping of the tree covers; and it writes the dumped private
 copies of library pages (relocations, .data) into private file mappings, each write reading the
-library's page first. Those are the library pages pagemap shows as anonymous. Both are read
+library's page first. Those are the library pages pagemap shows as anonymous (with a CRIU that
+maps those copies from the images too, patches/criu 0004, only the short runs it still writes). Both are read
 first; what the running tree reads (library code, the page images it faults in) comes next,
 staged by the step of the restore that first needed it (serving `/health`, taking its weights
 back, the first completion): the restore that learns looks at the tree after each step
@@ -49,7 +50,9 @@ HOT_FILE = "hot.json"
 # _Faults); a version 2 set, learned beside whole-file reads, is inflated and learned again.
 # 4: the library pages CRIU writes private copies of are a stage of their own, read first.
 # 5: the tree's pages are staged by the restore step that first needed them.
-VERSION = 5
+# 6: CRIU maps a library's written pages from the images too (patches/criu 0004): they are no
+# longer copied over the library's own pages, and the tree faults in those it touches.
+VERSION = 6
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
 # a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's

@@ -159,6 +159,55 @@ def test_every_byte_with_every_run_mapped(
     assert shapes.check(1).startswith("ok")
 
 
+def _maps(pid: int) -> list[tuple[int, int, str]]:
+    out = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        out.append((lo, hi, parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+@needs_patched
+@pytest.mark.parametrize("file_too", [True, False])
+def test_written_pages_of_a_private_file_mapping_come_from_the_image(
+    file_too: bool, shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--mmap-pages-file (patch 0004): the pages a process wrote into its private mapping of
+    backing.bin are mapped from the pages image, splitting that mapping into file-backed and
+    image-backed parts; every byte is the same, the process's later writes reach neither file,
+    and a snapshot of it restores again without the first. Without the option (the other
+    case) the file mapping stays whole. --mmap-pages-min 1: the program writes every other
+    page, runs of one page."""
+    found = criu.find_criu()
+    if not criu.supports_mmap_file(found):
+        pytest.skip(f"{found.path} predates patch 0004 (scripts/setup.sh rebuilds it)")
+    monkeypatch.setattr(criu, "COMMON_FLAGS", [*criu.COMMON_FLAGS, "--mmap-pages-min", "1"])
+    monkeypatch.setattr(criu, "supports_mmap_file", lambda c: file_too)
+    backing = shapes.work / "backing.bin"
+    file_bytes = manifest.hash_file(backing)
+    snap = tmp_path / "snap"
+    _snapshot(shapes, snap)
+    before = _page_images(snap)
+    restore_process_snapshot(snap, criu_restore="mmap")
+    maps = _maps(shapes.pid)
+    spans = [(lo, hi) for lo, hi, path in maps if path == str(backing)]
+    assert spans, maps
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    inside = [path for a, b, path in maps if lo <= a and b <= hi and path != str(backing)]
+    if file_too:
+        assert inside and all(p.startswith(str(snap / "criu" / "pages-")) for p in inside), inside
+    else:
+        assert spans == [(lo, hi)] and not inside, maps
+    assert shapes.check(1).startswith("ok")
+    assert shapes.check(2).startswith("ok")  # written again: copies, in memory only
+    assert _page_images(snap) == before and manifest.hash_file(backing) == file_bytes
+    again = tmp_path / "again"
+    _snapshot(shapes, again)
+    restore_process_snapshot(again, criu_restore="copy")
+    assert shapes.check(3).startswith("ok")
+
+
 @needs_patched
 def test_every_byte_with_random_faults(
     shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
