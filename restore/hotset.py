@@ -14,10 +14,10 @@ page-image runs it does not map (short runs, file-backed and executable memory, 
 as the parts of each page image no mapping of the tree covers; and it writes the dumped private
 copies of library pages (relocations, .data) into private file mappings, each write reading the
 library's page first. Those are the library pages pagemap shows as anonymous (with a CRIU that
-maps those copies from the images too, patches/criu 0004, only the short runs it still writes). Both are read
-first; what the running tree reads (library code, the page images it faults in) comes next,
-staged by the step of the restore that first needed it (serving `/health`, taking its weights
-back, the first completion): the restore that learns looks at the tree after each step
+maps those copies from the images too, patches/criu 0004, only the short runs it still writes).
+Both are read first; what the running tree reads (library code, the page images it faults in)
+comes next, staged by the step of the restore that first needed it (serving `/health`, taking
+its weights back, the first completion): the restore that learns looks at the tree after each step
 (`capture`). The tree then runs each step while the pages of the later ones are still being
 read, instead of waiting for all of them (a cold restore ended `/health` just after the last
 of its 240 MB arrived, when the tree had needed 28 MB of its own 133 MB by then).
