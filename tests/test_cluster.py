@@ -47,8 +47,9 @@ PROMPT = "The history of the lighthouse keeper begins"
 # here run in float32.
 FLOAT32 = ["--dtype", "float32"]
 N_TOKENS = 900  # long enough that the catch-up rounds end before the stream does (max_model_len 1024)
-# httpx's default of 5 s: a CI run once waited longer than that for an answer on a busy
-# 2-core host (a Ray cluster, two servers and the clients); hangs, not speed, are what it guards
+# Every HTTP call here, instead of httpx's default of 5 s: a CI run once waited longer than that
+# for an answer on a busy 2-core host (a Ray cluster, two servers and the clients); hangs, not
+# speed, are what it guards
 HTTP_TIMEOUT = 120.0
 
 
@@ -106,7 +107,7 @@ def test_embedded_runtime_places_restores_and_routes(snaps: Snaps, tmp_path: Pat
         m = manifest.load(snaps.a)
         body = {"model": snaps.model, "prompt": m.canary.prompt, "max_tokens": m.canary.max_tokens}
         body |= {"temperature": 0, "return_token_ids": True}
-        got = httpx.post(f"{served.url}/v1/completions", json=body, timeout=120).json()
+        got = httpx.post(f"{served.url}/v1/completions", json=body, timeout=HTTP_TIMEOUT).json()
         assert got["choices"][0]["token_ids"] == m.canary.token_ids
         assert Report.from_dict(agent.report()).free_slots == 0
     finally:
@@ -376,7 +377,7 @@ def test_drain_moves_every_session_off_a_host(
             futs = [ex.submit(_stream, router.url, body) for _ in range(2)]
             sessions = _running(router.url, 1, at_least=1)
             busy = host_of[sessions[0]["backend"]]
-            r = httpx.post(f"{router.url}/fastvllm/drain", json={"host": busy}, timeout=120)
+            r = httpx.post(f"{router.url}/fastvllm/drain", json={"host": busy}, timeout=HTTP_TIMEOUT)
             assert r.status_code == 200, r.text
             got = [f.result(timeout=300) for f in futs]
         assert got == [reference, reference]
@@ -408,7 +409,7 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
     stop = threading.Event()
 
     def client() -> None:
-        with httpx.Client(timeout=120) as c:
+        with httpx.Client(timeout=HTTP_TIMEOUT) as c:
             while not stop.is_set():
                 r = c.post(f"{router.url}/v1/completions", json=body)
                 results.append(
