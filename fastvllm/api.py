@@ -15,7 +15,17 @@ from pathlib import Path
 
 from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
 from fastvllm.restore.process import ProcessRestoreResult, restore_process_snapshot
-from fastvllm.runtime import cuda_checkpoint, instances, manifest, mapped, vllm_server
+from fastvllm.runtime import (
+    atomic,
+    criu,
+    cuda_checkpoint,
+    instances,
+    journal,
+    manifest,
+    mapped,
+    shm,
+    vllm_server,
+)
 from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.scheduler.controller import Controller
@@ -28,8 +38,8 @@ def snapshot(
     out: str | Path = "",
     *,
     pid: int | None = None,
-    port: int = vllm_server.DEFAULT_PORT,
-    host: str = vllm_server.DEFAULT_HOST,
+    port: int | None = None,
+    host: str | None = None,
     vllm_args: Sequence[str] = (),
     leave_running: bool = False,
     sleep: bool = True,
@@ -44,7 +54,16 @@ def snapshot(
     cache are released before the dump and reloaded on restore, so the image holds only the
     process skeleton. On a GPU, `sleep_level` is vLLM's: 2 (default) discards weights and KV
     cache, 1 offloads the weights into host memory (and so into the image), 0 keeps both.
-    `env` adds environment variables for the launched server (recorded in the manifest)."""
+    `env` adds environment variables for the launched server (recorded in the manifest).
+    `port`/`host` (default 8000 on 127.0.0.1) may also come as vLLM's own --port/--host in
+    `vllm_args`; both, disagreeing, is a UsageError."""
+    if pid is not None and model is None and (port is not None or host is not None or vllm_args):
+        raise UsageError(
+            "--port, --host and vLLM arguments do not apply with --pid: the running server keeps "
+            "the address and arguments it has",
+            hint="drop them (fastvllm ps shows its address)",
+        )
+    port, host, vllm_args = vllm_server.resolve_address(port, host, vllm_args)
     opts = SnapshotOptions(
         out=Path(out),
         model=model,
@@ -133,6 +152,14 @@ def remove(path: str | Path) -> None:
     in mmap mode: its memory is those files until it exits or is snapshotted again; unlinked,
     they would live on invisibly, holding their disk space)."""
     where = Path(path).expanduser()
+    if atomic.is_partial(where) and where.is_dir():  # a staging directory, `.NAME.partial-*`
+        if not journal.partial_is_stale(where):
+            raise UsageError(
+                f"{where} is a snapshot being written right now",
+                hint="wait for it to finish or stop the 'fastvllm snapshot' writing it",
+            )
+        shutil.rmtree(where)
+        return
     manifest.kind(where)  # not a snapshot: NotASnapshotError, nothing removed
     users = mapped.snapshot_mappers(where)
     if users:
@@ -151,6 +178,43 @@ def stop(pid: int, grace: float = 10.0) -> None:
     instances.stop(pid, grace)
 
 
+def find_server(pid: int) -> instances.Instance:
+    """The server fastvllm knows that `pid` belongs to: its root PID, or any PID of its tree
+    (a tree whose root was killed keeps its session: it is found, and can be stopped)."""
+    try:
+        return instances.get(pid, root_dead_ok=True)
+    except UsageError:
+        inst = instances.owner_of(pid)
+        if inst is None:
+            raise
+        return inst
+
+
+def gc(paths: Sequence[str | Path] = ()) -> list[str]:
+    """Clean up what interrupted operations left (runtime.journal): stop orphan server trees,
+    remove staging directories (also those found in or named by `paths`, e.g. after a reboot)
+    and the /dev/shm files no process holds. Returns one line per thing cleaned."""
+    quiet: Callable[[str], None] = lambda _line: None  # noqa: E731
+    lines = journal.recover(say=quiet)
+    lines += journal.clean_partials([Path(p) for p in paths], say=quiet)
+    claimed = journal.claimed_files()
+    left = shm.orphans(claimed)
+    if left:
+        shm.remove(left)
+        names = ", ".join(p.name for p in left[:4]) + (", ..." if len(left) > 4 else "")
+        lines.append(f"removed {len(left)} /dev/shm files no process holds ({names})")
+    for work in criu.stale_scratch(claimed):
+        criu.remove_scratch(work)
+        lines.append(f"removed {work}, a CRIU work directory no CRIU uses")
+    return lines
+
+
+def servers(probe: bool = True) -> list[tuple[instances.Instance, instances.Health]]:
+    """Every server fastvllm knows that still has a process, with its health: serving, not
+    answering, or its root dead (the rest of its tree runs on: 'fastvllm stop' stops it)."""
+    return instances.known(probe)
+
+
 def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) -> dict[str, object]:
     """Write a flat weight file from a running server (`source` is its root PID: the weights as
     vLLM post-processed them) or from a safetensors checkpoint (a directory or file)."""
@@ -166,7 +230,9 @@ def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) ->
                 f"server {source} was started without fastvllm's worker extension",
                 hint="launch it through 'fastvllm snapshot --leave-running' (sleep on, the default)",
             )
-        server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
+        server = vllm_server.Server(
+            inst.pid, inst.host, inst.port, Path(inst.log_path), token=inst.control_token
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         vllm_server.rpc(server, "fastvllm_dump_weights", path=str(out.resolve()))
         idx = fileformat.read_index(out)

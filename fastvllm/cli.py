@@ -18,8 +18,17 @@ from rich.table import Table
 
 from fastvllm import api, doctor, ui
 from fastvllm.cluster_cli import cluster_app
-from fastvllm.runtime import manifest, mapped, tiny_model, units
-from fastvllm.runtime.errors import FastVLLMError
+from fastvllm.runtime import (
+    credentials,
+    manifest,
+    mapped,
+    private,
+    signals,
+    tiny_model,
+    units,
+    vllm_server,
+)
+from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.runtime.timeline import Timeline
 
 app = typer.Typer(
@@ -56,6 +65,42 @@ class CriuRestore(StrEnum):
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 
 
+def _positive(value: float | None) -> float | None:
+    """Option check for seconds and counts that must be more than zero."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not more than 0")
+    return value
+
+
+def _port(value: int | None) -> int | None:
+    """Option check for a server's port: fixed (a restore binds it again), 1 to 65535."""
+    if value is not None:
+        try:
+            vllm_server.check_port(value, what="")  # typer names the option itself
+        except FastVLLMError as e:
+            raise typer.BadParameter(e.one_line().strip()) from None
+    return value
+
+
+PortOpt = Annotated[
+    int | None,
+    typer.Option(
+        callback=_port,
+        help="Port the server listens on (default 8000); a restore gets it back. vLLM's own "
+        "--port after -- is taken too.",
+        show_default=False,
+    ),
+]
+HostOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Address the server binds (default 127.0.0.1; 0.0.0.0: every address). vLLM's own "
+        "--host after -- is taken too.",
+        show_default=False,
+    ),
+]
+
+
 _guard = ui.guard
 
 
@@ -70,8 +115,9 @@ def _emit_json(doc: Any) -> None:
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog="Arguments after `--` go to vLLM unchanged, e.g.  "
-    "fastvllm snapshot ./llama --out s -- --max-model-len 4096",
+    epilog="Arguments after `--` go to vLLM, e.g.  "
+    "fastvllm snapshot ./llama --out s -- --max-model-len 4096 --port 9000  "
+    "(vLLM's own --port/--host are taken as fastvllm's).",
 )
 def snapshot(
     ctx: typer.Context,
@@ -91,10 +137,11 @@ def snapshot(
         ),
     ] = None,
     lock_timeout: Annotated[
-        float, typer.Option(help="Plain process mode: seconds to wait for the CUDA lock.")
+        float,
+        typer.Option(callback=_positive, help="Plain process mode: seconds to wait for the CUDA lock."),
     ] = 30.0,
-    port: Annotated[int, typer.Option(help="Port the server listens on; a restore gets it back.")] = 8000,
-    host: Annotated[str, typer.Option(help="Address the server binds.")] = "127.0.0.1",
+    port: PortOpt = None,
+    host: HostOpt = None,
     leave_running: Annotated[bool, typer.Option(help="Keep the server serving after the snapshot.")] = False,
     sleep: Annotated[
         bool,
@@ -113,7 +160,9 @@ def snapshot(
             "image), 0 keeps everything in the image.",
         ),
     ] = 2,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to become healthy.")] = 900.0,
+    timeout: Annotated[
+        float, typer.Option(callback=_positive, help="Seconds to wait for the server to become healthy.")
+    ] = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Launch vLLM on MODEL, warm it up, record a canary, and CRIU-dump it into --out.
@@ -125,6 +174,14 @@ def snapshot(
         raise typer.Exit(2)
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
+    if pid is not None and model is None and (port is not None or host is not None or ctx.args):
+        _fail(
+            UsageError(
+                "--port, --host and vLLM arguments do not apply with --pid: the running tree keeps "
+                "the address and arguments it has",
+                hint="drop them",
+            )
+        )
     if pid is not None and model is None and not api.is_fastvllm_server(pid):
         with live.running():
             pres = _guard(
@@ -170,7 +227,7 @@ def snapshot(
         f"{cold}image {ui.human_bytes(res.manifest.image_bytes)}, written to [bold]{res.path}[/]"
     )
     if res.server:
-        ui.console.print(f"server still serving at {res.server.base_url} (pid {res.server.pid})")
+        ui.console.print(f"server still serving at {ui.address(res.server)} (pid {res.server.pid})")
 
 
 @app.command()
@@ -209,7 +266,8 @@ def restore(
         int, typer.Option(min=0, help="Read-ahead threads (0: the measured default).")
     ] = 0,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the restored server to be healthy.")
+        float,
+        typer.Option(callback=_positive, help="Seconds to wait for the restored server to be healthy."),
     ] = 120.0,
     criu_restore: Annotated[
         CriuRestore,
@@ -279,7 +337,7 @@ def restore(
         ui.console.print(f"restored process tree, root pid [bold]{res.pid}[/] in {tl.elapsed():.2f} s")
         return
     ui.console.print(
-        f"serving at [bold]{res.server.base_url}[/] (pid {res.server.pid}); first completion after "
+        f"serving at [bold]{ui.address(res.server)}[/] (pid {res.server.pid}); first completion after "
         f"[bold green]{res.time_to_first_completion_s:.2f} s[/], canary identical; stop with "
         f"'fastvllm stop {res.server.pid}'"
     )
@@ -324,10 +382,15 @@ def entrypoint(
     snapshots: Annotated[
         Path, typer.Option(help="Directory (a mounted volume) that keeps this model's snapshot.")
     ] = Path("/snapshots"),
-    port: Annotated[int, typer.Option(help="Port the server listens on.")] = 8000,
+    port: PortOpt = None,
     host: Annotated[
-        str, typer.Option(help="Address the server binds (0.0.0.0 in a container).")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(
+            help="Address the server binds (default 127.0.0.1; 0.0.0.0 in a container). vLLM's own "
+            "--host after -- is taken too.",
+            show_default=False,
+        ),
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -347,6 +410,29 @@ def entrypoint(
     raise typer.Exit(ep.main(model, snapshots, port, host, list(ctx.args), name))
 
 
+def _secrets(snapshot_dir: Path, names: list[str] | None) -> tuple[str, list[str]]:
+    """inspect's 'secrets' row and its warnings: which credentials the image holds (by the
+    names of the environment variables, recorded at snapshot time), and files others may read."""
+    warnings = []
+    if names:
+        row = ", ".join(names)
+        warnings.append(
+            f"this snapshot holds the memory of its processes, and so the values of {row}: whoever can "
+            "read its files has them (keep it private: root's, files 0600; see docs/operations.md)"
+        )
+    elif names is None:
+        row = "not recorded (an older snapshot): its memory may hold credentials all the same"
+    else:
+        row = "no credential-looking environment variables (its memory may hold others)"
+    loose = private.loose(snapshot_dir)
+    if loose:
+        warnings.append(
+            f"{len(loose)} of its files and directories can be read by other users (e.g. {loose[0]})"
+            f": chmod -R go-rwx {snapshot_dir}"
+        )
+    return row, warnings
+
+
 @app.command()
 def inspect(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
@@ -362,9 +448,13 @@ def inspect(
     )
     if _guard(lambda: manifest.kind(snapshot_dir)) == "process":
         pm = _guard(lambda: manifest.load_process(snapshot_dir))
+        secrets_row, warnings = _secrets(snapshot_dir, pm.secret_env)
         if as_json:
-            _emit_json({**json.loads(pm.to_json()), "mapped_by": [u.as_dict() for u in users]})
+            doc = json.loads(pm.to_json())
+            _emit_json({**doc, "mapped_by": [u.as_dict() for u in users], "warnings": warnings})
             return
+        for w in warnings:
+            ui.console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
         title = f"snapshot {snapshot_dir} (plain process tree)"
         pt = Table(title=title, show_header=False, title_justify="left")
         pt.add_column(style="bold")
@@ -379,15 +469,23 @@ def inspect(
             ("kernel", pm.identity.kernel),
             ("image", f"{ui.human_bytes(pm.image_bytes)} in {len(pm.files)} files"),
             ("mapped by", in_use),
+            ("secrets", secrets_row),
             *((f"timing {k}", f"{v:.2f} s") for k, v in pm.timings.items()),
         ]:
             pt.add_row(k, v)
         ui.out.print(pt)
         return
     m = _guard(lambda: manifest.load(snapshot_dir))
+    secrets_row, warnings = _secrets(snapshot_dir, m.secret_env)
     if as_json:
-        _emit_json({**json.loads(m.to_json()), "mapped_by": [u.as_dict() for u in users]})
+        doc = json.loads(m.to_json())
+        doc["server"]["control_token"] = "(set)" if m.server.control_token else ""  # a secret: not shown
+        doc["server"]["env"] = credentials.redact_env(m.server.env)
+        doc["server"]["vllm_args"] = vllm_server.redact_args(m.server.vllm_args)
+        _emit_json({**doc, "mapped_by": [u.as_dict() for u in users], "warnings": warnings})
         return
+    for w in warnings:
+        ui.console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     t = Table(title=f"snapshot {snapshot_dir}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
@@ -398,12 +496,13 @@ def inspect(
         ("CRIU", m.identity.criu),
         ("kernel", m.identity.kernel),
         ("Python", m.identity.python),
-        ("server", f"{m.server.host}:{m.server.port}, served as {m.server.served_model_name}"),
-        ("vLLM args", " ".join(m.server.vllm_args) or "(none)"),
+        ("server", f"{ui.address_of(m.server.host, m.server.port)}, served as {m.server.served_model_name}"),
+        ("vLLM args", " ".join(vllm_server.redact_args(m.server.vllm_args)) or "(none)"),
         ("image", f"{ui.human_bytes(m.image_bytes)} in {len(m.files)} files"),
         ("canary", f"{len(m.canary.token_ids)} tokens: {m.canary.text[:60]!r}"),
         ("from snapshot", m.source_snapshot or "-"),
         ("mapped by", in_use),
+        ("secrets", secrets_row),
     ]
     rows += [(f"timing {k}", f"{v:.2f} s") for k, v in m.timings.items()]
     for k, v in rows:
@@ -418,7 +517,9 @@ def doctor_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check this host: CRIU, privileges, io_uring, vLLM, CUDA checkpoint. Failing lines say how to fix."""
+    """Check this host: CRIU, privileges, io_uring, vLLM, CUDA checkpoint, leftovers of
+    interrupted operations. Failing lines say how to fix."""
+    _recover()
     checks = doctor.run_checks(import_vllm=not skip_vllm)
     bad = [c for c in checks if c.required and not c.ok]
     if as_json:
@@ -437,29 +538,49 @@ def doctor_cmd(
 
 @app.command()
 def ps(as_json: JsonOpt = False) -> None:
-    """List vLLM servers fastvllm launched or restored that are still running."""
-    insts = api.running()
+    """List vLLM servers fastvllm launched or restored that still run, with their status.
+
+    Status: serving; not answering (its /health does not answer 200); root dead (its root
+    process was killed and the rest of its tree runs on: 'fastvllm stop PID' stops it)."""
+    _recover()
+    known = api.servers()
     if as_json:
-        _emit_json([i.__dict__ for i in insts])
+        # The control token is a secret: whether one is set, not its value.
+        _emit_json(
+            [
+                {**i.__dict__, "control_token": "(set)" if i.control_token else "", "status": str(h)}
+                for i, h in known
+            ]
+        )
         return
     t = Table(title="running servers", title_justify="left")
-    for col in ("pid", "url", "model", "snapshot"):
+    for col in ("pid", "status", "url", "model", "snapshot"):
         t.add_column(col)
-    for i in insts:
+    for i, h in known:
         # a mmap restore keeps its snapshot's page images mapped: the snapshot is in use
         snap = f"{i.snapshot} (mapped)" if i.snapshot and i.criu_restore == "mmap" else i.snapshot
-        t.add_row(str(i.pid), f"http://{i.host}:{i.port}", i.model, snap or "-")
+        status = str(h) if h == "serving" else f"[red]{h}[/]"
+        t.add_row(str(i.pid), status, ui.address_of(i.host, i.port), i.model, snap or "-")
     ui.out.print(t)
 
 
-@app.command()
-def stop(pid: Annotated[int, typer.Argument(help="Root PID from 'fastvllm ps'.")]) -> None:
-    """Stop a server fastvllm launched or restored (its whole process session)."""
-    from fastvllm.runtime import instances
+def _recover() -> None:
+    """Clean up after operations whose process was killed (runtime.journal), saying what."""
+    from fastvllm.runtime import journal
 
-    _guard(lambda: instances.get(pid))
-    api.stop(pid)
-    ui.console.print(f"stopped {pid}")
+    _guard(lambda: journal.recover(say=lambda line: ui.console.print(line, highlight=False, soft_wrap=True)))
+
+
+@app.command()
+def stop(
+    pid: Annotated[int, typer.Argument(help="Root PID from 'fastvllm ps' (or any PID of its tree).")],
+) -> None:
+    """Stop a server fastvllm launched or restored (its whole process session), also one whose
+    root process died while the rest of its tree runs on."""
+    _recover()
+    inst = _guard(lambda: api.find_server(pid))
+    _guard(lambda: api.stop(inst.pid))
+    ui.console.print(f"stopped {inst.pid}")
 
 
 @app.command(name="rm")
@@ -467,9 +588,43 @@ def rm_cmd(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
 ) -> None:
     """Delete a snapshot; refused while a server restored from it in mmap mode still maps its
-    page images ('fastvllm inspect DIR' shows who)."""
+    page images ('fastvllm inspect DIR' shows who). Also deletes a partial one (a hidden
+    `.NAME.partial-*` directory) that no running snapshot writes any more."""
+    existed = snapshot_dir.exists()
+    _recover()
+    if existed and not snapshot_dir.exists():  # it was what an interrupted snapshot left
+        ui.console.print(f"removed {snapshot_dir}")
+        return
     _guard(lambda: api.remove(snapshot_dir))
     ui.console.print(f"removed {snapshot_dir}")
+
+
+@app.command(name="gc")
+def gc_cmd(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="[DIR]...",
+            help="Directories to look in for partial snapshots (hidden `.NAME.partial-*`) as well: "
+            "those that no running snapshot writes are removed (e.g. after a reboot).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clean up what interrupted snapshots and restores left behind.
+
+    Server trees are stopped, partial snapshot directories and /dev/shm files removed. Every
+    command that changes state does this for operations whose process was killed; gc does it
+    on demand, says what it cleaned, and also removes the /dev/shm files of vLLM or CRIU that
+    no process holds."""
+    lines = _guard(lambda: api.gc(paths or []))
+    if as_json:
+        _emit_json({"cleaned": lines})
+        return
+    for line in lines:
+        ui.console.print(line, highlight=False, soft_wrap=True)
+    if not lines:
+        ui.console.print("nothing to clean up")
 
 
 @model_app.command("make-tiny")
@@ -489,7 +644,7 @@ def make_tiny(
 
     if size not in tiny_model.SIZES:
         _fail(UsageError(f"unknown size {size!r}", hint=f"use one of {', '.join(tiny_model.SIZES)}"))
-    path = tiny_model.make_tiny(out, force=force, size=size)
+    path = _guard(lambda: tiny_model.make_tiny(out, force=force, size=size))
     ui.out.print(str(path))
 
 
@@ -622,7 +777,7 @@ def bench(
     model: Annotated[str, typer.Option(help="Model directory or 'tiny'.")] = "tiny",
     reps: Annotated[int, typer.Option(min=1, help="Repetitions of each side (medians are reported).")] = 3,
     out: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("results/coldstart"),
-    port: Annotated[int, typer.Option(help="Port for the servers.")] = 8000,
+    port: Annotated[int, typer.Option(callback=_port, help="Port for the servers.")] = 8000,
     as_json: JsonOpt = False,
 ) -> None:
     """Cold start vs restore, time to first completion, page cache dropped before each run."""
@@ -635,7 +790,7 @@ def bench(
 
 @app.command()
 def demo(
-    port: Annotated[int, typer.Option(help="Port for the server.")] = 8000,
+    port: Annotated[int, typer.Option(callback=_port, help="Port for the server.")] = 8000,
     keep: Annotated[bool, typer.Option(help="Keep the restored server serving and the snapshot.")] = False,
 ) -> None:
     """Snapshot the built-in tiny model, restore it, and print cold vs restored time to first completion."""
@@ -663,7 +818,7 @@ def demo(
         ui.out.print(t)
         print(f"cold start {cold:.2f} s, restored {warm:.2f} s, {cold / warm:.1f}x faster", flush=True)
         if keep:
-            ui.console.print(f"serving at {r.server.base_url} (pid {r.server.pid}); snapshot in {snap}")
+            ui.console.print(f"serving at {ui.address(r.server)} (pid {r.server.pid}); snapshot in {snap}")
         else:
             api.stop(r.server.pid)
     finally:
@@ -845,10 +1000,22 @@ def prefetch_lock(
 
 
 def main() -> None:
+    # SIGTERM, SIGHUP and SIGINT unwind like Ctrl-C (the pipelines stop what they started and
+    # remove partial output); the exit status is then 128 + the signal's number.
+    signals.install()
     try:
         app()
+    except SystemExit as e:
+        # A signal outside a command's guard (click makes that "Aborted!", exit 1) still exits
+        # 128 + its number; a command that took the signal as its cue to finish (prefetch lock)
+        # exits as it chose.
+        if (signum := signals.received()) is not None and e.code not in (0, None):
+            sys.exit(128 + signum)
+        raise
     except BrokenPipeError:
         sys.exit(1)
+    except Exception as e:  # a bug: one line for the user, the traceback in a file (ui.internal_error)
+        sys.exit(ui.internal_error(e))
 
 
 if __name__ == "__main__":

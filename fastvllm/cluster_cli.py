@@ -9,7 +9,6 @@ through its Ray cluster (`--ray ADDRESS`: the controller actor `fastvllm cluster
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ import typer
 from rich.table import Table
 
 from fastvllm import ui
+from fastvllm.runtime import signals
 from fastvllm.runtime.errors import ServerError, UsageError
 
 cluster_app = typer.Typer(
@@ -242,7 +242,7 @@ def drain(
 @cluster_app.command("serve", epilog="e.g.  fastvllm cluster serve --snapshots /srv/snaps --start tiny-llama")
 def serve(
     snapshots: Annotated[Path, typer.Option(help="Snapshot directory (the same path on every Ray node).")],
-    port: Annotated[int, typer.Option(help="The router's port.")] = 8100,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The router's port.")] = 8100,
     host: Annotated[str, typer.Option(help="The router's address.")] = "127.0.0.1",
     start: Annotated[list[str], typer.Option(help="Model to place and restore at start (repeatable).")] = [],  # noqa: B006
     slots: Annotated[int, typer.Option(min=0, help="Servers per host (0: its GPUs, or 1).")] = 0,
@@ -290,11 +290,10 @@ def serve(
                 f"[green]serving[/] {m} at {got['url']} on {got['host']} ({got['restore_s']:.2f} s)"
             )
         ui.console.print(f"router at [bold]{served.url}[/] (OpenAI API); Ctrl-C stops")
-        stop: list[int] = []
-        signal.signal(signal.SIGTERM, lambda s, _f: stop.append(s))
-        while not stop:
+        signals.install()  # (the CLI did already) SIGTERM and SIGHUP stop it as Ctrl-C does
+        while True:
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the exit status says which
         pass
     finally:
         served.stop()

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 
-from fastvllm.runtime import criu, system, vllm_server
+from fastvllm.runtime import config, criu, system, vllm_server
 from fastvllm.runtime.errors import FastVLLMError
 
 
@@ -86,7 +85,7 @@ def _io_uring_check() -> Check:
 
 
 def _vllm_check() -> Check:
-    python = os.environ.get("FASTVLLM_VLLM_PYTHON", sys.executable)
+    python = config.VLLM_PYTHON.get()
     try:
         r = subprocess.run(
             [python, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
@@ -123,10 +122,31 @@ def _cuda_checkpoint_check() -> Check:
     )
 
 
+def _leftovers_check() -> Check:
+    """What interrupted operations and killed servers left: trees whose root died or that do
+    not answer, operations whose owner died, /dev/shm files no process holds."""
+    from fastvllm.runtime import instances, journal, shm
+
+    found = []
+    for inst, health in instances.known():
+        if health is not instances.Health.SERVING:
+            found.append(f"server {inst.pid} {health}")
+    found += [f"an interrupted {e.kind} of {e.subject} (pid {e.owner_pid})" for e in journal.orphaned()]
+    stray = shm.orphans(journal.claimed_files())
+    if stray:
+        found.append(f"{len(stray)} /dev/shm files no process holds")
+    if not found:
+        return Check("leftovers", True, "no stray server, partial operation or /dev/shm file", required=False)
+    stop = [f.split()[1] for f in found if f.startswith("server ")]
+    fix = "; ".join(["fastvllm gc", *(f"fastvllm stop {pid}" for pid in stop)])
+    return Check("leftovers", False, "; ".join(found), fix, required=False)
+
+
 def run_checks(import_vllm: bool = True) -> list[Check]:
     checks = [*_criu_checks(), _privilege_check(), _io_uring_check()]
     if import_vllm:
         checks.append(_vllm_check())
     checks.append(_cuda_checkpoint_check())
     checks.append(Check("kernel", True, system.kernel_release(), required=False))
+    checks.append(_leftovers_check())
     return checks

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvllm import api
-from fastvllm.runtime import instances, manifest, proctree, system, tiny_model, vllm_server
+from fastvllm.runtime import instances, journal, manifest, proctree, signals, system, tiny_model, vllm_server
 from fastvllm.runtime.errors import (
     CanaryMismatchError,
     CriuError,
@@ -49,6 +49,7 @@ class Served:
     seconds: float  # entrypoint start to first completion
     snapshot: Path
     set_aside: str | None = None  # why an existing snapshot was not used, when it was not
+    listen: str = ""  # the address it binds (`url` is where it is reached from this host)
 
 
 def snapshot_name(model: str, vllm_args: Sequence[str], image: str = "") -> str:
@@ -120,16 +121,19 @@ def start(
     model: str,
     snapshots: Path,
     *,
-    port: int = vllm_server.DEFAULT_PORT,
-    host: str = vllm_server.DEFAULT_HOST,
+    port: int | None = None,
+    host: str | None = None,
     vllm_args: Sequence[str] = (),
     name: str | None = None,
     say: Callable[[str], None] = print,
 ) -> Served:
     """Restore or cold-start (and snapshot) the server; returns once it has answered. `name`
     picks the snapshot directory instead of the derived one (`fastvllm restore --container`
-    names the one the host has read ahead)."""
+    names the one the host has read ahead). `port`/`host` (8000 on 127.0.0.1 by default) may
+    come as vLLM's own --port/--host in `vllm_args` too, as for `api.snapshot`."""
     t0 = time.perf_counter()
+    # First, so the snapshot's name is the same however the address was spelled.
+    port, host, vllm_args = vllm_server.resolve_address(port, host, vllm_args)
     model = tiny_model.resolve_model(model)
     snapshots.mkdir(parents=True, exist_ok=True)
     image = system.image_identity()
@@ -142,7 +146,10 @@ def start(
             try:
                 res = api.restore(snap)
                 server = res.server  # type: ignore[union-attr]  (a vLLM snapshot: the name says so)
-                return Served(server.pid, server.base_url, "restored", time.perf_counter() - t0, snap)
+                took = time.perf_counter() - t0
+                return Served(
+                    server.pid, server.base_url, "restored", took, snap, listen=server.listen_url
+                )
             except SNAPSHOT_FAULTS as e:
                 set_aside = e.one_line()
                 broken = snap.with_name(f"{snap.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
@@ -162,17 +169,25 @@ def start(
             raise
         assert res.server is not None
         return Served(
-            res.server.pid, res.server.base_url, "cold-start", time.perf_counter() - t0, snap, set_aside
+            res.server.pid,
+            res.server.base_url,
+            "cold-start",
+            time.perf_counter() - t0,
+            snap,
+            set_aside,
+            listen=res.server.listen_url,
         )
     raise AssertionError("unreachable")
 
 
 def serve_until_signal(served: Served, say: Callable[[str], None] = print) -> int:
-    """Foreground until SIGTERM/SIGINT (stop the server, exit 0) or until the server dies
-    (exit 7, so the container's restart policy sees it)."""
+    """Foreground until SIGTERM/SIGINT/SIGHUP (stop the server, exit 0) or until the server
+    dies (exit 7, so the container's restart policy sees it). A signal inherited as ignored
+    (nohup's SIGHUP) stays ignored."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    for sig in signals.SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         if not proctree.alive(served.pid):
             say(f"server {served.pid} exited")
@@ -185,27 +200,32 @@ def serve_until_signal(served: Served, say: Callable[[str], None] = print) -> in
 
 
 def main(
-    model: str, snapshots: Path, port: int, host: str, vllm_args: Sequence[str], name: str | None = None
+    model: str,
+    snapshots: Path,
+    port: int | None,
+    host: str | None,
+    vllm_args: Sequence[str],
+    name: str | None = None,
 ) -> int:
     def say(msg: str) -> None:
         print(f"fastvllm entrypoint: {msg}", file=sys.stderr, flush=True)
 
-    def terminated(*_: object) -> None:
-        raise SystemExit(143)
-
-    # SIGTERM before the server serves (docker stop during a cold start or a restore): unwind
-    # through the pipelines' cleanup (the server stopped, no half-written snapshot). As PID 1
-    # of a container, a signal without a handler would be ignored until Docker's SIGKILL.
-    signal.signal(signal.SIGTERM, terminated)
+    # SIGTERM, SIGHUP or SIGINT before the server serves (docker stop during a cold start or a
+    # restore): unwind through the pipelines' cleanup (the server stopped, no half-written
+    # snapshot), exit 128 + the signal. As PID 1 of a container, a signal without a handler
+    # would be ignored until Docker's SIGKILL.
+    signals.install()
     try:
+        journal.recover(say)  # what an entrypoint killed before (same volume, same host) left
         served = start(model, snapshots, port=port, host=host, vllm_args=vllm_args, name=name, say=say)
     except FastVLLMError as e:
         say(f"error: {e.one_line()}")
         return e.exit_code
-    except SystemExit:
-        say("stopped by SIGTERM before serving")
-        return 143
+    except signals.Terminated as e:
+        say(f"stopped by {e.name} before serving")
+        return e.exit_code
     doc = {"event": "serving", "how": served.how, "pid": served.pid, "url": served.url}
+    doc["listen"] = served.listen
     doc |= {
         "seconds": round(served.seconds, 3),
         "snapshot": str(served.snapshot),

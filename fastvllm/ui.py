@@ -4,13 +4,15 @@ Kept apart from the pipelines so the Python API stays silent and `--json` stays 
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,8 +28,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fastvllm.runtime.errors import FastVLLMError
-from fastvllm.runtime.timeline import Phase, Timeline
+from fastvllm.runtime import signals, vllm_server
+from fastvllm.runtime.errors import FastVLLMError, from_os_error
+from fastvllm.runtime.timeline import Outcome, Phase, Timeline
 from fastvllm.runtime.units import human_bytes
 
 console = Console(stderr=True)  # human output on stderr; stdout is reserved for --json
@@ -45,6 +48,15 @@ class _BytesColumn(ProgressColumn):
         return Text(f"{human_bytes(done)} {human_bytes(speed)}/s", style="dim")
 
 
+class _MarkColumn(SpinnerColumn):
+    """A spinner while the phase runs; then ✓, or a red ✗ for one that failed or was interrupted."""
+
+    def render(self, task: Task) -> RenderableType:
+        if task.finished and task.fields.get("outcome", Outcome.OK) != Outcome.OK:
+            return Text("✗", style="bold red")
+        return super().render(task)
+
+
 class LiveTimeline:
     """Shows each phase as a spinner while it runs and its duration once done; phases that
     move bytes (checksums, the restore's read-ahead) also show bytes and throughput. Phases
@@ -56,7 +68,7 @@ class LiveTimeline:
         self.timeline = timeline
         self.enabled = enabled
         self.progress = Progress(
-            SpinnerColumn(finished_text="[green]✓[/]"),
+            _MarkColumn(finished_text="[green]✓[/]"),
             TextColumn("{task.description:<22}"),
             BarColumn(bar_width=24),
             TextColumn("{task.fields[extra]}"),
@@ -73,7 +85,7 @@ class LiveTimeline:
         timeline.on_end = self._end
 
     def _start(self, name: str) -> None:
-        task = self.progress.add_task(name, total=None, extra="", bytes=0)
+        task = self.progress.add_task(name, total=None, extra="", bytes=0, outcome=Outcome.OK)
         with self._lock:
             self.running_tasks[name] = task
             if name in self.BYTE_PHASES:
@@ -85,7 +97,20 @@ class LiveTimeline:
             if task is not None and task == self.byte_task:
                 self.byte_task = None
         if task is not None:
-            self.progress.update(task, total=1, completed=1, extra=f"{phase.duration_s:7.2f} s")
+            extra = f"{phase.duration_s:7.2f} s"
+            if not phase.ok:
+                extra = f"[red]{extra} {phase.outcome.value}[/]"
+            self.progress.update(task, total=1, completed=1, extra=extra, outcome=phase.outcome)
+
+    def _abandon(self) -> None:
+        """The pipeline stopped with phases still running (in threads that will never end
+        them): they show as interrupted, not as a spinner frozen mid-turn."""
+        with self._lock:
+            left, self.running_tasks, self.byte_task = list(self.running_tasks.values()), {}, None
+        for task in left:
+            self.progress.update(
+                task, total=1, completed=1, extra="[red]interrupted[/]", outcome=Outcome.INTERRUPTED
+            )
 
     def on_bytes(self, n: int) -> None:
         with self._lock:  # from reader threads
@@ -98,7 +123,11 @@ class LiveTimeline:
     @contextmanager
     def running(self) -> Iterator[LiveTimeline]:
         with self.progress:
-            yield self
+            try:
+                yield self
+            except BaseException:
+                self._abandon()
+                raise
 
 
 def bytes_bar(total: int, label: str, enabled: bool) -> tuple[Progress, Callable[[int], None]]:
@@ -127,8 +156,22 @@ def phase_table(timeline: Timeline, title: str) -> Table:
         width = 30
         lead = round(p.start_s / total * width)
         bar = " " * lead + "█" * max(1, round(p.duration_s / total * width))
-        t.add_row(p.name, f"{p.start_s:.2f} s", f"{p.duration_s:.2f} s", f"[cyan]{bar}[/]")
+        name = p.name if p.ok else f"[red]✗ {p.name} ({p.outcome.value})[/]"
+        colour = "cyan" if p.ok else "red"
+        t.add_row(name, f"{p.start_s:.2f} s", f"{p.duration_s:.2f} s", f"[{colour}]{bar}[/]")
     return t
+
+
+def address_of(host: str, port: int) -> str:
+    """A server's address as it listens: a wildcard host says it is every address."""
+    return vllm_server.describe_address(host, port)
+
+
+def address(server: vllm_server.Server) -> str:
+    """Where a user reaches `server`, and where it listens when that is every address."""
+    if server.host in vllm_server.WILDCARD_HOSTS:
+        return f"{server.base_url} (it listens on every address of this host: {server.listen_url})"
+    return server.base_url
 
 
 def print_error(e: FastVLLMError) -> None:
@@ -148,6 +191,60 @@ def guard(fn: Callable[[], T]) -> T:
     except FastVLLMError as e:
         print_error(e)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: stopped what was started and removed partial output")
-        raise typer.Exit(130) from None
+    except OSError as e:  # a path of the user's that cannot be written or read: say which, and the fix
+        err = from_os_error(e)
+        if err is None:
+            raise
+        print_error(err)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (runtime.signals.Terminated)
+        by = f" by {e.name}" if isinstance(e, signals.Terminated) else ""
+        console.print(f"[yellow]interrupted{by}[/]: stopped what was started and removed partial output")
+        raise typer.Exit(e.exit_code if isinstance(e, signals.Terminated) else 130) from None
+
+
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE (sysexits.h): fastvllm itself is at fault
+
+
+def internal_error(e: BaseException) -> int:
+    """An exception no command expected (a bug): one line for the user, the traceback in a file
+    for the report; returns the exit code. An OSError on a path the user can fix (permission,
+    a read-only or full file system) that got past a command's guard is told as such instead."""
+    if isinstance(e, OSError) and (err := from_os_error(e)) is not None:
+        print_error(err)
+        return err.exit_code
+    path = _write_traceback(e)
+    where = f"the traceback written to {path}" if path else "the command you ran"
+    msg = " ".join(str(e).split())
+    msg = f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
+    line = Text.assemble(("internal error:", "bold red"), f" {msg} (a bug: please report it with {where})")
+    console.print(line, highlight=False, soft_wrap=True)
+    return INTERNAL_ERROR_EXIT
+
+
+def _write_traceback(e: BaseException) -> Path | None:
+    """The traceback, private (it may quote paths and arguments), under the run directory, else
+    the temporary directory."""
+    import contextlib
+    import os
+    import sys
+    import time
+    import traceback
+
+    from fastvllm.runtime import instances
+
+    text = f"fastvllm {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(e))
+    name = f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    places = [Path(tempfile.gettempdir())]
+    with contextlib.suppress(Exception):  # a bad FASTVLLM_RUN_DIR, say: the temporary directory will do
+        places.insert(0, instances.instances_dir() / "errors")
+    for d in places:
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:  # the report must not fail in its turn: try the next place
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return d / name
+    return None

@@ -78,7 +78,8 @@ def resident_pages(path: Path | str) -> tuple[int, int]:
 def sampled_fraction(path: Path | str, samples: int = 256) -> float:
     """Estimate of `resident_fraction` from `samples` pages spread evenly over the file: a
     decision (O_DIRECT or not) needs a share, not an exact count, and asking mincore about
-    every page of a 6 GB file costs ~50 ms."""
+    every page of a multi-GB file costs a noticeable part of a load
+    (docs/decisions/pinned-pool.md)."""
     page = mmap.PAGESIZE
     fd = os.open(path, os.O_RDONLY)
     try:

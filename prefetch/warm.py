@@ -41,15 +41,12 @@ from fastvllm.runtime.memory import MADV_POPULATE_READ, advise
 from fastvllm.runtime.units import human_bytes
 
 METHODS = ("read", "populate", "fadvise", "readahead")
-# From `scripts/sweep_prefetch.py` on the 2-core dev VM (ext4 on a virtio disk, read_ahead_kb
-# 8192), a 1 GiB file evicted before every run, medians of 2-3 runs (results/prefetch/sweep*.json):
-# every method reaches the disk's ~2 GB/s and the spread between them (1.4-2.3 GB/s) is mostly
-# noise. One thread is as fast as any (read 2.0-2.2, populate 2.0-2.15 GB/s); 2-8 threads only
-# interleave the disk's readahead streams (1.4-2.0 GB/s) and cost 2-5x the CPU. "populate" ties
-# "read" on speed at a sixth of the CPU (0.02 vs 0.12 CPU s/GB, no copy to user space), and CPU
-# is what a restore running beside the warm needs. Chunks of 2, 8 and 32 MiB: 8 MiB was best.
-# One thread also keeps the order of need exact. Faster storage (NVMe, deep queues) may want
-# more threads: rerun the sweep there; `--threads` overrides.
+# One thread, "populate", 8 MiB chunks: on a disk the kernel's readahead already saturates,
+# more threads only interleave its streams and cost CPU, and "populate" reads as fast as
+# "read" without copying to user space, leaving the CPU to the restore running beside it. One
+# thread also keeps the order of need exact. Faster storage (NVMe, deep queues) may want more
+# threads: rerun `scripts/sweep_prefetch.py` there; `--threads` overrides. The sweep's figures:
+# docs/decisions/prefetch-defaults.md.
 DEFAULT_METHOD = "populate"
 DEFAULT_THREADS = 1
 DEFAULT_CHUNK = 8 << 20
@@ -191,8 +188,8 @@ def warm(
         hole = size - sum(n for _, n in extents)
         holes += hole
         # In a file with holes, each run is read exactly: the kernel's read-around of a fault
-        # (read_ahead_kb, 8 MiB here) would zero-fill the hole behind every run. A restore's
-        # /dev/shm copies (82 KB of data in 0.4 GB) left 176 MB of zeroes in the page cache.
+        # (read_ahead_kb) would zero-fill the hole behind every run, filling the page cache with
+        # zeroes for a restore's sparse /dev/shm copies (docs/decisions/prefetch-defaults.md).
         for start, n in extents:
             offsets = range(start, start + n, chunk)
             work += [(Path(p), off, min(chunk, start + n - off), hole > 0) for off in offsets]

@@ -2,10 +2,10 @@
 served its canary, learned on one restore and read ahead first on the next.
 
 Why: from a cold page cache a restored tree faults its pages in one at a time, each fault
-reading up to the device's read-ahead window around it. Measured here, the tree mapped
-~0.2 GB of its 1.4 GB of page images and ~0.09 GB of its 1.56 GB of libraries, but its faults
-read 1.7 GB to get them. Reading exactly those ranges, in file order, before the tree asks for
-them turns random faults into a few sequential reads.
+reading up to the device's read-ahead window around it: the tree touches a small part of its
+page images and libraries, but its faults read many times that. Reading exactly those ranges,
+in file order, before the tree asks for them turns random faults into a few sequential reads
+(the measurements: docs/decisions/hot-set.md).
 
 How: after the canary, every file-backed mapping of every process of the tree is looked up in
 /proc/PID/pagemap; a present page (read in, written or not) is a file page the tree needed.
@@ -19,10 +19,10 @@ Both are read first; what the running tree reads (library code, the page images 
 comes next, staged by the step of the restore that first needed it (serving `/health`, taking
 its weights back, the first completion): the restore that learns looks at the tree after each step
 (`capture`). The tree then runs each step while the pages of the later ones are still being
-read, instead of waiting for all of them (a cold restore ended `/health` just after the last
-of its 240 MB arrived, when the tree had needed 28 MB of its own 133 MB by then).
-Each range is read without the kernel's read-ahead around it (it had read 61 MB beyond the
-236 MB asked).
+read, instead of waiting for all of them (read in file order, the tree's `/health` waited for
+the whole set while it needed a fraction of it).
+Each range is read without the kernel's read-ahead around it, which would read well beyond
+the set.
 Page images of the snapshot are keyed by their path in the snapshot; any other file (Python,
 torch, vLLM libraries) by its absolute path, size and mtime, so an upgraded library is not read
 by its old ranges. The result lives beside the snapshot (`local/hot.json`), outside the
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,13 +53,14 @@ HOT_FILE = "hot.json"
 # 5: the tree's pages are staged by the restore step that first needed them.
 # 6: CRIU maps a library's written pages from the images too (patches/criu 0004): they are no
 # longer copied over the library's own pages, and the tree faults in those it touches.
-VERSION = 6
+# 7: a set says whether its tree mapped its page images (`mode`): one learned from a tree CRIU
+# copied has none of their ranges, and a restore in mmap mode would fault them all in alone.
+VERSION = 7
 PAGE = os.sysconf("SC_PAGE_SIZE")
+_PAGES_IMAGE = re.compile(r"/pages-\d+\.img$")
 # Gaps up to this size between two hot ranges are read too: one longer read costs less than
-# a second request to the disk. Measured ad hoc (no benchmark script) on one tiny snapshot's
-# hot set, from a cold cache:
-# 16 KiB 295 MiB in 0.19-0.22 s, 64 KiB 326 MiB in 0.21-0.23 s, 256 KiB 419 MiB in 0.29-0.32 s,
-# 1 MiB 660 MiB in 0.45-0.47 s.
+# a second request to the disk, up to the point where the gaps' bytes cost more than the
+# requests they save (docs/decisions/hot-set.md).
 MERGE_GAP = 64 << 10
 LOOKUP_THREADS = 16
 WILLNEED_CHUNK = 2 << 20  # under any read-ahead maximum (read_ahead_kb, the device's max I/O)
@@ -97,6 +99,9 @@ class HotFile:
 @dataclass
 class HotSet:
     files: list[HotFile] = field(default_factory=list)
+    # "mmap": learned from a tree that mapped its page images (their ranges are in the set);
+    # "copy": from one CRIU copied them into (the set then has none of their ranges)
+    mode: str = "mmap"
 
     @property
     def bytes(self) -> int:
@@ -105,6 +110,7 @@ class HotSet:
     def as_dict(self) -> dict[str, object]:
         return {
             "version": VERSION,
+            "mode": self.mode,
             "files": [
                 {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "ranges": f.ranges, "stage": f.stage}
                 for f in self.files
@@ -198,6 +204,7 @@ def learn(pids: Iterable[int], snapshot: Path, earlier: Sequence[Capture] = ()) 
     now = capture(pids)
     steps = [*earlier, now]
     files = []
+    mapped_images = any(Path(p).is_relative_to(snapshot) and _PAGES_IMAGE.search(p) for p in now.mapped)
     for path, got in sorted(now.pages.items()):
         try:
             st = os.stat(path)
@@ -219,7 +226,7 @@ def learn(pids: Iterable[int], snapshot: Path, earlier: Sequence[Capture] = ()) 
                 files.append(HotFile(path, st.st_size, st.st_mtime_ns, written, STAGE_COPIED))
             by_step = [c.pages.get(path, set()) for c in steps]
             files += _staged(path, st.st_size, st.st_mtime_ns, got - now.copies[path], by_step, library=True)
-    return HotSet(files)
+    return HotSet(files, "mmap" if mapped_images else "copy")
 
 
 def _staged(
@@ -265,21 +272,26 @@ def save(snapshot: Path, hot: HotSet) -> bool:
     """Keep `hot` beside the snapshot; False where the snapshot cannot be written (a read-only
     volume): the hint is then simply not kept."""
     try:
-        (snapshot / LOCAL_DIR).mkdir(exist_ok=True)
+        (snapshot / LOCAL_DIR).mkdir(mode=0o700, exist_ok=True)  # private, as the snapshot
         atomic.write_text(path_of(snapshot), json.dumps(hot.as_dict()))
     except OSError:
         return False
     return True
 
 
-def load(snapshot: Path, sizes: dict[str, int]) -> HotSet | None:
+def load(snapshot: Path, sizes: dict[str, int], mode: str | None = None) -> HotSet | None:
     """The hot set learned for this snapshot, keeping only the snapshot's own files that are
     still the size they were (`sizes`: by manifest path). None if there is none or it is
     unreadable: a hint that cannot be read is no hint. Other files (libraries) are checked as
-    `read` opens them: a stat of each here, one after another, took 20 ms from a cold cache."""
+    `read` opens them, in parallel: a stat of each here, one after another, would wait on the
+    cold disk once per library.
+    A restore in mmap `mode` takes no set learned from a tree CRIU copied (it has none of the
+    page images' ranges: the tree would fault them in alone, page by page)."""
     try:
         raw = json.loads(path_of(snapshot).read_text())
         if raw.get("version") != VERSION:
+            return None
+        if mode == "mmap" and raw.get("mode") != "mmap":
             return None
         files = []
         for f in raw["files"]:
@@ -290,7 +302,7 @@ def load(snapshot: Path, sizes: dict[str, int]) -> HotSet | None:
             files.append(hf)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return HotSet(files)
+    return HotSet(files, str(raw.get("mode")))
 
 
 def read(
@@ -307,8 +319,8 @@ def read(
     paths = [Path(f.path) if f.path.startswith("/") else snapshot / f.path for f in files]
     # Path lookups and first pages first, many at once: after a cache drop each costs dentry,
     # inode and header reads, and CRIU opens every mapped file by path and reads its ELF header
-    # one after the other (0.3 s of a cold restore's 0.6 s CRIU step here went to those opens;
-    # with the first pages read too, CRIU's own page faults fell from 119 to 34, perf).
+    # one after the other: read ahead in parallel, those opens and first pages no longer wait
+    # on the disk one by one inside CRIU's step (docs/decisions/hot-set.md).
     first: dict[Path, HotFile] = {}  # each path once, in the order it is first needed
     for f, path in zip(files, paths, strict=True):
         first.setdefault(path, f)
@@ -339,9 +351,9 @@ def read(
                 if stop():
                     break
                 # Wait for the queued reads in order: one byte of each chunk's last page blocks
-                # until that page is in. A mapping populated over the range waited as well, but
-                # mapping every page cost 0.05 s of CPU per cold restore (0.1 s warm) beside
-                # CRIU on two cores: restores 0.03-0.04 s slower, cold and warm (ad hoc A/B).
+                # until that page is in. A mapping populated over the range waits as well, but
+                # mapping every page costs CPU that CRIU and the tree need on a small machine
+                # (docs/decisions/hot-set.md).
                 for at in range(off, off + n, WILLNEED_CHUNK):
                     os.pread(fd, 1, min(at + WILLNEED_CHUNK, off + n) - 1)
                 done += n

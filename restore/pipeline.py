@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastvllm.prefetch import residency, warm
@@ -33,10 +33,14 @@ from fastvllm.runtime import (
     cpu_share,
     criu,
     cuda_checkpoint,
+    faults,
     instances,
+    journal,
     manifest,
     proctree,
+    restore_lock,
     shm,
+    signals,
     system,
     verified,
     vllm_server,
@@ -83,17 +87,20 @@ class RestoreResult:
     manifest: manifest.Manifest
     criu_restore: str = "copy"
     readahead: dict[str, object] | None = None  # ReadAheadStats.as_dict(); None with no read-ahead
+    gpu: dict[str, object] | None = None  # CUDA restore per process and the loader's figures
 
     def as_dict(self) -> dict[str, object]:
         return {
             "snapshot": str(self.snapshot),
             "pid": self.server.pid,
-            "url": self.server.base_url,
+            "url": self.server.base_url,  # where to reach it from this host
+            "listen": self.server.listen_url,  # the address it binds (0.0.0.0: every address)
             "log": str(self.server.log_path),
             "time_to_first_completion_s": round(self.time_to_first_completion_s, 4),
             "canary_ok": self.canary_ok,
             "criu_restore": self.criu_restore,
             "readahead": self.readahead,
+            "gpu": self.gpu,
             "phases": self.timeline.as_list(),
         }
 
@@ -113,6 +120,7 @@ class _Faults:
 
 def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore: str) -> str:
     """The checks before CRIU may run; returns the CRIU restore mode."""
+    manifest.check_guarded(path, m)  # no server comes back with its control endpoints open
     mode = criu.resolve_mode(found, criu_restore, gpu=bool(m.cuda_pids))
     diffs = m.identity.differences(manifest.HostIdentity.here(found.version))
     if diffs:
@@ -139,7 +147,14 @@ def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore:
         running = [i.pid for i in instances.running() if i.port == m.server.port]
         hint = f"stop it first: fastvllm stop {running[0]}" if running else "stop what listens there"
         raise PortInUseError(f"{e.message}: the restored server needs it back", hint=hint) from e
-    criu.check_ids_free([f.path for f in m.files], m.server.tree_pids, "server")
+    try:
+        criu.check_ids_free([f.path for f in m.files], m.server.tree_pids, "server")
+    except UsageError as e:
+        # A server fastvllm runs holds them (e.g. the rest of a tree whose root was killed).
+        holders = [i for p in m.server.tree_pids if proctree.alive(p) and (i := instances.owner_of(p))]
+        if holders:
+            e.hint = f"a server fastvllm started still runs with them: fastvllm stop {holders[0].pid}"
+        raise
     # A stopped tree's zombies hold their PIDs until init reaps them (seconds on some hosts).
     if proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True):
         raise UsageError(
@@ -150,6 +165,16 @@ def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore:
 
 
 def restore_snapshot(
+    opts: RestoreOptions,
+    timeline: Timeline | None = None,
+    on_verify_bytes: Callable[[int], None] | None = None,
+) -> RestoreResult:
+    journal.recover()  # a tree an interrupted restore left is stopped, its PIDs freed
+    with restore_lock.restoring(opts.snapshot.expanduser()):  # a second restore of it fails at once
+        return _restore_snapshot(opts, timeline, on_verify_bytes)
+
+
+def _restore_snapshot(
     opts: RestoreOptions,
     timeline: Timeline | None = None,
     on_verify_bytes: Callable[[int], None] | None = None,
@@ -165,16 +190,21 @@ def restore_snapshot(
         if opts.prefetch:
             # What CRIU and the tree need first is read while the host is still checked (see
             # HotReader): the hot set is a hint, reading it decides nothing.
-            hot = hotset.load(path, {f.path: f.size for f in m.files})
+            early_mode = criu.resolve_mode(found, opts.criu_restore, gpu=bool(m.cuda_pids))
+            hot = hotset.load(path, {f.path: f.size for f in m.files}, mode=early_mode)
             # The small images CRIU reads first (its page images are in the hot set; the
             # /dev/shm copies are sparse, read exactly later). CRIU's own binary and libraries
             # were tried too: CRIU's step came out shorter, but the validation's own reads
             # queued behind 16 MB and CRIU started later, no faster overall (ad hoc A/B, 6
             # rounds, cold 0.562 s against 0.543 s).
             first: list[str | Path] = [path / f.path for f in m.files if order.is_small_image(f.path)]
-            early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes)
+            # In mmap mode the CUDA restore would fault the host copy of device memory in from
+            # the mapped page images page by page: it is read ahead whole, right after CRIU's.
+            gpu_of = m if m.cuda_pids and early_mode == "mmap" else None
+            early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=gpu_of)
             early.start()
         try:
+            faults.at(faults.Point.VALIDATE)
             mode = _preflight(path, m, found, opts.criu_restore)
             nice = cpu_share.server_nice()
             bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
@@ -200,191 +230,29 @@ def _restore_checked(
     early: HotReader | None,
     on_verify_bytes: Callable[[int], None] | None,
 ) -> RestoreResult:
-    ahead: ReadAhead | None = None
+    """Everything after the checks: the read-ahead, CRIU, health, weights, canary. Each step
+    registers its undo on the operation's stack (runtime.journal.Operation): a tree that fails
+    any later step is stopped, whatever stopped it (an error, Ctrl-C, SIGTERM, SIGHUP; if this
+    process is killed, the next command, through the journal)."""
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
-    hot = early.hot if early is not None else None
-    # Whether the tree faults its page images in itself, each fault reading its own page only
-    # (CRIU's --mmap-pages-random), and so whether it may learn its hot set from them.
-    faults = _Faults()
-    if opts.prefetch:
-        manifest.check_sizes(path, m.files)  # a missing or truncated file fails before anything starts
-        ordered = order.restore_order(path, m)
-        if mode == "mmap":
-            random_ok = criu.supports_mmap_random(found)
-            cold = {e.path: residency.is_cold(path / e.path) for e in ordered if order.is_page_image(e.path)}
-            # A page image with nothing to check is only read where the tree will touch it:
-            # its hot ranges (0.23 of 1.4 GB for the tiny model), or nothing once cached. With
-            # random faults, not even on the restore that learns the hot set: the tree's own
-            # faults then read exactly its pages (1.27 s to first completion here, against 1.53 s
-            # reading the images whole), and what it learns is not inflated by the kernel's
-            # fault-around mapping neighbours a whole-file read had cached (225 MB against 334 MB).
-            ordered = [
-                e
-                for e in ordered
-                if not (
-                    order.is_page_image(e.path)
-                    and e.path in trusted
-                    and (hot is not None or random_ok or not cold[e.path])
-                )
-            ]
-            whole = any(order.is_page_image(e.path) for e in ordered)  # read to be hashed
-            faults = _Faults(random_ok and not whole, not random_ok or (any(cold.values()) and not whole))
-        ahead = ReadAhead(
-            path,
-            ordered,
-            verify=opts.verify,
-            threads=opts.prefetch_threads or warm.DEFAULT_THREADS,
-            timeline=tl,
-            on_bytes=on_verify_bytes,
-            trusted=trusted,
-            hot=early,
-        )
-        if m.weights_file and residency.is_cold(path / m.weights_file):
-            # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s
-            # instead of 2.4 s on the GPU machine); from the page cache, checking it during
-            # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
-            ahead.hold(m.weights_file)  # released once CRIU has restored
-        if mode == "mmap":
-            # CRIU maps the page images instead of reading them. From the page cache, hashing
-            # them beside it only takes the CPU from its own work (0.67 s instead of 0.13-0.25 s
-            # on the 2-core machine): they are checked once it has restored. From disk, they
-            # are read at once: the restored tree will fault them in, sequential reads first
-            # are faster than its random ones.
-            for e in ordered:
-                if order.is_page_image(e.path) and not cold[e.path]:
-                    ahead.hold(e.path)
-        ahead.start()
-        if opts.verify and (unchecked := order.before_pages(ordered) - trusted):
-            # No process runs from an image whose small files (credentials, descriptors,
-            # registers) are unchecked; only the page images are checked while CRIU runs.
-            with tl.phase("check_metadata"):
-                try:
-                    ahead.wait_for(unchecked)
-                except BaseException:
-                    ahead.stop()
-                    raise
-    elif opts.verify:
-        with tl.phase("verify_checksums"):
-            unchecked_files = [f for f in m.files if f.path not in trusted]
-            manifest.verify_files(path, unchecked_files, on_bytes=on_verify_bytes)
-    # Unique per restore, not just per PID: containers sharing a volume restore the same
-    # snapshot as PID 1 each, and their logs must not be each other's.
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    logs = path / "logs"
-    logs.mkdir(exist_ok=True)
-    server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
-    pid: int | None = None
-    # The first restore with a read-ahead and no hot set learns one (see _Faults for which may).
-    steps: list[hotset.Capture] | None = [] if opts.prefetch and hot is None and faults.learn else None
-    criu_ran = False
-    put_back: list[Path] = []
-    try:
-        with tl.phase("criu_restore"):
-            put_back = shm.put_back(path / "shm")
-            fd = os.open(server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                criu_ran = True
-                pid = criu.restore(
-                    found,
-                    path / "criu",
-                    logs / f"criu-restore-{stamp}-{os.getpid()}.log",
-                    inherit={m.server.log_path_at_dump.lstrip("/"): fd},
-                    mode=mode,
-                    random_faults=faults.random,
-                )
-            finally:
-                os.close(fd)
-        if ahead is not None:
-            ahead.release()
-        if opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
-            affinity.apply(m.affinity)
-        # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in
-        cpu_share.yield_to_host(m.server.tree_pids, nice)
-        if m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
-            with tl.phase("cuda_restore"):
-                cuda_checkpoint.resume(m.cuda_pids)
-        server = vllm_server.Server(pid, m.server.host, m.server.port, server_log)
-        root = pid
-        with tl.phase("health"):
-            vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(root))
-        if steps is not None:  # which pages each step needed: later restores read them in order
-            with tl.phase("hot_set_capture"):
-                steps.append(hotset.capture(proctree.session_pids(root)))
-        if m.sleep_level == 1:
-            with tl.phase("wake_up"):
-                vllm_server.wake_up(server)
-        elif m.weights_file and m.sleep_level == 2 and opts.reloader == "vllm":
-            with tl.phase("wake_weights"):
-                vllm_server.wake_up(server, "weights")
-            with tl.phase("load_weights"):
-                if ahead is not None:
-                    ahead.claim(m.weights_file)  # vLLM reads the model's own files instead
-                vllm_server.rpc(server, "reload_weights")
-            with tl.phase("wake_kv_cache"):
-                vllm_server.wake_up(server, "kv_cache")
-        elif m.weights_file:
-            if m.sleep_level == 2:
-                with tl.phase("wake_weights"):
-                    vllm_server.wake_up(server, "weights")
-            with tl.phase("load_weights"):
-                kw = {"path": str(path / m.weights_file)}
-                # The read-ahead stops at the weight file once the loader starts on it; if it had
-                # not checked the whole file yet, the loader checks its per-tensor checksums.
-                if (
-                    ahead is not None
-                    and not ahead.claim(m.weights_file)
-                    and opts.verify
-                    and m.weights_file not in trusted
-                ):
-                    kw["verify"] = "1"
-                vllm_server.rpc(server, "fastvllm_reload", **kw)
-            if m.sleep_level == 2:
-                with tl.phase("wake_kv_cache"):
-                    vllm_server.wake_up(server, "kv_cache")
-        if steps is not None and (m.sleep_level == 1 or m.weights_file):
-            with tl.phase("hot_set_capture"):
-                steps.append(hotset.capture(proctree.session_pids(root)))
-        # The canary runs while the read-ahead finishes the page images' checksums instead of
-        # after them: the processes already run from them (only the small images had to be
-        # checked before CRIU). The restore counts as serving only once both are in, so the time
-        # to the first completion includes the wait; a damaged file is reported before the
-        # canary's verdict (a canary run on damaged memory would only blame the server).
-        with tl.phase("first_completion"):
-            got = _canary(server, m, ahead)
-        if ahead is not None:
-            with tl.phase("readahead_wait"):
-                ahead.wait()
-        ttfc = tl.elapsed()
-        if got.token_ids != m.canary.token_ids:
-            raise CanaryMismatchError(
-                f"the restored server's canary differs: {len(m.canary.token_ids)} tokens recorded, first "
-                f"difference at token {_first_difference(got.token_ids, m.canary.token_ids)}; it was stopped",
-                hint="the snapshot does not reproduce its server; take a new one",
-                detail=f"recorded: {m.canary.text!r}\nrestored: {got.text!r}",
-            )
-    except BaseException as exc:
-        if pid is not None:
-            instances.stop(pid)
-        if criu_ran:  # a failed CRIU restore can leave processes of the tree behind as zombies
-            proctree.wait_gone(m.server.tree_pids, 30.0, reaped=True)
-        if pid is None:  # no tree owns the queues put back for it
-            for f in put_back:
-                f.unlink(missing_ok=True)
-        if ahead is not None:
-            ahead.release()
-            if isinstance(exc, FastVLLMError) and not isinstance(exc, IntegrityError):
-                # CRIU or the server failed: if a file is damaged, that is the cause to report,
-                # so let the read-ahead finish its checks (the rest is in the page cache by now).
-                try:
-                    ahead.wait()
-                except IntegrityError as damaged:
-                    raise damaged from exc
-            ahead.stop()
-        raise
-    _remember(opts, path, m, ahead, trusted, pid, tl, steps)
+    r = _Restore(opts, tl, path, m, found, mode, early, on_verify_bytes, trusted)
+    with journal.Operation("restore", path) as op:
+        _read_ahead(op, r)
+        # The first restore with a read-ahead and no hot set learns one (see _Faults for which may).
+        learn = opts.prefetch and (early is None or early.hot is None) and r.paging.learn
+        steps: list[hotset.Capture] | None = [] if learn else None
+        server = _criu_restore(op, r)
+        signals.check()
+        _after_criu(r, nice)
+        _wait_healthy(r, server, steps)
+        signals.check()
+        _load_weights(r, server, steps)
+        ttfc = _prove(r, server)
+        op.commit()
+    _remember(opts, path, m, r.ahead, trusted, server.pid, tl, steps)
     instances.record(
         instances.Instance(
-            pid,
+            server.pid,
             m.server.host,
             m.server.port,
             m.server.model,
@@ -392,13 +260,258 @@ def _restore_checked(
             list(m.server.vllm_args),
             dict(m.server.env),
             str(path),
-            str(server_log),
+            str(server.log_path),
             m.server.worker_extension,
             criu_restore=mode,
+            control_token=m.server.control_token,
         )
     )
-    stats = ahead.stats.as_dict() if ahead is not None else None
-    return RestoreResult(path, server, tl, ttfc, True, m, mode, stats)
+    stats = r.ahead.stats.as_dict() if r.ahead is not None else None
+    return RestoreResult(path, server, tl, ttfc, True, m, mode, stats, r.gpu_info or None)
+
+
+@dataclass
+class _Restore:
+    """One restore: its inputs, and what its steps hand each other."""
+
+    opts: RestoreOptions
+    tl: Timeline
+    path: Path
+    m: manifest.Manifest
+    found: criu.Criu
+    mode: str
+    early: HotReader | None
+    on_bytes: Callable[[int], None] | None
+    trusted: set[str]  # files this host checked before, unchanged since
+    ahead: ReadAhead | None = None
+    # Whether the tree faults its page images in itself, each fault reading its own page only
+    # (CRIU's --mmap-pages-random), and so whether it may learn its hot set from them.
+    paging: _Faults = field(default_factory=_Faults)
+    # GPU: per process, the CUDA restore's and unlock's seconds ("cuda"); the loader's own
+    # figures from each worker ("load": bytes, seconds, GB/s)
+    gpu_info: dict[str, object] = field(default_factory=dict)
+
+
+def _read_ahead(op: journal.Operation, r: _Restore) -> None:
+    """Start reading the snapshot's files ahead, in the order the restore needs them, checking
+    them on the way; CRIU may start once the small images are checked. With --no-prefetch,
+    check every file first. Undo: stop the read-ahead (`_stop_read_ahead`)."""
+    if not r.opts.prefetch:
+        if r.opts.verify:
+            with r.tl.phase("verify_checksums"):
+                unchecked_files = [f for f in r.m.files if f.path not in r.trusted]
+                manifest.verify_files(r.path, unchecked_files, on_bytes=r.on_bytes)
+        return
+    manifest.check_sizes(r.path, r.m.files)  # a missing or truncated file fails before anything starts
+    ordered, cold = _plan_read_ahead(r)
+    ahead = ReadAhead(
+        r.path,
+        ordered,
+        verify=r.opts.verify,
+        threads=r.opts.prefetch_threads or warm.DEFAULT_THREADS,
+        timeline=r.tl,
+        on_bytes=r.on_bytes,
+        trusted=r.trusted,
+        hot=r.early,
+    )
+    if r.m.weights_file and residency.is_cold(r.path / r.m.weights_file):
+        # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s
+        # instead of 2.4 s on the GPU machine); from the page cache, checking it during
+        # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
+        ahead.hold(r.m.weights_file)  # released once CRIU has restored
+    if r.mode == "mmap":
+        # CRIU maps the page images instead of reading them. From the page cache, hashing
+        # them beside it only takes the CPU from its own work (0.67 s instead of 0.13-0.25 s
+        # on the 2-core machine): they are checked once it has restored. From disk, they
+        # are read at once: the restored tree will fault them in, sequential reads first
+        # are faster than its random ones.
+        for e in ordered:
+            if order.is_page_image(e.path) and not cold[e.path]:
+                ahead.hold(e.path)
+    with signals.shielded():
+        r.ahead = ahead.start()
+        op.push(lambda _type, exc, _tb: _stop_read_ahead(ahead, exc))
+    if r.opts.verify and (unchecked := order.before_pages(ordered) - r.trusted):
+        # No process runs from an image whose small files (credentials, descriptors,
+        # registers) are unchecked; only the page images are checked while CRIU runs.
+        with r.tl.phase("check_metadata"):
+            ahead.wait_for(unchecked)
+
+
+def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, bool]]:
+    """What the read-ahead reads, in order, and which page images are cold; sets `r.paging`."""
+    ordered = order.restore_order(r.path, r.m)
+    if r.mode != "mmap":
+        return ordered, {}
+    hot = r.early.hot if r.early is not None else None
+    random_ok = criu.supports_mmap_random(r.found)
+    cold = {e.path: residency.is_cold(r.path / e.path) for e in ordered if order.is_page_image(e.path)}
+    # A page image with nothing to check is only read where the tree will touch it:
+    # its hot ranges (0.23 of 1.4 GB for the tiny model), or nothing once cached. With
+    # random faults, not even on the restore that learns the hot set: the tree's own
+    # faults then read exactly its pages (1.27 s to first completion here, against 1.53 s
+    # reading the images whole), and what it learns is not inflated by the kernel's
+    # fault-around mapping neighbours a whole-file read had cached (225 MB against 334 MB).
+    ordered = [
+        e
+        for e in ordered
+        if not (
+            order.is_page_image(e.path)
+            and e.path in r.trusted
+            and (hot is not None or random_ok or not cold[e.path])
+        )
+    ]
+    whole = any(order.is_page_image(e.path) for e in ordered)  # read to be hashed
+    r.paging = _Faults(random_ok and not whole, not random_ok or (any(cold.values()) and not whole))
+    return ordered, cold
+
+
+def _stop_read_ahead(ahead: ReadAhead, exc: BaseException | None) -> bool:
+    """The read-ahead's undo, run last: a damaged file is the error to report."""
+    ahead.release()
+    if isinstance(exc, FastVLLMError) and not isinstance(exc, IntegrityError):
+        # CRIU or the server failed: if a file is damaged, that is the cause to report,
+        # so let the read-ahead finish its checks (the rest is in the page cache by now).
+        try:
+            ahead.wait()
+        except IntegrityError as damaged:
+            raise damaged from exc
+    ahead.stop()
+    return False
+
+
+def _criu_restore(op: journal.Operation, r: _Restore) -> vllm_server.Server:
+    """Put the snapshot's /dev/shm files back and CRIU-restore the tree. Undo: stop the tree by
+    the snapshot's PIDs and the session they lead (CRIU restores it), so a tree whose root PID
+    CRIU never reported (interrupted, failed) is stopped too; then remove those files."""
+    m, path = r.m, r.path
+    # Unique per restore, not just per PID: containers sharing a volume restore the same
+    # snapshot as PID 1 each, and their logs must not be each other's.
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    logs = path / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)  # private, as the rest of the snapshot
+    server_log = logs / f"server-restored-{stamp}-{os.getpid()}.log"
+    saved = path / "shm"
+    with signals.shielded():
+        put = [str(shm.SHM / f.name) for f in sorted(saved.iterdir())] if saved.is_dir() else []
+        op.undo("remove_files", paths=put)  # no tree owns the queues put back for it
+        # A failed CRIU restore can leave processes of the tree behind as zombies, holding PIDs.
+        op.undo_local(proctree.wait_gone, m.server.tree_pids, 30.0, reaped=True)
+        op.undo("stop_tree", pids=m.server.tree_pids, started=op.started)
+    faults.at(faults.Point.CRIU_RESTORE, min(m.server.tree_pids, default=None))  # (fires in CRIU)
+    with r.tl.phase("criu_restore"):
+        shm.put_back(saved)
+        fd = os.open(server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            pid = criu.restore(
+                r.found,
+                path / "criu",
+                logs / f"criu-restore-{stamp}-{os.getpid()}.log",
+                inherit={m.server.log_path_at_dump.lstrip("/"): fd},
+                mode=r.mode,
+                random_faults=r.paging.random,
+            )
+        finally:
+            os.close(fd)
+    # Its gate is closed (the image was taken closed): clients get 503 until the canary passed.
+    return vllm_server.Server(pid, m.server.host, m.server.port, server_log, token=m.server.control_token)
+
+
+def _after_criu(r: _Restore, nice: int) -> None:
+    """Between CRIU and the server: the host copy of GPU memory in the page cache, the rest of
+    the read-ahead released, the tree's CPU share (and affinity), the CUDA restore."""
+    if r.early is not None and r.early.gpu_of is not None:
+        # The CUDA restore reads the host copy of device memory whole: it is in the page cache
+        # first, before the weight file's read-ahead (released below) takes the disk.
+        with r.tl.phase("gpu_copy_wait"):
+            r.early.wait_gpu()
+    if r.ahead is not None:
+        r.ahead.release()
+    if r.opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
+        affinity.apply(r.m.affinity)
+    # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in
+    cpu_share.yield_to_host(r.m.server.tree_pids, nice)
+    if r.m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
+        with r.tl.phase("cuda_restore"):
+            r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids)
+
+
+def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:
+    root = server.pid
+    faults.at(faults.Point.HEALTH, root)
+    with r.tl.phase("health"):
+        vllm_server.wait_healthy(server, r.opts.health_timeout, alive=lambda: proctree.alive(root))
+    if steps is not None:  # which pages each step needed: later restores read them in order
+        with r.tl.phase("hot_set_capture"):
+            steps.append(hotset.capture(proctree.session_pids(root)))
+
+
+def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:
+    """Give the server back what its snapshot released: the weights (fastvllm's loader, or
+    vLLM's own reload with --reloader vllm) and, on a GPU, the KV cache."""
+    m, ahead = r.m, r.ahead
+    faults.at(faults.Point.WEIGHT_LOAD, server.pid)
+    if m.sleep_level == 1:
+        with r.tl.phase("wake_up"):
+            vllm_server.wake_up(server)
+    elif m.weights_file and m.sleep_level == 2 and r.opts.reloader == "vllm":
+        with r.tl.phase("wake_weights"):
+            vllm_server.wake_up(server, "weights")
+        with r.tl.phase("load_weights"):
+            if ahead is not None:
+                ahead.claim(m.weights_file)  # vLLM reads the model's own files instead
+            vllm_server.rpc(server, "reload_weights")
+        with r.tl.phase("wake_kv_cache"):
+            vllm_server.wake_up(server, "kv_cache")
+    elif m.weights_file:
+        if m.sleep_level == 2:
+            with r.tl.phase("wake_weights"):
+                vllm_server.wake_up(server, "weights")
+        with r.tl.phase("load_weights"):
+            kw = {"path": str(r.path / m.weights_file)}
+            # The read-ahead stops at the weight file once the loader starts on it; if it had
+            # not checked the whole file yet, the loader checks its per-tensor checksums.
+            if (
+                ahead is not None
+                and not ahead.claim(m.weights_file)
+                and r.opts.verify
+                and m.weights_file not in r.trusted
+            ):
+                kw["verify"] = "1"
+            r.gpu_info["load"] = vllm_server.rpc(server, "fastvllm_reload", **kw)
+        if m.sleep_level == 2:
+            with r.tl.phase("wake_kv_cache"):
+                vllm_server.wake_up(server, "kv_cache")
+    if steps is not None and (m.sleep_level == 1 or m.weights_file):
+        with r.tl.phase("hot_set_capture"):
+            steps.append(hotset.capture(proctree.session_pids(server.pid)))
+
+
+def _prove(r: _Restore, server: vllm_server.Server) -> float:
+    """The canary, then the gate opened to clients; returns the time to first completion."""
+    m = r.m
+    faults.at(faults.Point.CANARY, server.pid)
+    # The canary runs while the read-ahead finishes the page images' checksums instead of
+    # after them: the processes already run from them (only the small images had to be
+    # checked before CRIU). The restore counts as serving only once both are in, so the time
+    # to the first completion includes the wait; a damaged file is reported before the
+    # canary's verdict (a canary run on damaged memory would only blame the server).
+    with r.tl.phase("first_completion"):
+        got = _canary(server, m, r.ahead)
+    if r.ahead is not None:
+        with r.tl.phase("readahead_wait"):
+            r.ahead.wait()
+    if got.token_ids != m.canary.token_ids:
+        raise CanaryMismatchError(
+            f"the restored server's canary differs: {len(m.canary.token_ids)} tokens recorded, first "
+            f"difference at token {_first_difference(got.token_ids, m.canary.token_ids)}; it was stopped",
+            hint="the snapshot does not reproduce its server; take a new one",
+            detail=f"recorded: {m.canary.text!r}\nrestored: {got.text!r}",
+        )
+    # Clients are answered from here on, not before: the canary passed and every file checked.
+    with r.tl.phase("open_gate"):
+        vllm_server.set_gate(server, open=True)
+    return r.tl.elapsed()
 
 
 def _remember(

@@ -12,7 +12,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastvllm.runtime import criu, cuda_checkpoint, manifest, proctree, system, verified
+from fastvllm.runtime import (
+    criu,
+    cuda_checkpoint,
+    journal,
+    manifest,
+    proctree,
+    restore_lock,
+    system,
+    verified,
+)
 from fastvllm.runtime.errors import IdentityMismatchError
 from fastvllm.runtime.timeline import Timeline
 
@@ -65,8 +74,16 @@ def restore_process_snapshot(
     """`criu_restore`: see criu.resolve_mode; in mmap mode the tree keeps the snapshot's page
     images mapped while it runs. As for a vLLM snapshot (`runtime.verified`), a file this host
     already hashed and that is unchanged since is not hashed again, unless `reverify`."""
+    with restore_lock.restoring(path.expanduser()):  # a second restore of it fails at once
+        return _restore_process_snapshot(path, verify, timeline, criu_restore, reverify)
+
+
+def _restore_process_snapshot(
+    path: Path, verify: bool, timeline: Timeline | None, criu_restore: str, reverify: bool
+) -> ProcessRestoreResult:
     tl = timeline or Timeline()
     path = path.expanduser().absolute()
+    journal.recover()  # what an interrupted snapshot or restore left
     system.require_criu_privileges()
     proctree.adopt_orphans()
     with tl.phase("validate"):
@@ -82,7 +99,7 @@ def restore_process_snapshot(
         verified.record(path, unchecked)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = path / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(mode=0o700, exist_ok=True)  # private, as the rest of the snapshot
     pid: int | None = None
     try:
         with tl.phase("criu_restore"):

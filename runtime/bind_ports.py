@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastvllm.runtime import instances, native_build
+from fastvllm.runtime import config, instances, native_build
 from fastvllm.runtime.errors import EnvironmentNotReadyError
 
 LOW = 20000  # above Ray's default worker ports (10002-19999)
@@ -49,7 +49,7 @@ def env_for(api_port: int) -> dict[str, str]:
     state.unlink(missing_ok=True)  # a new server starts its sequence at its block
     return {
         "LD_PRELOAD": str(lib),
-        "FASTVLLM_BIND_PORTS": f"{LOW}-{high}",
-        "FASTVLLM_BIND_FIRST": str(first),
-        "FASTVLLM_BIND_STATE": str(state),
+        config.BIND_PORTS.name: f"{LOW}-{high}",
+        config.BIND_FIRST.name: str(first),
+        config.BIND_STATE.name: str(state),
     }

@@ -30,13 +30,12 @@ container's cgroup autogroup does not apply anyway.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-from fastvllm.runtime.errors import UsageError
+from fastvllm.runtime import config
 
-ENV = "FASTVLLM_SERVER_NICE"
-DEFAULT_NICE = 10
+ENV = config.SERVER_NICE.name
+DEFAULT_NICE = config.SERVER_NICE.default()
 CGROUP = "fastvllm"
 # The kernel's sched_prio_to_weight for nice 0..19 (kernel/sched/core.c).
 _NICE_WEIGHT = (1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
@@ -44,17 +43,7 @@ _NICE_WEIGHT = (1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 
 
 def server_nice() -> int:
     """The servers' nice value from the environment (0: leave them alone)."""
-    raw = os.environ.get(ENV, str(DEFAULT_NICE)).strip()
-    try:
-        nice = int(raw)
-    except ValueError:
-        nice = -1
-    if not 0 <= nice <= 19:
-        raise UsageError(
-            f"{ENV}={raw!r} is not a nice value from 0 to 19",
-            hint=f"unset it (default {DEFAULT_NICE}) or set 0 to leave servers where the kernel puts them",
-        )
-    return nice
+    return config.SERVER_NICE.get()
 
 
 def _cpu_hierarchy() -> tuple[Path, int] | None:

@@ -14,6 +14,7 @@ place while the tree runs); `lazy` is CRIU's own userfaultfd restore (`criu lazy
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import json
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from fastvllm.runtime import atomic, mapped, native_build, proctree, system
+from fastvllm.runtime import atomic, config, faults, journal, mapped, native_build, proctree, signals, system
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
 
 MIN_VERSION = (4, 2)
@@ -62,7 +63,8 @@ class Criu:
 
 def find_criu() -> Criu:
     """CRIU from $FASTVLLM_CRIU, the PATH, or where scripts/setup.sh installs it."""
-    candidates = [os.environ.get("FASTVLLM_CRIU"), PATCHED_CRIU, shutil.which("criu"), *_CANDIDATES]
+    chosen = config.CRIU.get()
+    candidates = [str(chosen) if chosen else None, PATCHED_CRIU, shutil.which("criu"), *_CANDIDATES]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             version = _probe(c).version
@@ -95,10 +97,10 @@ PROBE_FILE = "criu-probe.json"
 
 def _probe(path: str) -> _Probe:
     """The probe of the CRIU at `path`, run once per version of the binary and kept in
-    fastvllm's home (`runtime.system.fastvllm_home`). Why: every restore asked `criu
-    --version`, and from a cold page cache that exec read CRIU and its 22 libraries from the
-    disk before anything else could start (37-50 ms of a 0.3 s restore here); CRIU now reads
-    them once, when it restores."""
+    fastvllm's home (`runtime.system.fastvllm_home`). Why: from a cold page cache, exec'ing
+    `criu --version` reads CRIU and its libraries from the disk before anything else can
+    start; kept, CRIU's files are read once, when it restores
+    (docs/decisions/criu-startup.md)."""
     ident = system.file_identity(path)  # a rebuilt or replaced binary is probed again
     key = (path, *(ident or ()))
     if ident is not None and key in _PROBED:
@@ -216,12 +218,13 @@ def resolve_mode(criu: Criu, requested: str, *, gpu: bool = False) -> str:
     """`auto` is the fastest mode measured to work (mmap with the patched CRIU, else copy); an
     explicit mode this CRIU cannot run fails here, before anything is restored.
 
-    GPU snapshots (`gpu`): `auto` means copy. On the H200 machine (2026-11-21) mmap took CRIU's
-    phase from 2.71 to 1.07 s but first completion went from 4.36 to 6.09 s, because the
-    read-ahead then checked the weight file late and the loader paid its own checksum pass.
-    That ordering is fixed (restore.readahead), but not yet measured on a GPU."""
+    GPU snapshots (`gpu`) too: the restore reads the CUDA checkpoint's host copy of device
+    memory ahead whole (restore.readahead `gpu_host_copy`) instead of letting the CUDA restore
+    fault it in from the mapped images page by page, which made cold mmap restores slower than
+    copy ones (docs/decisions/mmap-restore.md). Callers still say whether the snapshot is a GPU
+    one, so that a rule of its own for them stays a one-line change."""
     if requested == "auto":
-        return "mmap" if supports_mmap(criu) and not gpu else "copy"
+        return "mmap" if supports_mmap(criu) else "copy"
     if requested not in RESTORE_MODES:
         raise UsageError(
             f"unknown CRIU restore mode {requested!r}",
@@ -318,30 +321,61 @@ def _run(
     what: str,
     pass_fds: tuple[int, ...] = (),
     preload: Path | None = None,
+    *,
+    own_group: bool = True,
 ) -> None:
+    """Run CRIU to its end. It runs in a process group of its own (`own_group`), so a
+    terminal's Ctrl-C reaches fastvllm only, and an interrupt (Ctrl-C, SIGTERM: a
+    KeyboardInterrupt here) waits for CRIU before it goes on: CRIU killed mid-dump leaves its
+    parasite code in the tree, mid-restore a half-built tree. The pipeline's undo then stops
+    what it restored. The journal names the child while it runs (`runtime.journal`), for a
+    recovery after fastvllm itself was killed."""
     log.parent.mkdir(parents=True, exist_ok=True)
     _private_kdat_dir()
     env = dict(os.environ)
     if preload is not None:
         env["LD_PRELOAD"] = f"{preload} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(preload)
-    r = subprocess.run(
-        [criu.path, *args, "-v4", "-o", str(log)],
-        capture_output=True,
-        text=True,
-        check=False,
-        pass_fds=pass_fds,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    if r.returncode != 0:
+    cmd = [criu.path, *args, *faults.criu_args(what), "-v4", "-o", str(log)]
+    with tempfile.TemporaryFile() as output:
+        with signals.shielded():  # a signal now is raised once CRIU is done
+            proc = subprocess.Popen(
+                cmd,
+                stdout=output,
+                stderr=output,
+                pass_fds=pass_fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                process_group=0 if own_group else None,
+            )
+            with journal.child(proc.pid):
+                faults.criu_started(what, proc.pid, log)
+                _wait_through_interrupts(proc)
+        output.seek(0)
+        stderr = output.read().decode(errors="replace")
+    if proc.returncode != 0:
         tail = log_tail(log)
         errs = [ln for ln in tail.splitlines() if "Error" in ln and not _benign(ln)]
-        first = re.sub(r"^\(\d+\.\d+\)\s*", "", errs[0]) if errs else r.stderr.strip()[-200:]
+        first = re.sub(r"^\(\d+\.\d+\)\s*", "", errs[0]) if errs else stderr.strip()[-200:]
         raise CriuError(
             f"CRIU {what} failed: {first.strip()}",
             hint=f"full log: {log}",
             detail=tail,
         )
+
+
+def _wait_through_interrupts(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for `proc` even when Ctrl-C comes (Python's own SIGINT handler, where
+    runtime.signals is not installed: the API in a user's program); the first interrupt is
+    raised once it has exited."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            proc.wait()
+            break
+        except KeyboardInterrupt as e:
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
 
 
 def dump(
@@ -424,16 +458,16 @@ def restore(
         if random_faults and supports_mmap_random(criu):
             args.append("--mmap-pages-random")
         if supports_mmap_file(criu):
-            # A library's written pages (relocations, .data; 12-15 MB per vLLM process) are
-            # mapped from the images instead of written over the library's own pages, which
-            # each write first read from disk: a cold restore no longer reads those.
+            # A library's written pages (relocations, .data) are mapped from the images
+            # instead of written over the library's own pages, which each write first read
+            # from disk: a cold restore no longer reads those (docs/decisions/mmap-restore.md).
             args.append("--mmap-pages-file")
     daemon: int | None = None
     if mode == "lazy":
         # The lazy-pages daemon and the restore meet on a socket in a work directory of their own
         # (not the snapshot's image directory, which stays as it was published).
         work = _lazy_work(log)
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(mode=0o700, parents=True, exist_ok=True)  # inside the snapshot: private
         daemon = _start_lazy_daemon(criu, images, work, log.with_name(log.stem + "-lazy.log"))
         args += ["--lazy-pages", "-W", str(work)]
         scratch = None
@@ -443,9 +477,21 @@ def restore(
         scratch = _scratch_dir(log.parent)
         args += ["-W", str(scratch)]
         pidfile = scratch / "restore.pid"
+    op = journal.current()  # if this process is killed, the next command removes the scratch
+    noted = op.undo("remove_criu_work", path=str(scratch)) if op is not None and scratch else None
     args += ["--pidfile", str(pidfile)]
     try:
-        _run(criu, args, log, "restore", pass_fds=tuple(inherit.values()), preload=xcomp_preload())
+        # A shell job is restored into CRIU's own process group and session: it stays in the
+        # caller's, as it was dumped from one.
+        _run(
+            criu,
+            args,
+            log,
+            "restore",
+            pass_fds=tuple(inherit.values()),
+            preload=xcomp_preload(),
+            own_group=not shell_job,
+        )
         return int(pidfile.read_text().strip())
     except BaseException:
         if daemon is not None:  # nothing will ask it for pages
@@ -455,7 +501,41 @@ def restore(
     finally:
         pidfile.unlink(missing_ok=True)
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_scratch(scratch)
+        if noted is not None:
+            noted.cancel()
+
+
+def remove_scratch(scratch: Path) -> None:
+    """CRIU's work directory, with the cgroup yard CRIU mounts in it (`.criu.cgyard.*`): a
+    restore that fails (two restores of one snapshot raced, "Can't fork ... File exists") leaves
+    the yard mounted, and a directory with mounts in it cannot be removed: it stayed in
+    /dev/shm, 11 cgroup mounts each. Detached first (deepest first), then removed."""
+    prefix = f"{scratch}/"
+    with contextlib.suppress(OSError):
+        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines() if ln.strip()]
+        libc = ctypes.CDLL(None, use_errno=True)
+        for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            libc.umount2(os.fsencode(point), _MNT_DETACH)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+_MNT_DETACH = 2
+
+
+SCRATCH_PREFIX = "fastvllm-criu-work-"
+
+
+def stale_scratch(claimed: set[str]) -> list[Path]:
+    """CRIU work directories in /dev/shm (`_scratch_dir`) that a killed restore left: not
+    `claimed` by an operation in flight (runtime.journal), named by no running process."""
+    found = [p for p in Path("/dev/shm").glob(f"{SCRATCH_PREFIX}*") if p.is_dir() and str(p) not in claimed]
+    if not found:
+        return []
+    in_use: set[str] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        in_use.update(proc.info["cmdline"] or ())
+    return [p for p in found if str(p) not in in_use]
 
 
 def _scratch_dir(fallback: Path) -> Path:
@@ -464,11 +544,10 @@ def _scratch_dir(fallback: Path) -> Path:
 
     Why: in its work directory CRIU truncates the last restore's `stats-restore` and creates and
     removes its cgroup yard. On ext4 each frees blocks, which needs the block bitmaps (cold after
-    the page cache was dropped) and, on a `discard` mount, a synchronous discard: sampled on
-    this machine, a cold restore's CRIU spent ~0.1 s of its 0.5 s there. On tmpfs neither
-    touches a disk."""
+    the page cache was dropped) and, on a `discard` mount, a synchronous discard, on the cold
+    restore's critical path. On tmpfs neither touches a disk (docs/decisions/criu-startup.md)."""
     with contextlib.suppress(OSError):
-        return Path(tempfile.mkdtemp(prefix="fastvllm-criu-work-", dir="/dev/shm"))
+        return Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir="/dev/shm"))
     fallback.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".criu-work-", dir=fallback))
 

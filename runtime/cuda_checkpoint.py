@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,15 +93,24 @@ def _step(driver: Any, what: str, pid: int, fn: Any, args: Any) -> None:
         )
 
 
-def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
-    """Lock, then checkpoint, every PID. On any failure, everything done is undone first."""
+def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+    """Lock, then checkpoint, every PID. On any failure, everything done is undone first.
+
+    Returns, per PID (as a string: a manifest key), what the checkpoint moved and how long it
+    took (see `HostCopy`): the device memory the process held, and the address ranges of its
+    own memory that the driver's host copy of it now fills."""
     driver = _driver()
     locked: list[int] = []
     saved: list[int] = []
+    device_mib = device_memory_mib()
+    before = {pid: anon_vmas(pid) for pid in pids}
+    rss_before = {pid: rss_bytes(pid) for pid in pids}
+    times: dict[int, dict[str, float]] = {pid: {} for pid in pids}
     try:
         for pid in pids:
             args = driver.CUcheckpointLockArgs()
             args.timeoutMs = int(lock_timeout_s * 1000)
+            t0 = time.perf_counter()
             try:
                 _step(driver, "lock", pid, driver.cuCheckpointProcessLock, args)
             except CudaCheckpointError as e:
@@ -107,13 +118,139 @@ def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> 
                     e.message = f"CUDA lock of PID {pid} timed out after {lock_timeout_s:.0f} s"
                     e.hint = "it kept launching GPU work; retry when idle or raise --lock-timeout"
                 raise
+            times[pid]["lock_s"] = time.perf_counter() - t0
             locked.append(pid)
         for pid in pids:
+            t0 = time.perf_counter()
             _step(driver, "checkpoint", pid, driver.cuCheckpointProcessCheckpoint, None)
+            times[pid]["checkpoint_s"] = time.perf_counter() - t0
             saved.append(pid)
     except BaseException:
         _undo(driver, saved, locked)
         raise
+    out = {}
+    for pid in pids:
+        copy = host_copy(before[pid], anon_vmas(pid))
+        out[str(pid)] = {
+            "device_mib": device_mib.get(pid),
+            "host_copy_bytes": copy.bytes,
+            "host_copy_ranges": [list(r) for r in copy.ranges],
+            # all of the process's memory, any kind: what grew beyond the host copy shows here
+            "rss_growth_bytes": rss_bytes(pid) - rss_before[pid],
+            **{k: round(v, 4) for k, v in times[pid].items()},
+        }
+    return out
+
+
+def release_worker_cache(server: Any) -> list[object]:
+    """Before the checkpoint of a sleeping vLLM server: each worker gives the driver back the
+    free blocks of torch's caching allocator (weights.extension `fastvllm_gpu_release`), and
+    says what it still holds, by kind, before and after. Best effort: a worker without the
+    method (a tree restored from an older snapshot) is snapshotted as it is, and the error is
+    kept in place of the figures."""
+    from fastvllm.runtime import vllm_server
+    from fastvllm.runtime.errors import ServerError
+
+    try:
+        return vllm_server.rpc(server, "fastvllm_gpu_release")
+    except ServerError as e:
+        return [{"error": e.message}]
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """Where a checkpointed process's device memory went: the address ranges of the private
+    anonymous mappings the checkpoint created or grew, and by how many resident bytes. The
+    CRIU dump writes them into the page images like any other memory; a restore reads them
+    ahead whole (the CUDA restore reads them whole), and a report tells them from the CPU
+    heap (`runtime.criu_images.split`)."""
+
+    ranges: list[tuple[int, int]]
+    bytes: int
+
+
+# A mapping whose resident size grew by less than this during the checkpoint is the driver's
+# bookkeeping or the process's own noise, not a copy of device memory.
+HOST_COPY_MIN_GROWTH = 1 << 20
+
+
+def anon_vmas(pid: int) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of each private anonymous mapping of `pid` (unnamed, the
+    heap, or named anonymous), from /proc/PID/smaps; [] if it cannot be read."""
+    out: list[tuple[int, int, int]] = []
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            cur: list[int] | None = None
+            for line in f:
+                head = line.split(None, 5)
+                if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    cur = None
+                    path = head[5].strip() if len(head) > 5 else ""
+                    if head[1].endswith("p") and (not path or path.startswith(("[heap]", "[anon"))):
+                        lo, hi = (int(x, 16) for x in head[0].split("-"))
+                        cur = [lo, hi, 0]
+                        out.append((lo, hi, 0))
+                elif cur is not None and line.startswith("Rss:"):
+                    out[-1] = (cur[0], cur[1], int(line.split()[1]) * 1024)
+                    cur = None
+    except (OSError, ValueError):
+        return []
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident bytes of `pid`, all mappings (/proc/PID/smaps_rollup); 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def host_copy(
+    before: list[tuple[int, int, int]],
+    after: list[tuple[int, int, int]],
+    min_growth: int = HOST_COPY_MIN_GROWTH,
+) -> HostCopy:
+    """The mappings of `after` whose resident bytes grew by at least `min_growth` over the
+    mappings of `before` that started inside them (new mappings count whole)."""
+    starts = sorted(before)
+    ranges: list[tuple[int, int]] = []
+    total = 0
+    for lo, hi, rss in after:
+        had = sum(r for s, _e, r in starts if lo <= s < hi)
+        grew = rss - had
+        if grew >= min_growth:
+            ranges.append((lo, hi))
+            total += grew
+    return HostCopy(ranges, total)
+
+
+def device_memory_mib() -> dict[int, int]:
+    """Device memory in use per process (MiB), as nvidia-smi lists compute processes; {} where
+    it cannot say (no nvidia-smi, or PIDs of another namespace)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    try:
+        r = subprocess.run(
+            [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out: dict[int, int] = {}
+    for line in r.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = int(parts[1])
+    return out
 
 
 def _undo(driver: Any, saved: list[int], locked: list[int]) -> None:
@@ -123,9 +260,14 @@ def _undo(driver: Any, saved: list[int], locked: list[int]) -> None:
         driver.cuCheckpointProcessUnlock(pid, None)
 
 
-def resume(pids: list[int]) -> None:
+def resume(pids: list[int], *, parallel: bool = True) -> dict[str, dict[str, float]]:
     """Restore, then unlock, every PID (after a CRIU restore, or to give a dumped-and-left-
-    running tree its GPU back). Each must be checkpointed; the state is checked first."""
+    running tree its GPU back). Each must be checkpointed; the state is checked first.
+
+    With `parallel`, each process is restored and unlocked on a thread of its own (the driver
+    calls release the GIL): a tree's processes wait on the driver side by side instead of one
+    after the other. Returns per PID the seconds its restore and unlock took. If any fails,
+    the first failure is raised once every thread has finished."""
     driver = _driver()
     for pid in pids:
         st = state(pid)
@@ -134,10 +276,25 @@ def resume(pids: list[int]) -> None:
                 f"PID {pid} is {st}, not checkpointed, so its GPU state cannot be restored",
                 hint="the snapshot was not taken by fastvllm's GPU path, or the process changed",
             )
-    for pid in pids:
+    times: dict[str, dict[str, float]] = {str(pid): {} for pid in pids}
+
+    def one(pid: int) -> None:
+        t0 = time.perf_counter()
         _step(driver, "restore", pid, driver.cuCheckpointProcessRestore, None)
-    for pid in pids:
+        t1 = time.perf_counter()
         _step(driver, "unlock", pid, driver.cuCheckpointProcessUnlock, None)
+        times[str(pid)] = {"restore_s": round(t1 - t0, 4), "unlock_s": round(time.perf_counter() - t1, 4)}
+
+    if not parallel or len(pids) < 2:
+        for pid in pids:
+            one(pid)
+        return times
+    with ThreadPoolExecutor(len(pids), thread_name_prefix="cuda-restore") as pool:
+        futures = [pool.submit(one, pid) for pid in pids]
+    errors = [e for f in futures if (e := f.exception()) is not None]
+    if errors:
+        raise errors[0]
+    return times
 
 
 def give_back(pids: list[int]) -> list[int]:

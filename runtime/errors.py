@@ -6,6 +6,8 @@ exit code, so the CLI maps them to distinct nonzero exit statuses without knowin
 
 from __future__ import annotations
 
+import errno
+
 
 class FastVLLMError(Exception):
     """Base of every error fastvllm raises on purpose."""
@@ -101,3 +103,44 @@ class TreeChangedError(FastVLLMError):
     checkpoint and the CRIU dump): the image would miss it, so nothing is written."""
 
     exit_code = 11
+
+
+class SnapshotBusyError(UsageError):
+    """Another fastvllm process is restoring the same snapshot on this host right now."""
+
+
+# errno -> (what went wrong, the fix), for OSErrors on paths a user named (--out, a snapshot).
+_PATH_ERRORS = {
+    errno.EACCES: ("permission denied", "run as a user who may, or choose another path"),
+    errno.EPERM: ("operation not permitted", "run as a user who may, or choose another path"),
+    errno.EROFS: ("the file system is read-only", "choose a path on a writable file system"),
+    errno.ENOSPC: ("no space left on the device", "free some space there, or choose another path"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space there, or choose another path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another path"),
+    errno.EISDIR: ("it is a directory", "name a file"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.EEXIST: ("it exists already (a file where a directory was needed?)", "choose another path"),
+    errno.ELOOP: ("too many symbolic links", "check the path"),
+}
+
+
+def from_os_error(e: OSError, doing: str | None = None) -> FastVLLMError | None:
+    """The one-line error for an OSError on a user's path (None for other OSErrors: those are
+    not the user's to fix). `doing` says what was being done, e.g. "create the snapshot
+    directory /srv/s"; else the error's own file name is named."""
+    known = _PATH_ERRORS.get(e.errno or 0)
+    if known is None:
+        return None
+    what, fix = known
+    name = str(e.filename) if e.filename is not None else ""
+    if doing is None and (not name or name.startswith(("/proc/", "/sys/"))):
+        return None  # no path of the user's to name: nothing a user could act on
+    subject = doing or f"use {name}"
+    msg = f"cannot {subject}: {what}"
+    if doing and e.filename and str(e.filename) not in doing:
+        msg += f" ({e.filename})"
+    cls = PermissionDeniedError if e.errno in (errno.EACCES, errno.EPERM) else UsageError
+    err = cls(msg, hint=fix)
+    err.__cause__ = e
+    return err

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-from fastvllm.runtime import sparse, system, vllm_server
+from fastvllm.runtime import private, sparse, system, vllm_server
 from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotASnapshotError
 
 FORMAT_VERSION = 1
@@ -95,6 +95,9 @@ class ServerSpec:
     log_path_at_dump: str  # the path CRIU recorded for the server's stdout/stderr
     tree_pids: list[int] = field(default_factory=list)  # CRIU restores these same PIDs
     worker_extension: bool = False  # launched with fastvllm's worker extension
+    # The server's control token (runtime.control_guard), which its memory holds: a restore
+    # needs it to reach the restored server ("": taken before the guard existed).
+    control_token: str = field(default="", repr=False)
 
 
 @dataclass
@@ -122,8 +125,16 @@ class Manifest:
     sleep_level: int = 0
     cuda_pids: list[int] = field(default_factory=list)
     gpu: dict[str, Any] | None = None
+    # GPU: what the CUDA checkpoint moved (runtime.cuda_checkpoint). "processes": per PID (a
+    # string key) the device memory it held and the address ranges its host copy fills (a
+    # restore reads them ahead); "worker": the workers' device memory by kind, before and after
+    # their allocator cache was released.
+    gpu_state: dict[str, Any] = field(default_factory=dict)
     # TID -> CPUs of the threads that were bound to cores (CRIU does not restore affinity)
     affinity: dict[str, list[int]] = field(default_factory=dict)
+    # Names (never values) of the credential-looking environment variables of the tree's
+    # processes, whose values the image holds (runtime.credentials); None: not recorded (older).
+    secret_env: list[str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -148,13 +159,35 @@ class Manifest:
             sleep_level=d.get("sleep_level", 0),
             cuda_pids=d.get("cuda_pids", []),
             gpu=d.get("gpu"),
+            gpu_state=d.get("gpu_state", {}),
             affinity=d.get("affinity", {}),
+            secret_env=d.get("secret_env"),
         )
 
     def write(self, directory: Path) -> None:
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, directory / MANIFEST)
+        _write_private(directory, self.to_json())
+
+
+def _write_private(directory: Path, text: str) -> None:
+    """The manifest, readable by its owner only: a vLLM snapshot's holds its server's control
+    token. Created 0600 (no window in which another user may open it), then renamed into place."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, directory / MANIFEST)
+
+
+def check_guarded(directory: Path, m: Manifest) -> None:
+    """A snapshot whose server has no control guard would come back with vLLM's development
+    endpoints open to every local user: it is not restored."""
+    if not m.server.control_token:
+        raise NotASnapshotError(
+            f"{directory} was taken by an older fastvllm whose server has no control guard "
+            "(its /collective_rpc, /sleep and /wake_up would be open to every local user)",
+            hint="take a new snapshot with this fastvllm",
+        )
 
 
 @dataclass
@@ -176,6 +209,7 @@ class ProcessManifest:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = FORMAT_VERSION
     kind: str = "process"
+    secret_env: list[str] | None = None  # as Manifest.secret_env
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -188,9 +222,7 @@ class ProcessManifest:
         return cls(**d)
 
     def write(self, directory: Path) -> None:
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, directory / MANIFEST)
+        _write_private(directory, self.to_json())
 
 
 def kind(directory: Path) -> str:
@@ -390,7 +422,10 @@ def collect_files(
     skip: Iterable[str] = (MANIFEST, "logs", LOCAL_DIR),
     on_bytes: Callable[[int], None] | None = None,
 ) -> list[FileEntry]:
-    """Hash every file under `root` except the manifest, logs and what a host learned, in parallel."""
+    """Hash every file under `root` except the manifest, logs and what a host learned, in parallel.
+    First, everything under `root` is made private (runtime.private: files 0600, directories
+    0700; the images hold the server's memory), before any file is hashed or stamped."""
+    private.make_private(root)
     files = _walk(root, skip)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         hashes = list(pool.map(lambda p: hash_file(p, on_bytes), files))

@@ -140,3 +140,45 @@ def require_alive(pids: list[int], when: str) -> None:
             hint="the rest of the tree was given its GPU state back and keeps running; "
             "find why it exited (its log), then snapshot again",
         )
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat), None if it is gone: with
+    the PID it names one process for good, where a PID alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ticks_now() -> int:
+    """Now, on the clock of `start_ticks` (a process started after this has a larger value)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+
+
+def is_same(pid: int, ticks: int) -> bool:
+    """Whether `pid` is alive (not a zombie) and is the process that started at `ticks`."""
+    return ticks > 0 and start_ticks(pid) == ticks and alive(pid)
+
+
+def started_since(pids: list[int], ticks: int) -> list[int]:
+    """Those of `pids` alive and started at or after `ticks`: processes a fastvllm operation
+    that began at `ticks` may have started (a PID reused by an older process is not one)."""
+    return [p for p in pids if (t := start_ticks(p)) is not None and t >= ticks and alive(p)]
+
+
+def stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM each of `pids`, SIGKILL what outlives `grace`, wait until they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    left = wait_gone(pids, grace)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_gone(left, 10.0)

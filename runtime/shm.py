@@ -10,6 +10,7 @@ put back before each restore. Copies are sparse: the queues are mostly holes.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from fastvllm.runtime import sparse
@@ -95,11 +96,93 @@ def remove(files: list[Path]) -> None:
 
 
 def put_back(saved: Path) -> list[Path]:
-    """Before a restore: the snapshot's copies go back to /dev/shm under their names."""
+    """Before a restore: the snapshot's copies go back to /dev/shm under their names, with the
+    modes the originals had (CRIU refuses a file whose mode differs from the one it recorded)."""
     if not saved.is_dir():
         return []
+    modes = _kept_modes(saved)
     out = []
     for f in sorted(saved.iterdir()):
+        if f.name == MODES_FILE:
+            continue
         copy_sparse(f, SHM / f.name)
+        if f.name in modes:
+            os.chmod(SHM / f.name, modes[f.name])
         out.append(SHM / f.name)
     return out
+
+
+# Beside the copies in a snapshot: each original's mode, since the copies themselves are made
+# private (0600, runtime.private) and a restore must put the originals' modes back.
+MODES_FILE = ".fastvllm-modes.json"
+
+
+def keep_modes(saved: Path) -> None:
+    """Record the modes of the copies in `saved` (as dumped: the originals') before they are
+    made private; once per snapshot (a second call keeps the first record)."""
+    import json
+
+    if not saved.is_dir() or (saved / MODES_FILE).exists():
+        return
+    modes = {f.name: f.lstat().st_mode & 0o7777 for f in sorted(saved.iterdir()) if f.is_file()}
+    fd = os.open(saved / MODES_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(modes, out)
+
+
+def _kept_modes(saved: Path) -> dict[str, int]:
+    import json
+
+    try:
+        raw = json.loads((saved / MODES_FILE).read_text())
+        return {str(k): int(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}  # a snapshot from before the copies were private: they have the modes
+
+
+# What vLLM's shared-memory message queues, multiprocessing's named semaphores and CRIU's
+# --link-remap leave in /dev/shm when their processes are killed.
+ORPHAN_PATTERNS = ("psm_*", "sem.mp-*", "link_remap.*")
+
+
+def held() -> set[Path]:
+    """/dev/shm files some live process maps or holds open."""
+    import psutil
+
+    return set(files_of([p.pid for p in psutil.process_iter()]))
+
+
+def orphans(claimed: set[str] | None = None) -> list[Path]:
+    """vLLM's and CRIU's /dev/shm files (ORPHAN_PATTERNS) that no process maps or holds open
+    and no operation in flight has `claimed`: what a killed tree leaves behind."""
+    found = {p for pat in ORPHAN_PATTERNS for p in SHM.glob(pat) if p.is_file()}
+    if not found:
+        return []
+    skip = held() | {Path(c) for c in claimed or ()}
+    return sorted(found - skip)
+
+
+def names_of(pids: list[int]) -> list[Path]:
+    """`files_of`, and the names still linked to /dev/shm files the processes map only under a
+    deleted name: a POSIX semaphore's (sem_open creates it under a temporary name, maps it,
+    links it to its real name, `sem.mp-*` for Python's multiprocessing, and unlinks the
+    temporary one). What to remove once the processes are gone."""
+    found = set(files_of(pids))
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/dev/shm/") and parts[5].endswith("(deleted)"):
+                    inodes.add(int(parts[4]))
+        except (OSError, ValueError):
+            continue
+    if inodes:
+        for p in SHM.iterdir():
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_ino in inodes:
+                found.add(p)
+    return sorted(found)

@@ -8,6 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
+from fastvllm.runtime import config
 from fastvllm.runtime.errors import EnvironmentNotReadyError, PrivilegeError
 
 IO_URING_SYSCTL = Path("/proc/sys/kernel/io_uring_disabled")
@@ -39,8 +40,8 @@ IMAGE_ID_FILE = Path("/etc/fastvllm/image-id")
 def image_identity() -> str:
     """The container image's identity ("" outside a fastvllm image): a snapshot records it, and
     one taken on another image is not restored."""
-    if os.environ.get("FASTVLLM_IMAGE_ID"):
-        return os.environ["FASTVLLM_IMAGE_ID"]
+    if config.IMAGE_ID.is_set():
+        return config.IMAGE_ID.get()
     try:
         return IMAGE_ID_FILE.read_text().strip()
     except OSError:
@@ -50,7 +51,7 @@ def image_identity() -> str:
 def fastvllm_home() -> Path:
     """Where fastvllm keeps what it builds or learns once per user (helpers, the tiny model,
     what it found out about CRIU): $FASTVLLM_HOME, else ~/.cache/fastvllm."""
-    return Path(os.environ.get("FASTVLLM_HOME", Path.home() / ".cache" / "fastvllm"))
+    return config.HOME.get()
 
 
 def file_identity(path: str | Path) -> list[int] | None:

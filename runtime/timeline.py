@@ -7,6 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a phase ended: its work done, an error, or a stop from outside (Ctrl-C, a signal)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -14,6 +23,11 @@ class Phase:
     name: str
     start_s: float  # offset from the timeline's origin
     duration_s: float
+    outcome: Outcome = Outcome.OK
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
 
 
 @dataclass
@@ -30,10 +44,17 @@ class Timeline:
         if self.on_start:
             self.on_start(name)
         t0 = time.perf_counter()
+        outcome = Outcome.OK
         try:
             yield
+        except Exception:
+            outcome = Outcome.FAILED
+            raise
+        except BaseException:  # KeyboardInterrupt (runtime.signals' Terminated too), SystemExit
+            outcome = Outcome.INTERRUPTED
+            raise
         finally:
-            p = Phase(name, t0 - self.origin, time.perf_counter() - t0)
+            p = Phase(name, t0 - self.origin, time.perf_counter() - t0, outcome)
             self.phases.append(p)
             if self.on_end:
                 self.on_end(p)
@@ -46,6 +67,11 @@ class Timeline:
 
     def as_list(self) -> list[dict[str, float | str]]:
         return [
-            {"name": p.name, "start_s": round(p.start_s, 4), "duration_s": round(p.duration_s, 4)}
+            {
+                "name": p.name,
+                "start_s": round(p.start_s, 4),
+                "duration_s": round(p.duration_s, 4),
+                "outcome": p.outcome.value,
+            }
             for p in self.phases
         ]

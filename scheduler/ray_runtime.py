@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fastvllm.runtime import signals
 from fastvllm.runtime.errors import EnvironmentNotReadyError
 from fastvllm.scheduler.agent import NodeAgent
 from fastvllm.scheduler.controller import Controller
@@ -45,6 +46,10 @@ class AgentActorImpl:
 
     def __init__(self, name: str, root: str, slots: int | None) -> None:
         ray = _ray()
+        # The actor's process is the agent's own: SIGTERM, SIGHUP and SIGINT unwind a restore
+        # like Ctrl-C where its main thread runs one (a no-op from a worker thread; a restore
+        # there stops at its next step), and runtime.journal covers a SIGKILL.
+        signals.install()
         self.agent = NodeAgent(name, root, slots, address=ray.util.get_node_ip_address())
 
     def call(self, method: str, *args: Any) -> Any:

@@ -44,8 +44,8 @@ from starlette.routing import Route
 CATCH_UP_TOKENS = 2  # switch once the target is at most this many tokens behind
 MAX_ROUNDS = 8
 SESSION_HEADER = "x-fastvllm-session"  # a streamed response names its session (for migrate)
-# A request header for tests and benchmarks: migrate this stream once N tokens have come. The
-# tiny CPU model streams ~1,000 tokens/s, faster than any outside trigger can react.
+# A request header for tests and benchmarks: migrate this stream once N tokens have come. A
+# small CPU model streams faster than any outside trigger can react (docs/decisions/migration.md).
 MIGRATE_AFTER_HEADER = "x-fastvllm-migrate-after"
 
 
@@ -389,12 +389,12 @@ class Router:
             # after MAX_ROUNDS; the final prefill then covers the rest, inside the pause. The
             # first round is never judged: it can be slow for reasons that do not repeat (the
             # target's first request on a busy host), and switching after it with hundreds of
-            # tokens behind is what made a 443 ms pause. A drain (`urgent`) keeps that old rule:
-            # under heavy load its streams would otherwise often end before leaving the host.
-            # And whatever the round: when fewer tokens are left to generate than the last
-            # round fell behind, the next round would most likely outlast the stream and the
-            # migration would come to nothing (CI saw 250 behind with 194 left, on two busy
-            # cores where prefill barely outruns decode): switch now and pay the gap in the pause.
+            # tokens behind puts their re-prefill inside the pause. A drain (`urgent`) keeps that
+            # old rule: under heavy load its streams would otherwise often end before leaving
+            # the host. And whatever the round: when fewer tokens are left to generate than the
+            # last round fell behind, the next round would most likely outlast the stream and
+            # the migration would come to nothing (on busy cores prefill barely outruns
+            # decode): switch now and pay the gap in the pause (docs/decisions/migration.md).
             ending = s.max_tokens - len(s.generated) <= behind
             if urgent:
                 closed = rounds[-2]["behind"] if len(rounds) > 1 else n

@@ -1,7 +1,7 @@
 """Copying a snapshot from one host to another, agent to agent, over one TCP stream.
 
 Why our own stream rather than rsync, scp or Ray's object store: a snapshot's /dev/shm copies
-are sparse (for the tiny model two 0.42 GB files holding 0.1 MB of data), so the sender sends
+are sparse (nearly all holes around a little data), so the sender sends
 each file's data runs only (`runtime.sparse`) and the receiver leaves the holes as holes. And
 the receiver must never show a half-copied or damaged snapshot to its scans: it writes into a
 hidden staging directory beside the destination, checks every file against the manifest's

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastvllm.runtime import config
 from fastvllm.runtime.errors import EnvironmentNotReadyError
 
 from fastvllm import container
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPS = Path(os.environ.get("FASTVLLM_DEPS", ROOT / ".deps"))
+DEPS = config.DEPS.get()
 BASE_IMAGE = "fastvllm-test-base:bookworm"
 CPU_IMAGE = "fastvllm-test-cpu:latest"
 SUITE = "bookworm"

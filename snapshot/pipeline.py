@@ -18,18 +18,22 @@ from pathlib import Path
 from fastvllm.runtime import (
     affinity,
     atomic,
+    credentials,
     criu,
     cuda_checkpoint,
+    faults,
     instances,
+    journal,
     manifest,
     proctree,
     shm,
+    signals,
     system,
     tiny_model,
     verified,
     vllm_server,
 )
-from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
+from fastvllm.runtime.errors import FastVLLMError, ServerError, SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
 from fastvllm.weights import store
 
@@ -75,6 +79,8 @@ class SnapshotResult:
             "total_s": round(self.timeline.elapsed(), 4),
             "canary_tokens": len(self.manifest.canary.token_ids),
             "server_pid": self.server.pid if self.server else None,
+            "url": self.server.base_url if self.server else None,
+            "listen": self.server.listen_url if self.server else None,
         }
 
 
@@ -114,208 +120,411 @@ def take_snapshot(
     timeline: Timeline | None = None,
     on_hash_bytes: Callable[[int], None] | None = None,
 ) -> SnapshotResult:
+    """Launch the server (or take the running one), warm it up, record its canary, release
+    its weights and KV cache, CRIU-dump it, hash and publish. Each step registers its undo on
+    the operation's stack (runtime.journal.Operation): a failure, Ctrl-C, SIGTERM or SIGHUP
+    unwinds it here, and if this process is killed the journal lets the next command do it."""
     tl = timeline or Timeline()
     opts.out = opts.out.expanduser().absolute()
     proctree.adopt_orphans()
+    journal.recover()
     found = _preflight(opts)
-    staging = atomic.staging_dir(opts.out)
-    server: vllm_server.Server | None = None
-    launched = False
-    suspended: list[int] = []  # PIDs whose GPU state is checkpointed and not yet given back
-    gpu_level = 0
-    sleeping = False
-    weights = staging / WEIGHTS_FILE
-    cold_start_s: float | None = None
-    try:
-        on_gpu = vllm_server.cuda_present()
-        if opts.model is not None:
-            model_dir = vllm_server.validate_model_dir(opts.model)
-            args = list(opts.vllm_args)
-            if on_gpu and opts.sleep and opts.sleep_level and "--enable-sleep-mode" not in args:
-                args.append("--enable-sleep-mode")
-            spec = vllm_server.LaunchSpec(
-                str(model_dir),
-                opts.port,
-                opts.host,
-                args,
-                worker_extension=opts.sleep,
-                env_overrides=opts.env,
-            )
-            system.ensure_io_uring_disabled()
-            with tl.phase("launch_to_healthy"):
-                server = vllm_server.launch(spec, staging / "logs" / LOG_NAME)
-                launched = True
-                pid = server.pid
-                vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(pid))
-            name = vllm_server.served_model_name(server)
-            with tl.phase("first_completion"):
-                vllm_server.complete(server, name, vllm_server.WARMUP_PROMPTS[0], 8)
-            cold_start_s = tl.elapsed()
-            source_snapshot = None
-            env = spec.recorded_env()
-        else:
-            assert opts.pid is not None
-            inst = instances.get(opts.pid)
-            model_dir = Path(inst.model)
-            spec = vllm_server.LaunchSpec(
-                inst.model, inst.port, inst.host, list(inst.vllm_args), worker_extension=inst.worker_extension
-            )
-            server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
-            name, source_snapshot, env = inst.served_model_name, inst.snapshot, inst.env
-        with tl.phase("warmup"):
-            for prompt in vllm_server.WARMUP_PROMPTS:
-                vllm_server.complete(server, name, prompt, 16)
-        # The canary is computed with a full prefill, as a restored server (whose prefix cache is
-        # emptied before the dump) will compute it: a prefix-cache hit takes other kernels, and
-        # bf16 greedy tokens can differ between the two (seen on the H100 machine at token 9).
-        vllm_server.reset_prefix_cache(server)
-        with tl.phase("canary"):
-            canary = vllm_server.complete(
-                server, name, vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS
-            )
-        with tl.phase("model_identity"):
-            model_id = manifest.model_identity(model_dir)
-        sleeping = opts.sleep and spec.worker_extension and not (on_gpu and opts.sleep_level == 0)
-        gpu_level = opts.sleep_level if (on_gpu and sleeping) else 0
-        weights = staging / WEIGHTS_FILE
-        released: dict[str, int] = {}
-        shared: store.Shared | None = None
-        if sleeping and on_gpu:
-            with tl.phase("sleep"):
-                for r in vllm_server.rpc(server, "fastvllm_weight_bytes"):
-                    for k, v in dict(r).items():  # type: ignore[call-overload]
-                        released[k] = released.get(k, 0) + int(v)
-                if gpu_level == 2:  # the weights leave the GPU for good: keep them in a file first
-                    weights.parent.mkdir(exist_ok=True)
-                    vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
-                    shared = store.share(weights)
-                vllm_server.reset_prefix_cache(server)
-                vllm_server.sleep(server, gpu_level)
-        elif sleeping:
-            with tl.phase("release_weights_kv"):
-                weights.parent.mkdir(exist_ok=True)
-                vllm_server.reset_prefix_cache(server)
-                for r in vllm_server.rpc(server, "fastvllm_weight_bytes"):  # what there is to release
-                    for k, v in dict(r).items():  # type: ignore[call-overload]
-                        released[k] = released.get(k, 0) + int(v)
-                vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
-                shared = store.share(weights)
-                for r in vllm_server.rpc(server, "fastvllm_release"):
-                    for k, v in dict(r).items():  # type: ignore[call-overload]
-                        released[k] = released.get(k, 0) + int(v)
-        if not sleeping:
-            vllm_server.reset_prefix_cache(server)  # (sleeping paths reset it before releasing)
-        # CRIU records the log by the path the tree has open; the restore hands a fresh file
-        # in its place (--inherit-fd), so the image does not depend on the log staying put.
-        log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
-        tree = proctree.session_pids(server.pid)
-        shm_files = shm.files_of(tree)
-        (staging / "logs").mkdir(exist_ok=True)
-        hook = staging / "logs" / "criu-action.sh"
-        hook.write_text(shm.hook_script(shm_files, staging / "shm"))
-        hook.chmod(0o700)
-        cuda_pids = cuda_checkpoint.gpu_pids(tree) if on_gpu else []
-        masks = affinity.record(tree)
-        gpu = cuda_checkpoint.gpu_identity() if cuda_pids else None
-        if cuda_pids:  # the API server holds a CUDA context too: checkpoint every such process
-            with tl.phase("cuda_checkpoint"):
-                cuda_checkpoint.suspend(cuda_pids, opts.lock_timeout_s)
-                suspended = cuda_pids
-            proctree.require_alive(tree, "after the CUDA checkpoint, before the CRIU dump")
-        with tl.phase("criu_dump"):
-            criu.dump(
-                found,
-                server.pid,
-                staging / "criu",
-                staging / "logs" / "criu-dump.log",
-                leave_running=opts.leave_running,
-                action_script=hook,
-            )
-        if opts.leave_running:
-            if suspended:
-                with tl.phase("cuda_resume"):
-                    cuda_checkpoint.resume(suspended)
-                suspended = []
-            if sleeping:
-                with tl.phase("reload_weights"):  # the original keeps serving: give it its weights back
-                    wake(server, gpu_level, weights, sleeping)
-        else:
-            suspended = []  # the dumped tree is gone; its GPU state lives in the image
-        if not opts.leave_running:
-            if server.proc is not None:
-                server.proc.wait()
-            proctree.wait_gone(tree, 30.0, reaped=True)
-            shm.remove(shm_files)  # the snapshot has them; the dead tree leaves them behind
-            instances.forget(server.pid)
-        with tl.phase("checksums"):
-            files = manifest.collect_files(staging, on_bytes=on_hash_bytes)
-            verified.record(staging, files)  # hashed just now: a restore here need not again
-        m = manifest.Manifest(
-            identity=manifest.HostIdentity.here(found.version),
-            model=model_id,
-            server=manifest.ServerSpec(
-                model=str(model_dir),
-                served_model_name=name,
-                host=spec.host,
-                port=spec.port,
-                vllm_args=list(spec.extra_args),
-                env=env,
-                log_path_at_dump=log_at_dump,
-                tree_pids=tree,
-                worker_extension=spec.worker_extension,
-            ),
-            canary=manifest.Canary(
-                vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS, canary.token_ids, canary.text
-            ),
-            files=files,
-            image_bytes=criu.image_bytes(staging / "criu"),
-            source_snapshot=source_snapshot,
-            weights_file=WEIGHTS_FILE if (sleeping and gpu_level in (0, 2)) else None,
-            sleep_level=gpu_level,
-            cuda_pids=cuda_pids,
-            affinity=masks,
-            gpu=gpu.as_dict() if gpu else None,
-            released_bytes=released,
-            weights_key=shared.key if shared else None,
-            weights_store_path=str(shared.store_path or "") if shared else "",
-        )
-        with tl.phase("publish"):
-            m.timings = {**tl.durations(), "cold_start_to_first_completion_s": cold_start_s or 0.0}
-            m.write(staging)
-            atomic.publish(staging, opts.out)
-    except BaseException as e:
-        if suspended:
-            # The dump failed after the CUDA checkpoint: the tree gets its GPU state back and,
-            # unless we launched it (then it is stopped below) or part of it died, its
-            # weights, and keeps serving.
-            back = cuda_checkpoint.give_back(suspended)
-            if back == suspended and not launched and server is not None:
-                wake(server, gpu_level, weights, sleeping)
-        if launched and server is not None:
-            instances.stop(server.pid)
-            if server.proc is not None:
-                server.proc.wait()
-        kept = keep_logs(staging, opts.out)
-        atomic.discard(staging)
+    journal.clean_partials(atomic.partials_of(opts.out))  # a dead snapshot's, into the same --out
+    on_gpu = vllm_server.cuda_present()
+    with journal.Operation("snapshot", opts.out) as op:
+        staging = stage(op, opts.out)
+        s = _launch(op, opts, staging, tl, on_gpu) if opts.model is not None else _attach(opts)
+        canary, model_id = _warm_up(s, tl)
+        rel = _release(op, opts, s, staging, tl, on_gpu)
+        dumped = _dump(op, opts, found, s, rel, staging, tl, on_gpu)
+        m = _manifest(found, s, rel, dumped, canary, model_id, staging, tl, on_hash_bytes)
+        _publish(m, s, staging, opts.out, tl)
+        op.commit()
+    if opts.leave_running and s.launched:
+        _record(s, opts.out)
+    return SnapshotResult(opts.out, m, tl, s.cold_start_s, s.server if opts.leave_running else None)
+
+
+@dataclass
+class _Served:
+    """The server being snapshotted: how it runs, and what the manifest records of it."""
+
+    server: vllm_server.Server
+    spec: vllm_server.LaunchSpec
+    model_dir: Path
+    name: str
+    env: dict[str, str]
+    source_snapshot: str | None = None
+    cold_start_s: float | None = None  # launch to first completion, when launched here
+    stop: journal.Undo | None = None  # stops the tree launched here (None: --pid, it runs on)
+
+    @property
+    def launched(self) -> bool:
+        return self.stop is not None
+
+
+@dataclass
+class _Released:
+    """What the server gave up before the dump, and how a --pid server gets it back."""
+
+    sleeping: bool
+    gpu_level: int
+    weights: Path
+    released: dict[str, int] = field(default_factory=dict)
+    gpu_state: dict[str, object] = field(default_factory=dict)  # what the CUDA checkpoint moves
+    shared: store.Shared | None = None
+    intact: bool = True  # the server still holds its weights
+    kept: journal.Undo | None = None  # a --pid server's way back to serving after a failure
+
+    def set_intact(self, intact: bool) -> None:
+        self.intact = intact
+        if self.kept is not None:
+            self.kept.update(intact=intact)
+
+
+@dataclass
+class _Dumped:
+    """The tree as CRIU dumps it, and what the manifest records of it."""
+
+    log_at_dump: str
+    tree: list[int]
+    shm_files: list[Path]  # what the snapshot keeps a copy of
+    shm_names: list[Path]  # what to remove once the tree is gone
+    hook: Path
+    cuda_pids: list[int]
+    masks: dict[str, list[int]]
+    secret_env: list[str]
+    gpu: cuda_checkpoint.GpuIdentity | None
+
+
+def stage(op: journal.Operation, out: Path, *, keep_hint: bool = False) -> Path:
+    """The hidden staging directory a snapshot is written to. Undo: its logs are moved aside
+    (they explain the failure, named in the error's hint, after the hint it had with
+    `keep_hint`), then it is removed."""
+    with signals.shielded():
+        staging = atomic.staging_dir(out)
+        op.undo("remove_dir", path=str(staging))
+
+    def logs_aside(_type: object, e: BaseException | None, _tb: object) -> bool:
+        kept = keep_logs(staging, out)
         if kept is not None and isinstance(e, FastVLLMError):
-            e.hint = f"logs kept in {kept}"
-        raise
-    if opts.leave_running and launched and server is not None:
-        instances.record(
-            instances.Instance(
-                server.pid,
-                spec.host,
-                spec.port,
-                str(model_dir),
-                name,
-                list(spec.extra_args),
-                env,
-                str(opts.out),
-                str(opts.out / "logs" / LOG_NAME),
-                spec.worker_extension,
-            )
+            e.hint = f"{e.hint}; logs kept in {kept}" if keep_hint and e.hint else f"logs kept in {kept}"
+        return False
+
+    op.push(logs_aside)
+    return staging
+
+
+def _launch(
+    op: journal.Operation, opts: SnapshotOptions, staging: Path, tl: Timeline, on_gpu: bool
+) -> _Served:
+    """Launch vLLM on the model and wait until it has answered once. Undo: stop its tree."""
+    assert opts.model is not None
+    model_dir = vllm_server.validate_model_dir(opts.model)
+    args = list(opts.vllm_args)
+    if on_gpu and opts.sleep and opts.sleep_level and "--enable-sleep-mode" not in args:
+        args.append("--enable-sleep-mode")
+    spec = vllm_server.LaunchSpec(
+        str(model_dir),
+        opts.port,
+        opts.host,
+        args,
+        worker_extension=opts.sleep,
+        env_overrides=opts.env,
+    )
+    system.ensure_io_uring_disabled()
+    with tl.phase("launch_to_healthy"):
+        with signals.shielded():  # no instant at which it runs with no undo to stop it
+            server = vllm_server.launch(spec, staging / "logs" / LOG_NAME)
+            op.undo_local(_reap, server)
+            stop = op.undo("stop_tree", sid=server.pid, started=op.started)
+        pid = server.pid
+        faults.at(faults.Point.LAUNCH, pid)
+        vllm_server.wait_healthy(server, opts.health_timeout, alive=lambda: proctree.alive(pid))
+    faults.at(faults.Point.HEALTHY, pid)
+    name = vllm_server.served_model_name(server)
+    with tl.phase("first_completion"):
+        vllm_server.complete(server, name, vllm_server.WARMUP_PROMPTS[0], 8)
+    return _Served(server, spec, model_dir, name, spec.recorded_env(), None, tl.elapsed(), stop)
+
+
+def _reap(server: vllm_server.Server) -> None:
+    if server.proc is not None:
+        server.proc.wait()
+
+
+def _attach(opts: SnapshotOptions) -> _Served:
+    """A server fastvllm launched or restored earlier (--pid): it runs on whatever happens."""
+    assert opts.pid is not None
+    inst = instances.get(opts.pid)
+    spec = vllm_server.LaunchSpec(
+        inst.model, inst.port, inst.host, list(inst.vllm_args), worker_extension=inst.worker_extension
+    )
+    server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path), token=inst.control_token)
+    return _Served(server, spec, Path(inst.model), inst.served_model_name, inst.env, inst.snapshot)
+
+
+def _warm_up(s: _Served, tl: Timeline) -> tuple[vllm_server.Completion, manifest.ModelIdentity]:
+    """Warm the server up, record its canary, and the model's identity."""
+    faults.at(faults.Point.WARMUP, s.server.pid)
+    with tl.phase("warmup"):
+        for prompt in vllm_server.WARMUP_PROMPTS:
+            vllm_server.complete(s.server, s.name, prompt, 16)
+    # The canary is computed with a full prefill, as a restored server (whose prefix cache is
+    # emptied before the dump) will compute it: a prefix-cache hit takes other kernels, and
+    # bf16 greedy tokens can differ between the two (seen on the H100 machine at token 9).
+    vllm_server.reset_prefix_cache(s.server)
+    with tl.phase("canary"):
+        canary = vllm_server.complete(
+            s.server, s.name, vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS
         )
-    return SnapshotResult(opts.out, m, tl, cold_start_s, server if opts.leave_running else None)
+    with tl.phase("model_identity"):
+        model_id = manifest.model_identity(s.model_dir)
+    return canary, model_id
+
+
+def _release(
+    op: journal.Operation, opts: SnapshotOptions, s: _Served, staging: Path, tl: Timeline, on_gpu: bool
+) -> _Released:
+    """Close the server's readiness gate, then release its weights and KV cache (vLLM's sleep,
+    on a GPU). Undo, for a server that runs on (--pid): its weights back, then its clients."""
+    sleeping = opts.sleep and s.spec.worker_extension and not (on_gpu and opts.sleep_level == 0)
+    rel = _Released(sleeping, opts.sleep_level if (on_gpu and sleeping) else 0, staging / WEIGHTS_FILE)
+    server = s.server
+    if not s.launched:
+        rel.kept = op.undo(
+            "wake_server",
+            local=lambda: serve_again(server, rel.intact, rel.gpu_level, rel.weights, rel.sleeping),
+            pid=server.pid,
+            host=server.host,
+            port=server.port,
+            log=str(server.log_path),
+            token=server.token,
+            level=rel.gpu_level,
+            weights=str(rel.weights),
+            sleeping=sleeping,
+            intact=True,
+        )
+    # Clients get 503 from here until a restore's canary has passed (the image is taken
+    # closed, so every restore starts closed) or, with --leave-running, the original has its
+    # weights back. Closing waits for the client requests in flight: none sees the release.
+    vllm_server.set_gate(server, open=False)
+    if sleeping and on_gpu:
+        _sleep_gpu(server, rel, tl)
+    elif sleeping:
+        _release_cpu(server, rel, tl)
+    else:
+        vllm_server.reset_prefix_cache(server)  # (sleeping paths reset it before releasing)
+    faults.at(faults.Point.RELEASE, server.pid)
+    return rel
+
+
+def _sleep_gpu(server: vllm_server.Server, rel: _Released, tl: Timeline) -> None:
+    with tl.phase("sleep"):
+        _add(rel.released, vllm_server.rpc(server, "fastvllm_weight_bytes"))
+        if rel.gpu_level == 2:  # the weights leave the GPU for good: keep them in a file first
+            rel.weights.parent.mkdir(exist_ok=True)
+            vllm_server.rpc(server, "fastvllm_dump_weights", path=str(rel.weights))
+            rel.shared = store.share(rel.weights)
+        vllm_server.reset_prefix_cache(server)
+        rel.set_intact(False)
+        vllm_server.sleep(server, rel.gpu_level)
+        rel.gpu_state["worker"] = cuda_checkpoint.release_worker_cache(server)
+
+
+def _release_cpu(server: vllm_server.Server, rel: _Released, tl: Timeline) -> None:
+    with tl.phase("release_weights_kv"):
+        rel.weights.parent.mkdir(exist_ok=True)
+        vllm_server.reset_prefix_cache(server)
+        _add(rel.released, vllm_server.rpc(server, "fastvllm_weight_bytes"))  # what there is to release
+        vllm_server.rpc(server, "fastvllm_dump_weights", path=str(rel.weights))
+        rel.shared = store.share(rel.weights)
+        rel.set_intact(False)
+        _add(rel.released, vllm_server.rpc(server, "fastvllm_release"))
+
+
+def _add(into: dict[str, int], results: list[object]) -> None:
+    """Sum the workers' byte counts into `into`."""
+    for r in results:
+        for k, v in dict(r).items():  # type: ignore[call-overload]
+            into[k] = into.get(k, 0) + int(v)
+
+
+def _dump(
+    op: journal.Operation,
+    opts: SnapshotOptions,
+    found: criu.Criu,
+    s: _Served,
+    rel: _Released,
+    staging: Path,
+    tl: Timeline,
+    on_gpu: bool,
+) -> _Dumped:
+    """CRIU-dump the tree (after the CUDA checkpoint on a GPU). With --leave-running the
+    original gets its GPU state and its weights back and reopens; otherwise it is gone."""
+    d = _prepare_dump(op, s.server, staging, on_gpu)
+    gpu_undo = _cuda_checkpoint(op, opts, d, rel, tl) if d.cuda_pids else None
+    faults.at(faults.Point.DUMP, s.server.pid)  # (fires while CRIU runs)
+    with tl.phase("criu_dump"):
+        criu.dump(
+            found,
+            s.server.pid,
+            staging / "criu",
+            staging / "logs" / "criu-dump.log",
+            leave_running=opts.leave_running,
+            action_script=d.hook,
+        )
+    if gpu_undo is not None and opts.leave_running:
+        with tl.phase("cuda_resume"):
+            cuda_checkpoint.resume(d.cuda_pids)
+    if gpu_undo is not None:
+        gpu_undo.cancel()  # resumed, or the dumped tree is gone and its GPU state is in the image
+    if opts.leave_running:
+        if rel.sleeping:
+            with tl.phase("reload_weights"):  # the original keeps serving: give it its weights back
+                wake(s.server, rel.gpu_level, rel.weights, rel.sleeping)
+        rel.set_intact(True)
+        vllm_server.set_gate(s.server, open=True)  # its clients are served again
+    else:
+        _tree_gone(s, d)
+    if rel.kept is not None:
+        rel.kept.cancel()  # serving again, or dumped and gone
+    return d
+
+
+def _prepare_dump(op: journal.Operation, server: vllm_server.Server, staging: Path, on_gpu: bool) -> _Dumped:
+    """What the dump needs and the manifest records: the tree, its /dev/shm files and the
+    action script that copies them while CRIU holds the tree frozen."""
+    # CRIU records the log by the path the tree has open; the restore hands a fresh file
+    # in its place (--inherit-fd), so the image does not depend on the log staying put.
+    try:
+        log_at_dump = os.readlink(f"/proc/{server.pid}/fd/1")
+    except OSError as e:
+        raise ServerError(
+            f"the server's root process {server.pid} exited before the dump; nothing was written",
+            hint=f"see its log {server.log_path}",
+        ) from e
+    tree = proctree.session_pids(server.pid)
+    shm_files = shm.files_of(tree)
+    # The snapshot keeps copies: once the tree is gone its /dev/shm files go too (and the names
+    # of its semaphores, which it maps under deleted ones).
+    shm_names = shm.names_of(tree)
+    op.undo("remove_files", paths=[str(f) for f in shm_names], unless_alive=tree)
+    (staging / "logs").mkdir(exist_ok=True)
+    hook = staging / "logs" / "criu-action.sh"
+    hook.write_text(shm.hook_script(shm_files, staging / "shm"))
+    hook.chmod(0o700)
+    cuda_pids = cuda_checkpoint.gpu_pids(tree) if on_gpu else []
+    masks = affinity.record(tree)
+    secret_env = credentials.tree_credential_names(tree)  # names only: the image holds the values
+    gpu = cuda_checkpoint.gpu_identity() if cuda_pids else None
+    return _Dumped(log_at_dump, tree, shm_files, shm_names, hook, cuda_pids, masks, secret_env, gpu)
+
+
+def _cuda_checkpoint(
+    op: journal.Operation, opts: SnapshotOptions, d: _Dumped, rel: _Released, tl: Timeline
+) -> journal.Undo:
+    """Lock and checkpoint every process holding a CUDA context (the API server holds one too).
+    Undo: give their GPU state back; a tree that lost part of it is not woken or reopened."""
+    faults.at(faults.Point.CUDA_CHECKPOINT)
+    with tl.phase("cuda_checkpoint"), signals.shielded():
+        rel.gpu_state["processes"] = cuda_checkpoint.suspend(d.cuda_pids, opts.lock_timeout_s)
+        undo = op.undo("give_back_gpu", local=lambda: _give_back(d.cuda_pids, rel), pids=d.cuda_pids)
+    proctree.require_alive(d.tree, "after the CUDA checkpoint, before the CRIU dump")
+    return undo
+
+
+def _give_back(pids: list[int], rel: _Released) -> None:
+    if cuda_checkpoint.give_back(pids) != pids and rel.kept is not None:
+        rel.kept.cancel()  # part of the tree did not get its GPU state back: it stays closed
+
+
+def _tree_gone(s: _Served, d: _Dumped) -> None:
+    """Without --leave-running CRIU ends the tree once dumped: wait for it, remove the /dev/shm
+    files it leaves (the snapshot has them), forget it."""
+    if s.server.proc is not None:
+        s.server.proc.wait()
+    left = proctree.wait_gone(d.tree, 30.0, reaped=True)
+    shm.remove(d.shm_names)
+    instances.forget(s.server.pid)
+    if s.stop is not None and not left:
+        s.stop.cancel()  # nothing of it to stop, and its PIDs may be others' from now on
+
+
+def _manifest(
+    found: criu.Criu,
+    s: _Served,
+    rel: _Released,
+    d: _Dumped,
+    canary: vllm_server.Completion,
+    model_id: manifest.ModelIdentity,
+    staging: Path,
+    tl: Timeline,
+    on_hash_bytes: Callable[[int], None] | None,
+) -> manifest.Manifest:
+    """Hash every file and describe the snapshot."""
+    with tl.phase("checksums"):
+        files = manifest.collect_files(staging, on_bytes=on_hash_bytes)
+        verified.record(staging, files)  # hashed just now: a restore here need not again
+    return manifest.Manifest(
+        identity=manifest.HostIdentity.here(found.version),
+        model=model_id,
+        server=manifest.ServerSpec(
+            model=str(s.model_dir),
+            served_model_name=s.name,
+            host=s.spec.host,
+            port=s.spec.port,
+            vllm_args=list(s.spec.extra_args),
+            env=s.env,
+            log_path_at_dump=d.log_at_dump,
+            tree_pids=d.tree,
+            worker_extension=s.spec.worker_extension,
+            control_token=s.server.token,
+        ),
+        canary=manifest.Canary(
+            vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS, canary.token_ids, canary.text
+        ),
+        files=files,
+        image_bytes=criu.image_bytes(staging / "criu"),
+        source_snapshot=s.source_snapshot,
+        weights_file=WEIGHTS_FILE if (rel.sleeping and rel.gpu_level in (0, 2)) else None,
+        sleep_level=rel.gpu_level,
+        cuda_pids=d.cuda_pids,
+        affinity=d.masks,
+        secret_env=d.secret_env,
+        gpu=d.gpu.as_dict() if d.gpu else None,
+        gpu_state=rel.gpu_state,
+        released_bytes=rel.released,
+        weights_key=rel.shared.key if rel.shared else None,
+        weights_store_path=str(rel.shared.store_path or "") if rel.shared else "",
+    )
+
+
+def _publish(m: manifest.Manifest, s: _Served, staging: Path, out: Path, tl: Timeline) -> None:
+    faults.at(faults.Point.PUBLISH, s.server.pid)
+    with tl.phase("publish"):
+        m.timings = {**tl.durations(), "cold_start_to_first_completion_s": s.cold_start_s or 0.0}
+        m.write(staging)
+        atomic.publish(staging, out)
+
+
+def _record(s: _Served, out: Path) -> None:
+    """A server launched here and left running (--leave-running): `fastvllm ps` lists it."""
+    instances.record(
+        instances.Instance(
+            s.server.pid,
+            s.spec.host,
+            s.spec.port,
+            str(s.model_dir),
+            s.name,
+            list(s.spec.extra_args),
+            s.env,
+            str(out),
+            str(out / "logs" / LOG_NAME),
+            s.spec.worker_extension,
+            control_token=s.server.token,
+        )
+    )
 
 
 def wake(server: vllm_server.Server, level: int, weights: Path, sleeping: bool) -> None:
@@ -330,3 +539,16 @@ def wake(server: vllm_server.Server, level: int, weights: Path, sleeping: bool) 
         vllm_server.wake_up(server)
     elif sleeping and not vllm_server.cuda_present():
         vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+
+
+def serve_again(server: vllm_server.Server, intact: bool, level: int, weights: Path, sleeping: bool) -> None:
+    """After a failed snapshot of a server that keeps serving (--pid): its weights back where
+    they were released (`intact` False), then its readiness gate open. Best effort, under the
+    error being reported: a server that cannot get its weights back stays closed (503) rather
+    than answer without them."""
+    try:
+        if not intact:
+            wake(server, level, weights, sleeping)
+        vllm_server.set_gate(server, open=True)
+    except Exception:  # (a bad answer too: nothing here may hide the error being reported)
+        pass

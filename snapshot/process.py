@@ -15,10 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from fastvllm.runtime import atomic, criu, cuda_checkpoint, manifest, proctree, system, verified
-from fastvllm.runtime.errors import FastVLLMError, SnapshotExistsError, UsageError
+from fastvllm.runtime import (
+    atomic,
+    credentials,
+    criu,
+    cuda_checkpoint,
+    journal,
+    manifest,
+    proctree,
+    signals,
+    system,
+    verified,
+)
+from fastvllm.runtime.errors import SnapshotExistsError, UsageError
 from fastvllm.runtime.timeline import Timeline
-from fastvllm.snapshot.pipeline import keep_logs
+from fastvllm.snapshot.pipeline import stage
 
 
 @dataclass
@@ -58,9 +69,11 @@ def take_process_snapshot(
     after_checkpoint: Callable[[], None] | None = None,
 ) -> ProcessSnapshotResult:
     """Dump the tree rooted at `pid` into `out`. `after_checkpoint` runs between the CUDA
-    checkpoint and the CRIU dump: the failure-injection tests kill a process there."""
+    checkpoint and the CRIU dump: the failure-injection tests kill a process there. Each step
+    registers its undo on the operation's stack (runtime.journal), as the vLLM pipeline does."""
     tl = timeline or Timeline()
     out = out.expanduser().absolute()
+    journal.recover()
     system.require_criu_privileges()
     found = criu.find_criu()
     if out.exists():
@@ -68,40 +81,19 @@ def take_process_snapshot(
     if pid == os.getpid() or pid in proctree_ancestors():
         raise UsageError(f"PID {pid} is fastvllm itself or its parent", hint="name the tree to snapshot")
     tree = tree_of(pid)
-    cuda = cuda_checkpoint.gpu_pids(tree)
-    gpu = cuda_checkpoint.gpu_identity() if cuda else None
-    cmdline = psutil.Process(pid).cmdline()
-    shell_job = os.getsid(pid) != pid
-    staging = atomic.staging_dir(out)
-    suspended = False
-    try:
-        if cuda:
-            with tl.phase("cuda_checkpoint"):
-                cuda_checkpoint.suspend(cuda, lock_timeout_s)
-                suspended = True
-        if after_checkpoint is not None:
-            after_checkpoint()
-        # A process that died here would be missing from the image (CRIU dumps what is left
-        # of the tree, or fails on a vanished root): refuse, and give the rest its GPU back.
-        proctree.require_alive(
-            tree, "after the CUDA checkpoint, before the CRIU dump" if cuda else "before the CRIU dump"
-        )
-        with tl.phase("criu_dump"):
-            criu.dump(
-                found,
-                pid,
-                staging / "criu",
-                staging / "logs" / "criu-dump.log",
-                leave_running=leave_running,
-                shell_job=shell_job,
-            )
-        if leave_running and suspended:
-            with tl.phase("cuda_resume"):
-                cuda_checkpoint.resume(cuda)
-            suspended = False
-        if not leave_running:
-            proctree.wait_gone(tree, 30.0, reaped=True)
-            suspended = False  # the dumped tree is gone; its state lives in the image
+    t = _Tree(
+        pid,
+        tree,
+        cuda_checkpoint.gpu_pids(tree),
+        psutil.Process(pid).cmdline(),
+        credentials.tree_credential_names(tree),  # names only: the image holds the values
+        os.getsid(pid) != pid,
+    )
+    gpu = cuda_checkpoint.gpu_identity() if t.cuda else None
+    journal.clean_partials(atomic.partials_of(out))
+    with journal.Operation("snapshot", out) as op:
+        staging = stage(op, out, keep_hint=True)
+        _dump_tree(op, found, t, staging, tl, leave_running, lock_timeout_s, after_checkpoint)
         with tl.phase("checksums"):
             files = manifest.collect_files(staging)
             verified.record(staging, files)  # hashed just now: a restore here need not again
@@ -109,9 +101,10 @@ def take_process_snapshot(
             identity=manifest.HostIdentity.here(found.version),
             root_pid=pid,
             tree_pids=tree,
-            cmdline=cmdline,
-            cuda_pids=cuda,
-            shell_job=shell_job,
+            cmdline=t.cmdline,
+            secret_env=t.secret_env,
+            cuda_pids=t.cuda,
+            shell_job=t.shell_job,
             gpu=gpu.as_dict() if gpu else None,
             files=files,
             image_bytes=criu.image_bytes(staging / "criu"),
@@ -120,15 +113,62 @@ def take_process_snapshot(
             m.timings = tl.durations()
             m.write(staging)
             atomic.publish(staging, out)
-    except BaseException as e:
-        if suspended:
-            cuda_checkpoint.give_back(cuda)  # what is left of the tree keeps serving, GPU state and all
-        kept = keep_logs(staging, out)
-        atomic.discard(staging)
-        if kept is not None and isinstance(e, FastVLLMError):
-            e.hint = f"{e.hint}; logs kept in {kept}" if e.hint else f"logs kept in {kept}"
-        raise
+        op.commit()
     return ProcessSnapshotResult(out, m, tl)
+
+
+@dataclass
+class _Tree:
+    """The process tree being snapshotted."""
+
+    root: int
+    pids: list[int]
+    cuda: list[int]  # the processes holding a CUDA context
+    cmdline: list[str]
+    secret_env: list[str]
+    shell_job: bool  # its root is no session leader: its session lives outside the tree
+
+
+def _dump_tree(
+    op: journal.Operation,
+    found: criu.Criu,
+    t: _Tree,
+    staging: Path,
+    tl: Timeline,
+    leave_running: bool,
+    lock_timeout_s: float,
+    after_checkpoint: Callable[[], None] | None,
+) -> None:
+    """The CUDA checkpoint (GPU trees), then the CRIU dump. Undo: what is left of the tree gets
+    its GPU state back and keeps serving as it was."""
+    gpu_undo = None
+    if t.cuda:
+        with tl.phase("cuda_checkpoint"), signals.shielded():
+            cuda_checkpoint.suspend(t.cuda, lock_timeout_s)
+            gpu_undo = op.undo("give_back_gpu", pids=t.cuda)
+    if after_checkpoint is not None:
+        after_checkpoint()
+    # A process that died here would be missing from the image (CRIU dumps what is left
+    # of the tree, or fails on a vanished root): refuse, and give the rest its GPU back.
+    proctree.require_alive(
+        t.pids, "after the CUDA checkpoint, before the CRIU dump" if t.cuda else "before the CRIU dump"
+    )
+    with tl.phase("criu_dump"):
+        criu.dump(
+            found,
+            t.root,
+            staging / "criu",
+            staging / "logs" / "criu-dump.log",
+            leave_running=leave_running,
+            shell_job=t.shell_job,
+        )
+    if leave_running and gpu_undo is not None:
+        with tl.phase("cuda_resume"):
+            cuda_checkpoint.resume(t.cuda)
+    if not leave_running:
+        proctree.wait_gone(t.pids, 30.0, reaped=True)
+    if gpu_undo is not None:
+        gpu_undo.cancel()  # resumed, or the dumped tree is gone and its state lives in the image
 
 
 def proctree_ancestors() -> set[int]:

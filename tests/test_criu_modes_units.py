@@ -80,10 +80,10 @@ def test_rm_removes_only_snapshots(tmp_path: Path) -> None:
     assert not snap.exists()
 
 
-def test_auto_is_copy_for_gpu_snapshots_until_mmap_is_measured_faster_there(tmp_path: Path) -> None:
+def test_auto_is_mmap_for_gpu_snapshots_too(tmp_path: Path) -> None:
     patched = _fake_criu(tmp_path, "  --mmap-pages          on restore, map ...")
-    assert criu.resolve_mode(patched, "auto", gpu=True) == "copy"
-    assert criu.resolve_mode(patched, "mmap", gpu=True) == "mmap"  # asked for: done
+    assert criu.resolve_mode(patched, "auto", gpu=True) == "mmap"
+    assert criu.resolve_mode(patched, "copy", gpu=True) == "copy"  # asked for: done
 
 
 def test_a_criu_probe_is_kept_until_the_binary_changes(

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fastvllm.runtime import manifest, verified
+from fastvllm.runtime import manifest, shm, verified
 from fastvllm.runtime.errors import IntegrityError, UsageError
 from fastvllm.scheduler import transfer
 
@@ -148,7 +148,8 @@ def test_an_agent_counts_a_snapshots_data_not_its_holes(tmp_path: Path) -> None:
 
     snap = _snapshot(tmp_path / "snap")
     files = [snap / e.path for e in manifest.load(snap).files]
-    data = (3 << 20) + 4 + (1 << 20) + 8192 + 4096
+    modes = (snap / "shm" / shm.MODES_FILE).stat().st_size  # the /dev/shm originals' modes
+    data = (3 << 20) + 4 + (1 << 20) + 8192 + 4096 + modes
     warm.evict(files)
     (cold,) = scan(tmp_path)
     assert cold.bytes == data < SHM_SIZE

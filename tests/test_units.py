@@ -102,7 +102,8 @@ def test_collect_files_skips_manifest_and_logs(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{}")
     (tmp_path / "shm").mkdir()
     (tmp_path / "shm" / "psm_1").write_bytes(b"abc")
-    assert [e.path for e in manifest.collect_files(tmp_path)] == ["shm/psm_1"]
+    # (with the /dev/shm copies' original modes, kept aside as they are made private)
+    assert [e.path for e in manifest.collect_files(tmp_path)] == ["shm/.fastvllm-modes.json", "shm/psm_1"]
 
 
 def test_publish_is_atomic_and_never_replaces(tmp_path: Path) -> None:

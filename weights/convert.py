@@ -28,7 +28,15 @@ def from_safetensors(src: Path, out: Path) -> fileformat.Index:
 
     tensors: dict[str, Any] = {}
     for f in safetensors_files(src):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
-                tensors[name] = st.get_tensor(name)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                    tensors[name] = st.get_tensor(name)
+        except Exception as e:  # safetensors' own SafetensorError: the file is not a checkpoint
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise UsageError(
+                f"{f} is not a readable safetensors file ({e})",
+                hint="pass a model directory or a .safetensors file",
+            ) from e
     return fileformat.write(out, tensors, meta={"writer": "fastvllm weights dump", "source": str(src)})

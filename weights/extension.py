@@ -23,16 +23,16 @@ GPU: vLLM's `sleep(level=2)` discards weights and KV cache; after `wake_up(weigh
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from fastvllm.runtime import config
 from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
 
 # Imported with the worker, before any snapshot, not on the first reload: a restored tree would
 # otherwise import it on its critical path (path lookups and reads from a cold cache, and a
-# compile where no bytecode is cached: 20-25 ms of a restore here).
+# compile where no bytecode is cached; docs/decisions/pinned-pool.md).
 from fastvllm.weights import fileformat, loader
 
 PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<closure variable>
@@ -40,7 +40,7 @@ PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<clo
 
 def _prefer_sgl_kernels() -> None:
     """Route CPU dense GEMMs to the SGL kernels, whose packed weights can be released."""
-    if os.environ.get("FASTVLLM_CPU_ONEDNN") == "1":
+    if config.CPU_ONEDNN.get():
         return
     with contextlib.suppress(Exception):  # a vLLM without this knob keeps its own choice
         import torch
@@ -78,6 +78,46 @@ def packed_tensors(model: Any) -> tuple[dict[str, Any], int]:
                 itemsize = getattr(getattr(mod, "weight", None), "itemsize", 2) or 2
                 opaque += int(obj.n) * int(obj.k) * int(itemsize)
     return found, opaque
+
+
+def gpu_memory_stats() -> dict[str, Any]:
+    """This process's device memory by kind: the whole GPU's use (cudaMemGetInfo), torch's
+    caching allocator (reserved, allocated), the part of it in private pools (CUDA graphs), and
+    what the allocator does not see (the context, vLLM's sleep-mode pool), in bytes."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+    out: dict[str, Any] = {
+        "gpu_used_bytes": total - free,
+        "reserved_bytes": int(stats.get("reserved_bytes.all.current", 0)),
+        "allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
+    }
+    sleep_pool: set[int] = set()
+    with contextlib.suppress(Exception):  # vLLM's sleep-mode allocations (unmapped while asleep)
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        sleep_pool = set(CuMemAllocator.get_instance().pointer_to_data)
+    pools: dict[str, int] = {}
+    free_in_graphs = 0
+    with contextlib.suppress(Exception):  # the segment listing is a detail; the totals stand
+        for seg in torch.cuda.memory_snapshot():
+            size = int(seg.get("total_size", 0))
+            if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0):
+                key = "default"
+            elif int(seg.get("address", -1)) in sleep_pool:
+                key = "sleep_mode"
+            else:
+                key = "graphs"
+                free_in_graphs += size - int(seg.get("allocated_size", 0))
+            pools[key] = pools.get(key, 0) + size
+    out["reserved_default_pool_bytes"] = pools.get("default", 0)
+    out["reserved_graph_pools_bytes"] = pools.get("graphs", 0)  # private pools: CUDA graphs
+    out["free_in_graph_pools_bytes"] = free_in_graphs
+    out["sleep_mode_pool_bytes"] = pools.get("sleep_mode", 0)  # mapped only while awake
+    return out
 
 
 class WorkerExtension:
@@ -147,6 +187,29 @@ class WorkerExtension:
         for ptr, n in self._fastvllm_kv_storages():
             kv += advise_interior(ptr, n, MADV_DONTNEED)
         return {"weight_bytes_released": weights, "kv_bytes_released": kv, "weight_bytes_kept_opaque": opaque}
+
+    def fastvllm_gpu_memory(self) -> dict[str, Any]:
+        """What this worker holds on its GPU, by kind (`gpu_memory_stats`)."""
+        return gpu_memory_stats()
+
+    def fastvllm_gpu_release(self) -> dict[str, Any]:
+        """Before the CUDA checkpoint of a sleeping worker: give the driver back every free block
+        of torch's caching allocator (the checkpoint copies whatever device memory is still
+        mapped into the process, and the restore copies it back), and say what stays and why.
+        vLLM's sleep already empties the cache once, but a request or a collective_rpc after it
+        can leave blocks behind. What stays: allocated blocks (vLLM's persistent input and
+        sampler buffers, cuBLAS workspaces), the CUDA graphs' private pools (the captured
+        graphs replay on those addresses) and the context's own memory (modules, local memory),
+        which no allocator call can free."""
+        import gc
+
+        import torch
+
+        before = gpu_memory_stats()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return {"before": before, "after": gpu_memory_stats()}
 
     def fastvllm_reload(self, path: str, threads: str = "0", verify: str = "0") -> dict[str, Any]:
         kw: dict[str, Any] = {"verify": verify == "1"}

@@ -21,8 +21,8 @@ a cold file.
 
 Every shape, dtype and name is checked, and the file's size against its index, before the
 first byte is written into a destination: a wrong file never leaves a half-loaded model.
-The defaults (threads, chunk, buffers) were chosen from `scripts/sweep_loader.py` sweeps on
-the H100 machine; results/gpu-reload/sweep-*.json holds them.
+The defaults (threads, chunk, buffers) come from `scripts/sweep_loader.py` sweeps and fresh-process
+measurements on GPU machines (docs/decisions/pinned-pool.md).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 
 import xxhash
 from fastvllm.prefetch import residency
+from fastvllm.runtime import config
 from fastvllm.runtime.errors import IntegrityError, UsageError
 from fastvllm.runtime.memory import (
     HUGE_PAGE,
@@ -51,13 +52,10 @@ from fastvllm.runtime.memory import (
 )
 from fastvllm.weights import fileformat
 
-# From `scripts/sweep_loader.py` on the H100 machine (16 cores, 5.7-6.4 GB files): warm page
-# cache, 8 to 12 threads with 8 MiB reads gave 32-36 GB/s; 2 MiB reads halved that, 64 MiB
-# lost a third. Cold, every setting gave the disk's 1.7-1.9 GB/s (O_DIRECT a little ahead).
-# Pinning host memory runs at only ~2.5 GB/s, so the pool is threads + 4 buffers, not more.
-# results/gpu-reload/sweep*.json holds the grids. Fresh processes on the H200 machine (16
-# cores, 2026-11-21, results/weights/lab-h200.json): 10 threads 37-39 GB/s, 12 threads 32-37,
-# 16 threads 23-26 (readers then starve the copy-issuing thread of a core).
+# 8 MiB reads: smaller ones cost a request each, larger ones leave the copies idle longer.
+# At most 10 threads: more readers starve the thread that issues the host-to-device copies of
+# a core. Threads + 4 pinned buffers, not more: pinning costs about as much as copying the
+# bytes it pins. The sweeps behind these are in docs/decisions/pinned-pool.md.
 DEFAULT_THREADS = min(10, os.cpu_count() or 4)
 DEFAULT_CHUNK = 8 << 20
 EXTRA_BUFFERS = 4  # pinned buffers beyond one per reader thread
@@ -127,9 +125,9 @@ def _open_direct(path: Path) -> int | None:
 
 def prefer_huge_pages(ptr: int, nbytes: int) -> None:
     """Ask for transparent huge pages over a destination's 2 MiB-aligned interior before its
-    first write: otherwise every 4 KiB page faults in on its own inside preadv (1.5 million
-    faults for 6 GB), which held CPU loads to ~2 GB/s on a machine whose THP mode is madvise.
-    A hint: where THP is off it does nothing."""
+    first write: otherwise every 4 KiB page faults in on its own inside preadv, and the faults,
+    not the reads, bound a CPU load where the THP mode is madvise
+    (docs/decisions/pinned-pool.md). A hint: where THP is off it does nothing."""
     with contextlib.suppress(OSError):  # kernels without THP refuse the advice
         advise_interior(ptr, nbytes, MADV_HUGEPAGE, HUGE_PAGE)
 
@@ -271,8 +269,8 @@ def _load_mapped(
     """CPU tensors as copy-on-write views of the file. Where part of the file is not in the page
     cache, `threads` fault the mapping in (MADV_POPULATE_READ), which reads the disk in parallel.
     A file wholly in the page cache is left to fault in on first touch, 16 pages a fault: filling
-    the page tables up front measured slower (0.09-0.14 s for 6.4 GB here) than the first touch
-    it would save (~0.06 s), so warm it is the same mapping safetensors hands out."""
+    the page tables up front costs more than the first touches it saves
+    (docs/decisions/pinned-pool.md), so warm it is the same mapping safetensors hands out."""
     import mmap
 
     import torch
@@ -484,9 +482,8 @@ class _PinnedPool:
     - "torch" (default): torch's pinned allocator (cudaHostAlloc), one call per buffer.
     - "register": one anonymous mapping for the whole pool, transparent huge pages asked for,
       each buffer's pages faulted in (MADV_POPULATE_WRITE) and then cudaHostRegister'ed. It
-      was meant to pin faster (fewer, larger pages), but on the H100 machine warm 6.4 GB loads
-      in fresh processes measured 18-20 GB/s with it against 24-25 with "torch"
-      (results/gpu-reload/pin-*.json), so it stays an option, not the default.
+      was meant to pin faster (fewer, larger pages) but loads slower than "torch"
+      (docs/decisions/pinned-pool.md), so it stays an option, not the default.
     """
 
     def __init__(self, chunk: int, capacity: int) -> None:
@@ -495,14 +492,14 @@ class _PinnedPool:
         self.buffers: list[Any] = []  # uint8 CPU tensors
         self.views: list[memoryview] = []
         self.seconds = 0.0
-        self.how = os.environ.get("FASTVLLM_PIN", "torch")
+        self.how = config.PIN.get()
         self._mm: Any = None
         self._registered: list[int] = []
-        if self.how == "register":
+        if self.how is config.PinMode.REGISTER:
             try:
                 self._start_register()
             except (OSError, RuntimeError, AttributeError):
-                self.how = "torch"
+                self.how = config.PinMode.TORCH
 
     def _start_register(self) -> None:
         import mmap
@@ -522,7 +519,7 @@ class _PinnedPool:
         import torch
 
         t = time.perf_counter()
-        if self.how == "register":
+        if self.how is config.PinMode.REGISTER:
             i = len(self.buffers)
             b = self._whole[i * self.chunk : (i + 1) * self.chunk]
             with contextlib.suppress(OSError):  # without it the registration faults the pages in

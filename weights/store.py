@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastvllm.runtime import config
 from fastvllm.weights import fileformat
 
 SUFFIX = ".fvw"
@@ -22,12 +23,7 @@ SUFFIX = ".fvw"
 
 def store_dir() -> Path:
     """FASTVLLM_WEIGHTS_STORE, else /var/lib/fastvllm/weights for root, else the user's cache."""
-    env = os.environ.get("FASTVLLM_WEIGHTS_STORE")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/fastvllm/weights")
-    return Path.home() / ".cache" / "fastvllm" / "weights"
+    return config.WEIGHTS_STORE.get()
 
 
 @dataclass

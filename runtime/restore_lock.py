@@ -1,0 +1,60 @@
+"""One restore of a snapshot at a time on a host.
+
+Two restores of one snapshot started together both passed the checks (port free, PIDs free),
+then raced: CRIU failed for one of them on the other's PIDs or port, and its cleanup removed
+the /dev/shm files it had put back, which the winner's tree was using. A restore of a
+snapshot therefore holds a lock for it (flock on a file in the run directory, keyed by the
+snapshot's real path) from its first check until it is serving or has failed; a second one
+fails at once, naming the holder. The lock goes with its holder's descriptor, so a killed
+restore leaves nothing to clean up. Containers have their own run directory and network
+namespace: each can still restore the same snapshot at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastvllm.runtime import instances
+from fastvllm.runtime.errors import SnapshotBusyError
+
+
+def _lock_path(snapshot: Path) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(snapshot))).hexdigest()[:16]
+    return instances.instances_dir() / "locks" / f"restore-{key}.lock"
+
+
+@contextlib.contextmanager
+def restoring(snapshot: Path) -> Iterator[None]:
+    """Hold the restore lock of `snapshot` for the block; SnapshotBusyError if another process
+    of this host holds it. Where no lock file can be made (a read-only run directory), the
+    restore goes on unlocked: the lock prevents a race, it is not needed for correctness of
+    a single restore."""
+    path = _lock_path(snapshot)
+    fd = -1
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if fd < 0:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            by = f"pid {holder}" if holder.isdigit() else "another fastvllm process"
+            raise SnapshotBusyError(
+                f"snapshot {snapshot} is being restored by {by} on this host",
+                hint="wait for that restore to finish (a second copy of one snapshot on one host "
+                "needs its own network namespace: restore it with --container)",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
