@@ -101,15 +101,16 @@ def stop_tree(
         candidates.update(proctree.session_pids(s))
     never = _self_and_ancestors()
     ours = [p for p in proctree.started_since(sorted(candidates), started) if p not in never]
+    if ours:
+        files = shm.names_of(ours)
+        proctree.stop_pids(ours, grace)
+        proctree.wait_gone(ours, 30.0, reaped=True)
+        shm.remove(files)
+        for s in sids:
+            instances.forget(s)
+    shm.remove(_left_since(started))  # those of a root killed before (its maps went with it)
     if not ours:
         return []
-    files = shm.names_of(ours)
-    proctree.stop_pids(ours, grace)
-    proctree.wait_gone(ours, 30.0, reaped=True)
-    shm.remove(files)
-    shm.remove(_left_since(started))  # those of a root killed before (its maps went with it)
-    for s in sids:
-        instances.forget(s)
     root = sid if sid in ours else min(ours)
     return [f"stopped server tree {root} ({len(ours)} processes)"]
 

@@ -146,10 +146,12 @@ ORPHAN_PATTERNS = ("psm_*", "sem.mp-*", "link_remap.*")
 
 
 def held() -> set[Path]:
-    """/dev/shm files some live process maps or holds open."""
+    """/dev/shm files some live process maps or holds open, under their name or, like a POSIX
+    semaphore (mapped under the temporary name sem_open created it with), only by inode: a
+    live server's `sem.mp-*` that a child is about to open by name is held, not an orphan."""
     import psutil
 
-    return set(files_of([p.pid for p in psutil.process_iter()]))
+    return set(names_of([p.pid for p in psutil.process_iter()]))
 
 
 def orphans(claimed: set[str] | None = None) -> list[Path]:

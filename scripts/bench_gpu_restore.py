@@ -51,7 +51,7 @@ import httpx
 from fastvllm.prefetch import warm
 from fastvllm.restore import readahead
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-from fastvllm.runtime import criu, criu_images, cuda_checkpoint, manifest, system, vllm_server
+from fastvllm.runtime import criu, criu_images, cuda_checkpoint, manifest, proctree, system, vllm_server
 from fastvllm.runtime.tiny_model import make_tiny
 
 from fastvllm import api
@@ -207,6 +207,10 @@ def _restore_cli(snap: Path, cold: bool, model: str, mode: str | None) -> dict[s
         }
     finally:
         api.stop(int(doc["pid"]))
+        # The tree's processes outlived the command that restored them: orphans, adopted by this
+        # process (a subreaper, proctree.adopt_orphans). Reap them here, or the next `fastvllm
+        # restore` waits for PIDs only this process can free (one rep failed so, 2026-12-06).
+        proctree.wait_gone(manifest.load(snap).server.tree_pids, 30.0, reaped=True)
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:

@@ -125,8 +125,8 @@ def test_ctrl_c_at_the_terminal_waits_for_criu_and_does_not_reach_it(tmp_path: P
     """CRIU runs in a process group of its own: a terminal's Ctrl-C (SIGINT to the foreground
     group) reaches fastvllm only, which lets CRIU finish, then raises."""
     fake = tmp_path / "criu"
-    marker = tmp_path / "finished"
-    fake.write_text(f"#!/bin/sh\nsleep 1.5\ntouch {marker}\n")
+    started, marker = tmp_path / "started", tmp_path / "finished"
+    fake.write_text(f"#!/bin/sh\ntouch {started}\nsleep 1.5\ntouch {marker}\n")
     fake.chmod(0o755)
     p = _py(
         f"""
@@ -144,7 +144,7 @@ def test_ctrl_c_at_the_terminal_waits_for_criu_and_does_not_reach_it(tmp_path: P
         start_new_session=True,  # its own group, as a shell gives a foreground job
     )
     assert _ready(p) == "ready"
-    time.sleep(0.5)  # (let CRIU start; if it has not, the signal still lands before it ends)
+    _wait_for(started.exists, "the fake CRIU to start")
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert out.split()[-1] == "finished", err
@@ -328,3 +328,20 @@ def test_gc_and_rm_clean_what_a_killed_snapshot_left(run_dir: Path, tmp_path: Pa
     assert r.returncode == 0, r.stderr
     assert not s2.exists()
     assert "nothing to clean up" in _cli("gc", str(tmp_path), env=env).stderr
+
+
+def test_a_live_semaphore_is_not_an_orphan() -> None:
+    """A spawn-context multiprocessing semaphore is mapped only under sem_open's deleted
+    temporary name; `fastvllm gc` once took its real name for an orphan and removed it, so a
+    vLLM server starting at that moment had its engine's worker fail to open it."""
+    import glob
+    import multiprocessing as mp
+
+    from fastvllm.runtime import shm
+
+    before = set(glob.glob("/dev/shm/sem.mp-*"))
+    lock = mp.get_context("spawn").Lock()
+    mine = {Path(n) for n in set(glob.glob("/dev/shm/sem.mp-*")) - before}
+    assert mine, "the semaphore has a name in /dev/shm"
+    assert not mine & set(shm.orphans())
+    del lock

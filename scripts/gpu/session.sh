@@ -33,9 +33,10 @@ case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|pr
       xz -dc /root/parts/fa3.so.xz > $SITE/vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so; \
       python3 -m compileall -q -j 0 $SITE >/dev/null 2>&1 || true; touch /root/site.ok" \
       >/root/stage-site.log 2>&1 </dev/null &
-    setsid nohup env PYTHONPATH=$FV python3 -c "from pathlib import Path; \
+    # from /tmp: the checkout's own fastvllm/ folder (the front door only) would shadow the installed one
+    (cd /tmp && setsid nohup env PYTHONPATH=$FV python3 -c "from pathlib import Path; \
 from fastvllm.runtime.tiny_model import make_tiny; make_tiny(Path('$MODEL3B'), size='3b'); \
-Path('/root/model.ok').touch()" >/root/stage-model.log 2>&1 </dev/null &
+Path('/root/model.ok').touch()" >/root/stage-model.log 2>&1 </dev/null &)
     sleep 2; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv; df -h /var/tmp | tail -1
     echo staged part 1 ;;
   staged)
