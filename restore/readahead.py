@@ -120,7 +120,8 @@ class HotReader:
         """Block until the CUDA checkpoint's host copy is in the page cache (or the reader
         stopped); False on timeout. The CUDA restore reads that copy whole right after CRIU:
         from a cold cache, faulting it in page by page (the page images are mapped with
-        MADV_RANDOM) took 13.8 s of a 3B restore on the H100 machine."""
+        MADV_RANDOM) made a host's first 3B restore three times slower
+        (docs/decisions/mmap-restore.md)."""
         return self._gpu_done.wait(timeout)
 
     def _run(self) -> None:
