@@ -18,23 +18,12 @@ import struct
 from pathlib import Path
 
 from fastvllm.runtime import manifest
+from fastvllm.runtime.criu_images import varint as _varint
 
 # Images whose first word is one of these carry a second, per-type magic word after it.
 _COMMON_MAGICS = {0x54564319, 0x55105940}  # IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC
 _PAGES = re.compile(r"pages-(\d+)\.img$")
 _PAGEMAP = re.compile(r"pagemap-(\d+)\.img$")
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(buf):
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("truncated varint")
 
 
 def pages_id(pagemap: Path) -> int | None:

@@ -62,7 +62,8 @@ class Pagemap:
         return sum(r.pages * PAGE for r in self.runs if r.offset is not None)
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A protobuf varint at `pos`: (value, position after it). CRIU's images are protobuf."""
     value = shift = 0
     while pos < len(buf):
         b = buf[pos]
@@ -79,10 +80,10 @@ def _fields(msg: bytes) -> dict[int, int]:
     out: dict[int, int] = {}
     i = 0
     while i < len(msg):
-        key, i = _varint(msg, i)
+        key, i = varint(msg, i)
         if key & 7 != 0:
             raise ValueError(f"unexpected wire type {key & 7} in a pagemap entry")
-        out[key >> 3], i = _varint(msg, i)
+        out[key >> 3], i = varint(msg, i)
     return out
 
 
