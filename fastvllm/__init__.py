@@ -16,7 +16,7 @@ command runs. The API's names resolve on first use (PEP 562).
 
 import importlib
 import types
-from typing import Any
+from typing import Any, cast
 
 
 class _CallablePackage(types.ModuleType):
@@ -31,15 +31,20 @@ class _CallablePackage(types.ModuleType):
 for _name in ("snapshot", "restore"):
     _mod = importlib.import_module(f"fastvllm.{_name}")  # the packages' __init__ only: light
     _mod.__class__ = _CallablePackage
-    _mod._api_name = _name
+    cast(_CallablePackage, _mod)._api_name = _name
 
 # name -> (module, attribute or None for the module itself)
 _LAZY = {
     "api": ("fastvllm.api", None),
     "running": ("fastvllm.api", "running"),
     "snapshot_process": ("fastvllm.api", "snapshot_process"),
+    "restore_process": ("fastvllm.api", "restore_process"),
+    "snapshot_kind": ("fastvllm.api", "snapshot_kind"),
     "stop": ("fastvllm.api", "stop"),
     "RestoreResult": ("fastvllm.restore.pipeline", "RestoreResult"),
+    "ProcessRestoreResult": ("fastvllm.restore.process", "ProcessRestoreResult"),
+    "CriuRestoreMode": ("fastvllm.runtime.modes", "CriuRestoreMode"),
+    "SnapshotKind": ("fastvllm.runtime.modes", "SnapshotKind"),
     "SnapshotResult": ("fastvllm.snapshot.pipeline", "SnapshotResult"),
     "FastVLLMError": ("fastvllm.runtime.errors", "FastVLLMError"),
 }
@@ -56,5 +61,18 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["FastVLLMError", "RestoreResult", "SnapshotResult", "api", "running", "snapshot_process", "stop"]
+__all__ = [
+    "CriuRestoreMode",
+    "FastVLLMError",
+    "ProcessRestoreResult",
+    "RestoreResult",
+    "SnapshotKind",
+    "SnapshotResult",
+    "api",
+    "restore_process",
+    "running",
+    "snapshot_kind",
+    "snapshot_process",
+    "stop",
+]
 __version__ = "0.1.0"

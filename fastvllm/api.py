@@ -12,25 +12,23 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fastvllm.restore.pipeline import RestoreOptions, RestoreResult, restore_snapshot
-from fastvllm.restore.process import ProcessRestoreResult, restore_process_snapshot
-from fastvllm.runtime import (
-    atomic,
-    criu,
-    cuda_checkpoint,
-    instances,
-    journal,
-    manifest,
-    mapped,
-    shm,
-    vllm_server,
-)
+from fastvllm.runtime import atomic, instances, journal, shm
 from fastvllm.runtime.errors import UsageError
+from fastvllm.runtime.modes import CriuRestoreMode, LoadMode, SnapshotKind
 from fastvllm.runtime.timeline import Timeline
-from fastvllm.scheduler.controller import Controller
-from fastvllm.snapshot.pipeline import SnapshotOptions, SnapshotResult, take_snapshot
-from fastvllm.snapshot.process import ProcessSnapshotResult, take_process_snapshot
+
+# The pipelines, the scheduler, the weights package and the runtime modules only some
+# functions need are imported by those functions: `fastvllm ps` or `stop` (and a restore,
+# which needs no snapshot pipeline) must not pay for the others' imports.
+if TYPE_CHECKING:
+    from fastvllm.restore.pipeline import RestoreResult
+    from fastvllm.restore.process import ProcessRestoreResult
+    from fastvllm.scheduler.controller import Controller
+    from fastvllm.snapshot.pipeline import SnapshotResult
+    from fastvllm.snapshot.process import ProcessSnapshotResult
+    from fastvllm.weights.loader import LoadStats
 
 
 def snapshot(
@@ -48,6 +46,7 @@ def snapshot(
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
     env: dict[str, str] | None = None,
+    learn: bool = True,
 ) -> SnapshotResult:
     """Launch vLLM on `model` ('tiny' for the built-in one), or take the running server `pid`,
     and write a CRIU snapshot of it to `out`. With `sleep` (the default) the weights and the KV
@@ -56,13 +55,18 @@ def snapshot(
     cache, 1 offloads the weights into host memory (and so into the image), 0 keeps both.
     `env` adds environment variables for the launched server (recorded in the manifest).
     `port`/`host` (default 8000 on 127.0.0.1) may also come as vLLM's own --port/--host in
-    `vllm_args`; both, disagreeing, is a UsageError."""
+    `vllm_args`; both, disagreeing, is a UsageError. With `learn` (the default; not with
+    `leave_running`) a trial restore of the written snapshot learns its hot set, so the first
+    restore on this host reads ahead what its tree needs, and proves that the snapshot restores."""
     if pid is not None and model is None and (port is not None or host is not None or vllm_args):
         raise UsageError(
             "--port, --host and vLLM arguments do not apply with --pid: the running server keeps "
             "the address and arguments it has",
             hint="drop them (fastvllm ps shows its address)",
         )
+    from fastvllm.runtime import vllm_server
+    from fastvllm.snapshot.pipeline import SnapshotOptions, take_snapshot
+
     port, host, vllm_args = vllm_server.resolve_address(port, host, vllm_args)
     opts = SnapshotOptions(
         out=Path(out),
@@ -76,6 +80,7 @@ def snapshot(
         sleep=sleep,
         sleep_level=sleep_level,
         env=dict(env or {}),
+        learn=learn,
     )
     return take_snapshot(opts, timeline, on_bytes)
 
@@ -85,11 +90,17 @@ def snapshot_process(
     out: str | Path,
     *,
     leave_running: bool = False,
-    lock_timeout_s: float = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S,
+    lock_timeout_s: float | None = None,
     timeline: Timeline | None = None,
 ) -> ProcessSnapshotResult:
     """Snapshot any process tree rooted at `pid` (GPU or not), with no vLLM steps: GPU
-    processes are checkpointed through the CUDA driver first. `fastvllm.restore` brings it back."""
+    processes are checkpointed through the CUDA driver first. `fastvllm.restore` brings it back.
+    `lock_timeout_s`: seconds to wait for the CUDA lock (None: cuda_checkpoint's default)."""
+    from fastvllm.runtime import cuda_checkpoint
+    from fastvllm.snapshot.process import take_process_snapshot
+
+    if lock_timeout_s is None:
+        lock_timeout_s = cuda_checkpoint.DEFAULT_LOCK_TIMEOUT_S
     return take_process_snapshot(
         pid, Path(out), leave_running=leave_running, lock_timeout_s=lock_timeout_s, timeline=timeline
     )
@@ -113,27 +124,31 @@ def restore(
     prefetch_threads: int = 0,
     timeline: Timeline | None = None,
     on_bytes: Callable[[int], None] | None = None,
-    criu_restore: str = "auto",
+    criu_restore: CriuRestoreMode | str = CriuRestoreMode.AUTO,
     reverify: bool = False,
     keep_affinity: bool = False,
-) -> RestoreResult | ProcessRestoreResult:
-    """Restore the snapshot at `path`; returns once its canary matched and it is serving. A
-    plain process snapshot (`snapshot_process`) is restored without vLLM steps and gives a
-    ProcessRestoreResult.
+    gpus: str | None = None,
+) -> RestoreResult:
+    """Restore the vLLM snapshot at `path`; returns once its canary matched and it is serving.
+    A plain process snapshot (`snapshot_process`) is `restore_process`'s: `snapshot_kind` tells
+    them apart.
     `prefetch` reads the snapshot's files ahead while CRIU restores (checksums checked on the
     way); False checks every checksum first, then restores. `on_bytes` is called with byte
     counts as files are read ahead or verified (for progress bars). `criu_restore` picks how CRIU
-    fills memory: "mmap" (the page images mapped copy-on-write: the snapshot must then stay in
-    place while the server runs), "copy", "lazy" (CRIU's userfaultfd restore), or "auto".
+    fills memory (runtime.modes.CriuRestoreMode, or its value): "mmap" (the page images mapped
+    copy-on-write: the snapshot must then stay in place while the server runs), "copy", "lazy"
+    (CRIU's userfaultfd restore), or "auto".
     A file this host already checked and that is unchanged since is not hashed again, unless
-    `reverify`. `keep_affinity` binds the threads to the cores they had at snapshot time."""
-    where = Path(path).expanduser()
-    # Only a readable manifest decides the kind; anything else goes down the vLLM path, whose
-    # checks (privileges first) produce the right error.
-    if (where / manifest.MANIFEST).is_file() and manifest.kind(where) == "process":
-        return restore_process_snapshot(
-            Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore, reverify=reverify
+    `reverify`. `keep_affinity` binds the threads to the cores they had at snapshot time.
+    `gpus` (a GPU snapshot): this host's GPUs to restore onto, by index or UUID, comma-separated,
+    one per GPU the snapshot used (runtime.devices.gpu_pairs)."""
+    if snapshot_kind(path) is SnapshotKind.PROCESS:
+        raise UsageError(
+            f"{path} is a plain process snapshot, not a vLLM one",
+            hint="restore it with fastvllm.restore_process ('fastvllm restore' picks the right one)",
         )
+    from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
+
     opts = RestoreOptions(
         Path(path),
         verify,
@@ -143,14 +158,46 @@ def restore(
         criu_restore=criu_restore,
         reverify=reverify,
         keep_affinity=keep_affinity,
+        gpus=gpus,
     )
     return restore_snapshot(opts, timeline, on_bytes)
+
+
+def restore_process(
+    path: str | Path,
+    *,
+    verify: bool = True,
+    timeline: Timeline | None = None,
+    criu_restore: CriuRestoreMode | str = CriuRestoreMode.AUTO,
+    reverify: bool = False,
+) -> ProcessRestoreResult:
+    """Restore a plain process snapshot (`snapshot_process`) without vLLM steps: CRIU, then the
+    CUDA driver gives each GPU process its device state back. The options are `restore`'s."""
+    from fastvllm.restore.process import restore_process_snapshot
+
+    return restore_process_snapshot(
+        Path(path), verify=verify, timeline=timeline, criu_restore=criu_restore, reverify=reverify
+    )
+
+
+def snapshot_kind(path: str | Path) -> SnapshotKind:
+    """What the snapshot at `path` holds: VLLM (`restore` it) or PROCESS (`restore_process` it).
+    Only a readable manifest decides; anything else counts as VLLM, and `restore`'s checks
+    (privileges first) then say what is wrong with it."""
+    from fastvllm.runtime import manifest
+
+    where = Path(path).expanduser()
+    if not (where / manifest.MANIFEST).is_file():
+        return SnapshotKind.VLLM
+    return manifest.kind(where)
 
 
 def remove(path: str | Path) -> None:
     """Delete the snapshot at `path`, unless a running process maps its page images (restored
     in mmap mode: its memory is those files until it exits or is snapshotted again; unlinked,
     they would live on invisibly, holding their disk space)."""
+    from fastvllm.runtime import manifest, mapped
+
     where = Path(path).expanduser()
     if atomic.is_partial(where) and where.is_dir():  # a staging directory, `.NAME.partial-*`
         if not journal.partial_is_stale(where):
@@ -194,6 +241,8 @@ def gc(paths: Sequence[str | Path] = ()) -> list[str]:
     """Clean up what interrupted operations left (runtime.journal): stop orphan server trees,
     remove staging directories (also those found in or named by `paths`, e.g. after a reboot)
     and the /dev/shm files no process holds. Returns one line per thing cleaned."""
+    from fastvllm.runtime import criu
+
     quiet: Callable[[str], None] = lambda _line: None  # noqa: E731
     lines = journal.recover(say=quiet)
     lines += journal.clean_partials([Path(p) for p in paths], say=quiet)
@@ -215,16 +264,17 @@ def servers(probe: bool = True) -> list[tuple[instances.Instance, instances.Heal
     return instances.known(probe)
 
 
-def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) -> dict[str, object]:
+def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) -> dict[str, Any]:
     """Write a flat weight file from a running server (`source` is its root PID: the weights as
     vLLM post-processed them) or from a safetensors checkpoint (a directory or file)."""
+    from fastvllm.runtime import vllm_server, worker_rpc
     from fastvllm.weights import convert, fileformat, store
 
     out = Path(out)
     if out.exists():
         raise UsageError(f"{out} already exists", hint="pick a new path or remove the old file")
     if str(source).isdigit():
-        inst = instances.get(int(source))
+        inst = instances.get(int(str(source)))
         if not inst.worker_extension:
             raise UsageError(
                 f"server {source} was started without fastvllm's worker extension",
@@ -234,11 +284,11 @@ def dump_weights(source: str | Path, out: str | Path, *, share: bool = False) ->
             inst.pid, inst.host, inst.port, Path(inst.log_path), token=inst.control_token
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        vllm_server.rpc(server, "fastvllm_dump_weights", path=str(out.resolve()))
+        worker_rpc.dump_weights(server, out.resolve())
         idx = fileformat.read_index(out)
     else:
         idx = convert.from_safetensors(Path(source), out)
-    doc: dict[str, object] = {
+    doc: dict[str, Any] = {
         "path": str(out),
         "tensors": len(idx.tensors),
         "bytes": idx.file_size,
@@ -262,21 +312,29 @@ def load_weights(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    mode: str = "auto",
-) -> tuple[dict[str, object], object]:
+    mode: LoadMode | str = LoadMode.AUTO,
+) -> tuple[dict[str, Any], LoadStats]:
     """Load a flat weight file into fresh tensors on `device` ('cpu' or 'cuda'); returns
     (name -> tensor, LoadStats). None for a tunable means the measured default. `mode` "map"
     (the CPU default) hands out copy-on-write views of the file, "copy" private memory."""
     from fastvllm.weights import loader
 
-    kw: dict[str, object] = {"direct": direct, "verify": verify, "on_bytes": on_bytes, "mode": mode}
-    kw.update({k: v for k, v in (("threads", threads), ("chunk", chunk), ("buffers", buffers)) if v})
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("no CUDA device is visible", hint="use --device cpu, or run on a GPU host")
-    return loader.load(Path(path), device, **kw)  # type: ignore[arg-type]
+    return loader.load(
+        Path(path),
+        device,
+        threads=threads or loader.DEFAULT_THREADS,
+        chunk=chunk or loader.DEFAULT_CHUNK,
+        buffers=buffers or None,
+        direct=direct,
+        verify=verify,
+        on_bytes=on_bytes,
+        mode=mode,
+    )
 
 
 def running() -> list[instances.Instance]:
@@ -289,7 +347,7 @@ def cluster(snapshots: str | Path, *, slots: int | None = None, name: str = "loc
     A router in front: `fastvllm.scheduler.router.Served(Router(c), host, port)`. A fleet runs
     the same controller on Ray (`fastvllm.scheduler.ray_runtime.start`)."""
     from fastvllm.scheduler.agent import NodeAgent
-    from fastvllm.scheduler.controller import LocalClient
+    from fastvllm.scheduler.controller import Controller, LocalClient
 
     where = Path(snapshots).expanduser()
     if not where.is_dir():

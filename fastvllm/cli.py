@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.table import Table
 
-from fastvllm import api, doctor, ui
+# Only what every command needs is imported here: typer, the light ui (rich's console) and
+# the error types. Each command imports its own heavy parts (the pipelines through api, rich
+# tables, numpy, Docker, the scheduler) so that `fastvllm --help`, `ps` or a restore pay
+# for nothing they do not use (tests/test_startup.py keeps it so).
+from fastvllm import launcher, ui
 from fastvllm.cluster_cli import cluster_app
-from fastvllm.runtime import (
-    credentials,
-    manifest,
-    mapped,
-    private,
-    signals,
-    tiny_model,
-    units,
-    vllm_server,
-)
+from fastvllm.runtime import signals
 from fastvllm.runtime.errors import FastVLLMError, UsageError
+from fastvllm.runtime.modes import CriuRestoreMode, LoadMode, SnapshotKind
 from fastvllm.runtime.timeline import Timeline
+
+if TYPE_CHECKING:
+    from fastvllm.restore.pipeline import RestoreResult
+    from fastvllm.restore.process import ProcessRestoreResult
 
 app = typer.Typer(
     help="Cold start of a vLLM server in about a second: snapshot a warmed-up server with CRIU, "
@@ -53,15 +51,6 @@ app.add_typer(prefetch_app, name="prefetch")
 app.add_typer(cluster_app, name="cluster")  # fastvllm/cluster_cli.py
 
 
-class CriuRestore(StrEnum):
-    """--criu-restore: how CRIU fills a restored tree's memory (runtime/criu.py)."""
-
-    auto = "auto"
-    mmap = "mmap"
-    copy = "copy"
-    lazy = "lazy"
-
-
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 
 
@@ -75,6 +64,8 @@ def _positive(value: float | None) -> float | None:
 def _port(value: int | None) -> int | None:
     """Option check for a server's port: fixed (a restore binds it again), 1 to 65535."""
     if value is not None:
+        from fastvllm.runtime import vllm_server
+
         try:
             vllm_server.check_port(value, what="")  # typer names the option itself
         except FastVLLMError as e:
@@ -143,6 +134,15 @@ def snapshot(
     port: PortOpt = None,
     host: HostOpt = None,
     leave_running: Annotated[bool, typer.Option(help="Keep the server serving after the snapshot.")] = False,
+    learn: Annotated[
+        bool,
+        typer.Option(
+            help="After writing it, restore the snapshot once with its page images out of the page "
+            "cache, to learn what a restore reads (the first restore on this host then reads it "
+            "ahead) and to prove it restores; then stop that server. Not with --leave-running. "
+            "--no-learn skips it (the first restore learns instead)."
+        ),
+    ] = True,
     sleep: Annotated[
         bool,
         typer.Option(
@@ -169,6 +169,8 @@ def snapshot(
 
     On a GPU the server sleeps (--sleep-level) and every process holding a CUDA context is
     checkpointed through the CUDA driver before the dump."""
+    from fastvllm import api
+
     if out == Path():
         ui.print_error(FastVLLMError("--out is required", hint="e.g. --out /srv/snapshots/tiny"))
         raise typer.Exit(2)
@@ -211,6 +213,7 @@ def snapshot(
                 vllm_args=ctx.args,
                 leave_running=leave_running,
                 sleep=sleep,
+                learn=learn,
                 sleep_level=sleep_level,
                 health_timeout=timeout,
                 timeline=tl,
@@ -226,6 +229,15 @@ def snapshot(
     ui.console.print(
         f"{cold}image {ui.human_bytes(res.manifest.image_bytes)}, written to [bold]{res.path}[/]"
     )
+    if res.trial:
+        hot = res.trial.get("hot_set_bytes") or 0
+        learned = "no hot set learned"
+        if res.trial.get("hot_set_learned"):
+            learned = f"hot set learned ({ui.human_bytes(int(hot))})"
+        ui.console.print(
+            f"trial restore: canary matched, first completion in "
+            f"{res.trial['time_to_first_completion_s']:.2f} s from evicted page images; {learned}"
+        )
     if res.server:
         ui.console.print(f"server still serving at {ui.address(res.server)} (pid {res.server.pid})")
 
@@ -270,7 +282,7 @@ def restore(
         typer.Option(callback=_positive, help="Seconds to wait for the restored server to be healthy."),
     ] = 120.0,
     criu_restore: Annotated[
-        CriuRestore,
+        CriuRestoreMode,
         typer.Option(
             "--criu-restore",
             case_sensitive=False,
@@ -281,7 +293,7 @@ def restore(
             "'criu lazy-pages' daemon). auto: mmap where the CRIU supports it, else copy. "
             "'fastvllm doctor' lists what this host has.",
         ),
-    ] = CriuRestore.auto,
+    ] = CriuRestoreMode.AUTO,
     container: Annotated[
         str | None,
         typer.Option(
@@ -295,6 +307,16 @@ def restore(
     container_name: Annotated[
         str | None, typer.Option(help="Name for the container (with --container).")
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIST",
+            help="GPU snapshots: restore onto these GPUs of this host instead of the snapshotted "
+            "ones, by index or UUID as nvidia-smi -L lists them, one per GPU the snapshot used, "
+            "in its workers' order (e.g. --gpus 1, or --gpus 2,3 for tensor-parallel 2). Same "
+            "GPU model and driver only; needs driver 580 or later.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a snapshot, prove it with the canary, and leave it serving.
@@ -303,13 +325,29 @@ def restore(
     restore runs in a new container (its own PID and network namespace: one snapshot can be
     restored in several containers at once)."""
     if container is not None:
+        if gpus is not None:
+            _fail(UsageError("--gpus does not apply with --container", hint="give the container its GPUs"))
         _restore_in_container(snapshot_dir, container, container_name, prefetch, as_json)
         return
+    # The restore stack, imported before the timeline's origin: the phases (and the time to the
+    # first completion printed below) time the restore, as the API's callers see it.
+    import fastvllm.restore.pipeline  # noqa: F401
+    from fastvllm import api
+
     tl = Timeline()
     live = ui.LiveTimeline(tl, enabled=not as_json)
 
-    def run() -> Any:
+    def run() -> RestoreResult | ProcessRestoreResult:
         with live.running():
+            if api.snapshot_kind(snapshot_dir) is SnapshotKind.PROCESS:  # no server, no canary
+                if gpus is not None:
+                    raise UsageError(
+                        "--gpus applies to vLLM snapshots; this is a plain process snapshot",
+                        hint="restore it onto its own GPUs (drop --gpus)",
+                    )
+                return api.restore_process(
+                    snapshot_dir, verify=verify, timeline=tl, criu_restore=criu_restore, reverify=reverify
+                )
             return api.restore(
                 snapshot_dir,
                 verify=verify,
@@ -318,22 +356,26 @@ def restore(
                 prefetch_threads=prefetch_threads,
                 timeline=tl,
                 on_bytes=live.on_bytes,
-                criu_restore=criu_restore.value,
+                criu_restore=criu_restore,
                 reverify=reverify,
                 keep_affinity=keep_affinity,
+                gpus=gpus,
             )
 
     res = _guard(run)
+    launcher.record_startup_files()  # what this restore imported: the next launcher reads it ahead
     if as_json:
         _emit_json(res.as_dict())
         return
     ui.console.print(ui.phase_table(tl, f"restore {res.snapshot} (CRIU {res.criu_restore} mode)"))
-    if res.criu_restore == "mmap":
+    if res.criu_restore == CriuRestoreMode.MMAP:
         ui.console.print(
             "[dim]the restored tree maps this snapshot's page images: keep the snapshot in place "
             "and unchanged while it runs ('fastvllm inspect' shows who maps it)[/]"
         )
-    if not hasattr(res, "server"):  # a plain process tree: no server, no canary
+    from fastvllm.restore.process import ProcessRestoreResult
+
+    if isinstance(res, ProcessRestoreResult):
         ui.console.print(f"restored process tree, root pid [bold]{res.pid}[/] in {tl.elapsed():.2f} s")
         return
     ui.console.print(
@@ -424,6 +466,8 @@ def _secrets(snapshot_dir: Path, names: list[str] | None) -> tuple[str, list[str
         row = "not recorded (an older snapshot): its memory may hold credentials all the same"
     else:
         row = "no credential-looking environment variables (its memory may hold others)"
+    from fastvllm.runtime import private
+
     loose = private.loose(snapshot_dir)
     if loose:
         warnings.append(
@@ -433,6 +477,15 @@ def _secrets(snapshot_dir: Path, names: list[str] | None) -> tuple[str, list[str
     return row, warnings
 
 
+def _devices_row(recorded: dict[str, Any]) -> str:
+    """Where the snapshot's workers ran, as `inspect` shows it ('-': not recorded, older)."""
+    if not recorded:
+        return "-"
+    if recorded.get("kind") != "cuda":
+        return "CPU"
+    return f"{recorded['count']} x {recorded['model']}, driver {recorded['driver']}"
+
+
 @app.command()
 def inspect(
     snapshot_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Snapshot directory.")],
@@ -440,6 +493,10 @@ def inspect(
 ) -> None:
     """Show a snapshot's manifest: identity, server, timings, files, and which running
     processes map its page images (restored in mmap mode: the snapshot is in use)."""
+    from rich.table import Table
+
+    from fastvllm.runtime import credentials, manifest, mapped, vllm_server
+
     users = mapped.snapshot_mappers(snapshot_dir)
     in_use = (
         ", ".join(f"pid {u.pid} ({u.name}, {ui.human_bytes(u.mapped_bytes)})" for u in users)
@@ -498,6 +555,8 @@ def inspect(
         ("Python", m.identity.python),
         ("server", f"{ui.address_of(m.server.host, m.server.port)}, served as {m.server.served_model_name}"),
         ("vLLM args", " ".join(vllm_server.redact_args(m.server.vllm_args)) or "(none)"),
+        ("parallel", f"tensor-parallel {m.tensor_parallel_size}, {m.world_size} worker(s)"),
+        ("devices", _devices_row(m.devices)),
         ("image", f"{ui.human_bytes(m.image_bytes)} in {len(m.files)} files"),
         ("canary", f"{len(m.canary.token_ids)} tokens: {m.canary.text[:60]!r}"),
         ("from snapshot", m.source_snapshot or "-"),
@@ -510,6 +569,77 @@ def inspect(
     ui.out.print(t)
 
 
+agent_app = typer.Typer()  # its help is agent_cmd's docstring
+app.add_typer(agent_app, name="agent")
+AgentSocketOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        metavar="PATH",
+        help="The agent's Unix socket (default: agent.sock in the run directory, FASTVLLM_RUN_DIR; "
+        "'fastvllm restore' looks there).",
+        show_default=False,
+    ),
+]
+
+
+@agent_app.callback(invoke_without_command=True)
+def agent_cmd(
+    ctx: typer.Context,
+    socket_path: AgentSocketOpt = None,
+    foreground: Annotated[
+        bool,
+        typer.Option(
+            "--foreground",
+            help="Stay in the foreground (the default and only mode: let systemd or your supervisor "
+            "keep it running and collect its log).",
+        ),
+    ] = True,
+) -> None:
+    """Run the resident restore agent ('fastvllm restore' hands its restores to it while it runs).
+
+    A warm process, in the foreground until SIGTERM or Ctrl-C, that restores snapshots on
+    request over a local Unix socket (under systemd: docs/operations.md). It imports the
+    restore stack and checks CRIU once, prints one line when ready, then restores what clients
+    ask for, one at a time (later requests wait their turn), streaming the phases back: a
+    restore through it pays no interpreter start or import. The socket is its owner's alone
+    (0600; clients of another user are refused). A client's Ctrl-C undoes its restore as in the
+    CLI; SIGTERM to the agent undoes the restore running, removes the socket and exits 143.
+    FASTVLLM_AGENT=0 makes 'fastvllm restore' ignore it.
+
+    Typical use:  fastvllm agent  then  fastvllm restore /srv/snap  as usual;  fastvllm agent status"""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fastvllm import resident
+
+    _recover()
+    code = _guard(lambda: resident.run(socket_path))
+    raise typer.Exit(code)
+
+
+@agent_app.command("status")
+def agent_status(socket_path: AgentSocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Whether an agent answers on the socket: its PID, what it restores now, how many restores
+    it ran. Exit 1 when none answers."""
+    from fastvllm import resident, resident_client
+
+    where = (socket_path or resident.default_socket()).expanduser().absolute()
+    doc = resident_client.ping(str(where))
+    if as_json:
+        _emit_json(doc or {"event": "none", "socket": str(where)})
+    elif doc is None:
+        ui.console.print(f"no fastvllm agent answers on {where} (start one: fastvllm agent)", highlight=False)
+    else:
+        now = f"restoring {doc['restoring']}" if doc.get("busy") else "idle"
+        ui.console.print(
+            f"fastvllm agent pid {doc['pid']} on {where}: {now}, {doc.get('queued', 0)} queued, "
+            f"{doc.get('restores', 0)} restores since it started",
+            highlight=False,
+        )
+    if doc is None:
+        raise typer.Exit(1)
+
+
 @app.command(name="doctor")
 def doctor_cmd(
     skip_vllm: Annotated[
@@ -519,6 +649,10 @@ def doctor_cmd(
 ) -> None:
     """Check this host: CRIU, privileges, io_uring, vLLM, CUDA checkpoint, leftovers of
     interrupted operations. Failing lines say how to fix."""
+    from rich.table import Table
+
+    from fastvllm import doctor
+
     _recover()
     checks = doctor.run_checks(import_vllm=not skip_vllm)
     bad = [c for c in checks if c.required and not c.ok]
@@ -542,6 +676,10 @@ def ps(as_json: JsonOpt = False) -> None:
 
     Status: serving; not answering (its /health does not answer 200); root dead (its root
     process was killed and the rest of its tree runs on: 'fastvllm stop PID' stops it)."""
+    from rich.table import Table
+
+    from fastvllm import api
+
     _recover()
     known = api.servers()
     if as_json:
@@ -577,6 +715,8 @@ def stop(
 ) -> None:
     """Stop a server fastvllm launched or restored (its whole process session), also one whose
     root process died while the rest of its tree runs on."""
+    from fastvllm import api
+
     _recover()
     inst = _guard(lambda: api.find_server(pid))
     _guard(lambda: api.stop(inst.pid))
@@ -595,6 +735,8 @@ def rm_cmd(
     if existed and not snapshot_dir.exists():  # it was what an interrupted snapshot left
         ui.console.print(f"removed {snapshot_dir}")
         return
+    from fastvllm import api
+
     _guard(lambda: api.remove(snapshot_dir))
     ui.console.print(f"removed {snapshot_dir}")
 
@@ -617,6 +759,8 @@ def gc_cmd(
     command that changes state does this for operations whose process was killed; gc does it
     on demand, says what it cleaned, and also removes the /dev/shm files of vLLM or CRIU that
     no process holds."""
+    from fastvllm import api
+
     lines = _guard(lambda: api.gc(paths or []))
     if as_json:
         _emit_json({"cleaned": lines})
@@ -640,7 +784,7 @@ def make_tiny(
     """Write the built-in tiny Llama (seeded random weights, locally trained tokenizer).
 
     The sizes are also accepted as MODEL by 'snapshot' and 'bench' ('tiny', 'small', '3b')."""
-    from fastvllm.runtime.errors import UsageError
+    from fastvllm.runtime import tiny_model
 
     if size not in tiny_model.SIZES:
         _fail(UsageError(f"unknown size {size!r}", hint=f"use one of {', '.join(tiny_model.SIZES)}"))
@@ -683,12 +827,14 @@ def weights_dump(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a flat weight file: 4 KiB-aligned tensors, an index with checksums."""
+    from fastvllm import api
+
     doc = _guard(lambda: api.dump_weights(source, out, share=share))
     if as_json:
         _emit_json(doc)
     else:
         ui.console.print(
-            f"[green]wrote[/] {out}: {doc['tensors']} tensors, {ui.human_bytes(int(doc['bytes']))} "  # type: ignore[call-overload]
+            f"[green]wrote[/] {out}: {doc['tensors']} tensors, {ui.human_bytes(int(doc['bytes']))} "
             f"(key {str(doc['key'])[:12]}…)"
         )
 
@@ -707,23 +853,22 @@ def weights_load(
     ] = "auto",
     verify: Annotated[bool, typer.Option(help="Check every checksum before loading.")] = False,
     mode: Annotated[
-        str,
+        LoadMode,
         typer.Option(
+            case_sensitive=False,
             help="'auto' (map on CPU, copy on GPU), 'map' (CPU tensors are copy-on-write views of "
-            "the file, faulted in by parallel threads) or 'copy' (read into private memory)."
+            "the file, faulted in by parallel threads) or 'copy' (read into private memory).",
         ),
-    ] = "auto",
+    ] = LoadMode.AUTO,
     as_json: JsonOpt = False,
 ) -> None:
     """Load a weight file into fresh tensors and report the throughput (a quick speed test)."""
-    from fastvllm.runtime.errors import UsageError
+    from fastvllm import api
     from fastvllm.weights import fileformat
 
     modes = {"auto": None, "on": True, "off": False}
     if direct not in modes:
         _fail(UsageError(f"--direct {direct!r} is not auto, on or off", hint="use --direct auto"))
-    if mode not in ("auto", "map", "copy"):
-        _fail(UsageError(f"--mode {mode!r} is not auto, map or copy", hint="use --mode auto"))
     idx = _guard(lambda: fileformat.read_index(path))
     bar, advance = ui.bytes_bar(sum(e.nbytes for e in idx.tensors if e.alias_of is None), "load", not as_json)
     with bar:
@@ -744,19 +889,19 @@ def weights_load(
         "path": str(path),
         "device": stats.device,
         "bytes": stats.bytes,
-        "seconds": stats.seconds,  # type: ignore[attr-defined]
+        "seconds": stats.seconds,
         "gbps": stats.gbps,
         "direct": stats.direct,
         "mapped": stats.mapped,
         "tensors": stats.tensors,
-    }  # type: ignore[attr-defined]
+    }
     if as_json:
         _emit_json(doc)
     else:
         ui.console.print(
-            f"[green]loaded[/] {doc['tensors']} tensors, {ui.human_bytes(stats.bytes)} in "  # type: ignore[attr-defined]
-            f"{stats.seconds:.3f} s: {stats.gbps:.2f} GB/s on {stats.device}"  # type: ignore[attr-defined]
-            f"{' (O_DIRECT)' if stats.direct else ''}{' (mapped)' if stats.mapped else ''}"  # type: ignore[attr-defined]
+            f"[green]loaded[/] {doc['tensors']} tensors, {ui.human_bytes(stats.bytes)} in "
+            f"{stats.seconds:.3f} s: {stats.gbps:.2f} GB/s on {stats.device}"
+            f"{' (O_DIRECT)' if stats.direct else ''}{' (mapped)' if stats.mapped else ''}"
         )
 
 
@@ -766,8 +911,8 @@ def weights_load(
 )
 def weights_bench(ctx: typer.Context) -> None:
     """Our loader against safetensors, fastsafetensors, runai-model-streamer, tensorizer and
-    instanttensor, cold and warm page cache (scripts/bench_weights.py; '--help' lists its options)."""
-    from fastvllm.scripts import bench_weights
+    instanttensor, cold and warm page cache (fastvllm.weights.bench; '--help' lists its options)."""
+    from fastvllm.weights import bench as bench_weights
 
     raise typer.Exit(bench_weights.main(list(ctx.args)))
 
@@ -775,15 +920,28 @@ def weights_bench(ctx: typer.Context) -> None:
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="Model directory or 'tiny'.")] = "tiny",
-    reps: Annotated[int, typer.Option(min=1, help="Repetitions of each side (medians are reported).")] = 3,
+    reps: Annotated[int, typer.Option(min=1, help="Repetitions of each column (medians are reported).")] = 5,
     out: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("results/coldstart"),
     port: Annotated[int, typer.Option(callback=_port, help="Port for the servers.")] = 8000,
+    agent: Annotated[
+        bool, typer.Option(help="Time restores through 'fastvllm agent' too, where it exists.")
+    ] = True,
+    container: Annotated[
+        bool,
+        typer.Option(help="Time 'docker run' of the CPU image too, where Docker and the image are there."),
+    ] = True,
+    cold_starts: Annotated[
+        bool, typer.Option(help="Time vLLM's own cold start (--no-cold-starts: restores only).")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cold start vs restore, time to first completion, page cache dropped before each run."""
-    from fastvllm.scripts import bench_coldstart
+    """What a user waits: from 'fastvllm restore' (or 'docker run') to the first completion a
+    separate client gets, beside vLLM's cold start and the in-process figure; page cache warm
+    and cold (dropped)."""
+    from fastvllm import benchmark
 
-    res = _guard(lambda: bench_coldstart.run(model, reps, out, port, quiet=as_json))
+    plan = benchmark.Plan(model, reps, out, port, as_json, agent, container, cold_starts)
+    res = _guard(lambda: benchmark.run(plan))
     if as_json:
         _emit_json(res)
 
@@ -796,6 +954,10 @@ def demo(
     """Snapshot the built-in tiny model, restore it, and print cold vs restored time to first completion."""
     import shutil
     import tempfile
+
+    from rich.table import Table
+
+    from fastvllm import api
 
     work = Path(tempfile.mkdtemp(prefix="fastvllm-demo-"))
     snap = work / "tiny-snapshot"
@@ -850,6 +1012,8 @@ def prefetch_status(paths: PathsArg, as_json: JsonOpt = False) -> None:
     counts), resident when mincore says so."""
     import mmap
 
+    from rich.table import Table
+
     from fastvllm.prefetch import residency
 
     res = _guard(lambda: residency.of_files(_prefetch_files(paths)))
@@ -898,7 +1062,6 @@ def prefetch_warm(
     The next reader (a restore, the weight loader) then finds them in RAM. Shows bytes and GB/s;
     with --json, also how much is resident afterwards."""
     from fastvllm.prefetch import residency, warm
-    from fastvllm.runtime.errors import UsageError
 
     if method and method not in warm.METHODS:
         _fail(
@@ -970,6 +1133,7 @@ def prefetch_lock(
     import signal
 
     from fastvllm.prefetch import warm
+    from fastvllm.runtime import units
 
     limit = _guard(lambda: units.parse_size(budget)) if budget else warm.default_budget()
     fs = _prefetch_files(paths)
@@ -999,12 +1163,38 @@ def prefetch_lock(
         ui.console.print("unlocked")
 
 
-def main() -> None:
+def _restore_parsed(opts: dict[str, Any]) -> NoReturn:
+    """`fastvllm restore` whose arguments the launcher has parsed already (the agent's parser,
+    resident_client.parse_restore: plain options only, each checked as the command checks it;
+    anything else goes through typer). The same command, without typer's parsing, which imports
+    pydantic to check option values (~60 ms before a restore can start)."""
+    import inspect
+
+    kwargs = {name: p.default for name, p in inspect.signature(restore).parameters.items()}
+    given = {"json": "as_json", "dir": "snapshot_dir"}
+    got = {given.get(k, k): v for k, v in opts.items()}
+    if not got.keys() <= kwargs.keys() or "snapshot_dir" not in got:  # a parser newer than this
+        app()
+    kwargs.update(got)
+    kwargs["snapshot_dir"] = Path(kwargs["snapshot_dir"])
+    kwargs["criu_restore"] = CriuRestoreMode(kwargs["criu_restore"])
+    try:
+        restore(**kwargs)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+def main(parsed_restore: dict[str, Any] | None = None) -> None:
+    """The CLI. `parsed_restore`: the options of a `fastvllm restore` the launcher parsed."""
     # SIGTERM, SIGHUP and SIGINT unwind like Ctrl-C (the pipelines stop what they started and
     # remove partial output); the exit status is then 128 + the signal's number.
     signals.install()
     try:
-        app()
+        if parsed_restore is None:
+            app()
+        else:
+            _restore_parsed(parsed_restore)
     except SystemExit as e:
         # A signal outside a command's guard (click makes that "Aborted!", exit 1) still exits
         # 128 + its number; a command that took the signal as its cue to finish (prefetch lock)

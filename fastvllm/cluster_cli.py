@@ -8,15 +8,16 @@ through its Ray cluster (`--ray ADDRESS`: the controller actor `fastvllm cluster
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.table import Table
 
+# httpx, rich tables and the scheduler are imported by the commands that use them: this
+# module is imported by every `fastvllm` command, to register the sub-app.
 from fastvllm import ui
 from fastvllm.runtime import signals
 from fastvllm.runtime.errors import ServerError, UsageError
@@ -80,7 +81,10 @@ def _controller(snapshots: Path | None, ray_address: str) -> Any:
         raise UsageError(
             "give either --snapshots DIR (this host) or --ray ADDRESS (a fleet)", hint="see --help"
         )
-    return _ray_controller(ray_address) if ray_address else _Embedded(snapshots)  # type: ignore[arg-type]
+    if ray_address:
+        return _ray_controller(ray_address)
+    assert snapshots is not None  # one of the two, checked above
+    return _Embedded(snapshots)
 
 
 def _gbps(x: float) -> str:
@@ -93,6 +97,8 @@ def status(snapshots: SnapsOpt = None, ray_address: RayOpt = "", as_json: JsonOp
 
     Bandwidths are the ones its agent measured at start-up (disk, page cache, network to its
     peers; host-to-device where a GPU is present)."""
+    from rich.table import Table
+
     st = _guard(lambda: _controller(snapshots, ray_address).call("status"))
     if as_json:
         _emit(st)
@@ -138,6 +144,8 @@ def place_cmd(
     bandwidth (+ GPU bytes / host-to-device bandwidth), with each host's measured figures. A
     host without the snapshot (when the controller fetches) is charged its size / network
     bandwidth instead of the local terms."""
+    from rich.table import Table
+
     d = _guard(lambda: _controller(snapshots, ray_address).call("place", model))
     if as_json:
         _emit(d)
@@ -154,6 +162,8 @@ def place_cmd(
 
 
 def _post(router: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    import httpx  # a router may be on another host: the full client
+
     try:
         r = httpx.post(router.rstrip("/") + path, json=body, timeout=600)
     except httpx.HTTPError as e:
@@ -169,7 +179,7 @@ def _post(router: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
             else "'fastvllm cluster sessions' lists the running sessions"
         )
         raise UsageError(msg, hint=hint)
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
 @cluster_app.command("sessions")
@@ -177,8 +187,10 @@ def sessions(router: RouterOpt = DEFAULT_ROUTER, as_json: JsonOpt = False) -> No
     """The streamed completions running through the router (the ones migrate can move)."""
 
     def get() -> dict[str, Any]:
+        import httpx
+
         try:
-            return httpx.get(router.rstrip("/") + "/fastvllm/sessions", timeout=30).json()  # type: ignore[no-any-return]
+            return httpx.get(router.rstrip("/") + "/fastvllm/sessions", timeout=30).json()
         except httpx.HTTPError as e:
             raise ServerError(f"the router at {router} did not answer: {e}", hint="is it running?") from e
 
@@ -284,7 +296,7 @@ def serve(
     served = _guard(lambda: _serve(Router(_B()), host, port))
     try:
         for m in start:
-            got = _guard(lambda m=m: ctl.call("start", m))
+            got = _guard(functools.partial(ctl.call, "start", m))
             got = got if isinstance(got, dict) else got.__dict__
             ui.console.print(
                 f"[green]serving[/] {m} at {got['url']} on {got['host']} ({got['restore_s']:.2f} s)"

@@ -41,7 +41,7 @@ RUN_PRIVILEGES: dict[str, Any] = {
     "cgroupns": "private",
 }
 # `--security-opt systempaths=unconfined` is the CLI's spelling; the API's is empty lists here.
-UNMASKED = {"MaskedPaths": [], "ReadonlyPaths": []}
+UNMASKED: dict[str, list[str]] = {"MaskedPaths": [], "ReadonlyPaths": []}
 
 
 def docker_client(timeout: int = 600) -> Any:
@@ -248,5 +248,5 @@ def restore(
         seconds,
         float(doc.get("seconds") or 0.0),
         stats,
-        doc.get("set_aside"),  # type: ignore[arg-type]
+        doc.get("set_aside"),
     )

@@ -144,8 +144,7 @@ def start(
         if snap.is_dir():
             make_room_for_pids(snap, say)
             try:
-                res = api.restore(snap)
-                server = res.server  # type: ignore[union-attr]  (a vLLM snapshot: the name says so)
+                server = api.restore(snap).server
                 took = time.perf_counter() - t0
                 return Served(
                     server.pid, server.base_url, "restored", took, snap, listen=server.listen_url
@@ -159,7 +158,7 @@ def start(
                 except FileNotFoundError:  # another container set it aside first
                     say(f"snapshot {snap} not used: {set_aside}; cold start instead")
         try:
-            res = api.snapshot(model, snap, port=port, host=host, vllm_args=vllm_args, leave_running=True)
+            taken = api.snapshot(model, snap, port=port, host=host, vllm_args=vllm_args, leave_running=True)
         except SnapshotExistsError:
             # Another container sharing the volume published this snapshot while ours was being
             # written (ours was discarded with its server): restore theirs instead, once.
@@ -167,15 +166,15 @@ def start(
                 say(f"another container published {snap.name} first; restoring it")
                 continue
             raise
-        assert res.server is not None
+        assert taken.server is not None
         return Served(
-            res.server.pid,
-            res.server.base_url,
+            taken.server.pid,
+            taken.server.base_url,
             "cold-start",
             time.perf_counter() - t0,
             snap,
             set_aside,
-            listen=res.server.listen_url,
+            listen=taken.server.listen_url,
         )
     raise AssertionError("unreachable")
 

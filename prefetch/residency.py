@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastvllm.prefetch.files import os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +57,17 @@ def _incore(addr: int, length: int, path: Path | str) -> Any:
     return vec
 
 
+# mincore's bytes with bit 0 set (the others are reserved): deleting them from a copy of the
+# vector and comparing lengths counts resident pages in one pass of C, as fast as numpy's
+# `(v & 1).sum()` and without importing numpy on the restore path.
+_RESIDENT_BYTES = bytes(range(1, 256, 2))
+
+
+def _count_resident(vec: Any) -> int:
+    raw = bytes(vec)
+    return len(raw) - len(raw.translate(None, _RESIDENT_BYTES))
+
+
 def resident_pages(path: Path | str) -> tuple[int, int]:
     """(pages in the page cache, pages in the file) for `path`."""
     page = mmap.PAGESIZE
@@ -69,7 +79,7 @@ def resident_pages(path: Path | str) -> tuple[int, int]:
             length = min(_WINDOW, size - start)
             with _mapped(fd, start, length, path) as addr:
                 vec = _incore(addr, length, path)
-                resident += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+                resident += _count_resident(vec)
         return resident, (size + page - 1) // page
     finally:
         os.close(fd)

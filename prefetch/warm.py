@@ -199,7 +199,7 @@ def warm(
     cursor = 0
     stopped: set[Path] = set()
     abort = threading.Event()
-    errors: list[tuple[Path, BaseException]] = []
+    errors: list[tuple[Path, OSError | FastVLLMError]] = []
     fallback = threading.Event()
 
     def take() -> tuple[Path, int, int, bool] | None:
@@ -256,8 +256,8 @@ def warm(
     if fallback.is_set():
         stats.method = "read"  # what actually ran: MADV_POPULATE_READ is not supported here
     if errors:
-        path, e = errors[0]
-        raise e if isinstance(e, FastVLLMError) else os_error(path, e)  # type: ignore[arg-type]
+        path, err = errors[0]
+        raise err if isinstance(err, FastVLLMError) else os_error(path, err)
     return stats
 
 

@@ -36,13 +36,13 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 from fastvllm.runtime import atomic, manifest
 
 LOCAL_DIR = manifest.LOCAL_DIR
@@ -65,8 +65,16 @@ MERGE_GAP = 64 << 10
 LOOKUP_THREADS = 16
 WILLNEED_CHUNK = 2 << 20  # under any read-ahead maximum (read_ahead_kb, the device's max I/O)
 PAGEMAP_CHUNK = 1 << 18  # pages per pagemap read: 2 MiB of entries for 1 GiB of addresses
-_PRESENT = np.uint64(1 << 63)
-_FILE_PAGE = np.uint64(1 << 61)  # a page of the file (or shared anonymous), not a private copy
+# A pagemap entry's flags, in its top byte: bit 63 present, bit 61 a page of the file (or
+# shared anonymous), not a private copy. Each value of that byte maps to a page class.
+_PRESENT = 1 << (63 - 56)
+_FILE_PAGE = 1 << (61 - 56)
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+_PAGE_CLASS = bytes((b"o"[0] if b & _FILE_PAGE else b"c"[0]) if b & _PRESENT else 0 for b in range(256))
+# Spelt with a literal first character (not `o+`), so the regular expression engine skips to
+# each run's start with its fast search: 2-3 times faster over absent pages.
+_OWN_RUN = re.compile(b"oo*")
+_COPY_RUN = re.compile(b"cc*")
 
 
 # When a range is needed, which is the order it is read in.
@@ -153,22 +161,24 @@ def _mappings(pid: int, regular: dict[str, bool]) -> list[tuple[int, int, int, s
     return out
 
 
-def _present(pm: BinaryIO, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indexes (in pages from `lo`) of the present pages in [lo, hi): the file's own pages, and
-    private copies. Read from an open /proc/PID/pagemap in bounded chunks (8 bytes per page: a
-    large mapping must not need a buffer of its own size)."""
-    own, copies = [], []
+def _present(pm: BinaryIO, lo: int, hi: int, base: int = 0) -> tuple[list[range], list[range]]:
+    """Runs of present pages in [lo, hi), as page indexes from `lo` plus `base`: the file's
+    own pages, and private copies. Read from an open /proc/PID/pagemap in bounded chunks
+    (8 bytes per page: a large mapping must not need a buffer of its own size). The flags
+    are in each entry's top byte: that byte of every entry (one slice), mapped to a class
+    per page (one translate), then runs of a class found by a regular expression, all in C:
+    as fast as numpy over the whole entries, and no numpy to import on the restore path."""
+    own: list[range] = []
+    copies: list[range] = []
     first, end = lo // PAGE, hi // PAGE
     for start in range(first, end, PAGEMAP_CHUNK):
         n = min(PAGEMAP_CHUNK, end - start)
         pm.seek(start * 8)
-        entries = np.frombuffer(pm.read(n * 8), dtype=np.uint64)
-        present = (entries & _PRESENT) != 0
-        filed = (entries & _FILE_PAGE) != 0
-        own.append(np.flatnonzero(present & filed) + (start - first))
-        copies.append(np.flatnonzero(present & ~filed) + (start - first))
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(own) if own else empty), (np.concatenate(copies) if copies else empty)
+        flags = pm.read(n * 8)[_TOP_BYTE::8].translate(_PAGE_CLASS)
+        shift = start - first + base
+        own += [range(m.start() + shift, m.end() + shift) for m in _OWN_RUN.finditer(flags)]
+        copies += [range(m.start() + shift, m.end() + shift) for m in _COPY_RUN.finditer(flags)]
+    return own, copies
 
 
 @dataclass
@@ -188,11 +198,11 @@ def capture(pids: Iterable[int]) -> Capture:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
             for lo, hi, offset, path in _mappings(pid, regular):
                 cap.mapped.setdefault(path, []).append((offset, hi - lo))
-                own, copied = _present(pm, lo, hi)
+                own, copied = _present(pm, lo, hi, offset // PAGE)
                 # every mapped file is kept, even with nothing present: CRIU opens each by path,
                 # and from a cold cache each path lookup is a few random reads
-                cap.pages.setdefault(path, set()).update((own + offset // PAGE).tolist())
-                cap.copies.setdefault(path, set()).update((copied + offset // PAGE).tolist())
+                cap.pages.setdefault(path, set()).update(*own)
+                cap.copies.setdefault(path, set()).update(*copied)
     return cap
 
 

@@ -61,6 +61,7 @@ def restore_order(snapshot: Path, m: manifest.Manifest) -> list[manifest.FileEnt
             n = pages_id(snapshot / e.path)
             if n is not None:
                 pages_rank[n] = min(pages_rank.get(n, pid_rank), pid_rank)
+    weight_files = m.all_weight_files()
 
     def key(e: manifest.FileEntry) -> tuple[int, int, str]:
         if e.path.startswith("shm/"):
@@ -72,8 +73,8 @@ def restore_order(snapshot: Path, m: manifest.Manifest) -> list[manifest.FileEnt
                 return (1, first, e.path)
             n = int(hit.group(1))
             return (2, pages_rank.get(n, 1 << 30), e.path)
-        if m.weights_file and e.path == m.weights_file:
-            return (3, 0, e.path)
+        if e.path in weight_files:  # every rank's, in rank order
+            return (3, weight_files.index(e.path), e.path)
         return (4, 0, e.path)
 
     return sorted(m.files, key=key)

@@ -15,10 +15,11 @@ from the one snapshotted is worse than none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -33,17 +34,20 @@ from fastvllm.runtime import (
     cpu_share,
     criu,
     cuda_checkpoint,
+    devices,
     faults,
     instances,
     journal,
     manifest,
     proctree,
+    ranks,
     restore_lock,
     shm,
     signals,
     system,
     verified,
     vllm_server,
+    worker_rpc,
 )
 from fastvllm.runtime.errors import (
     CanaryMismatchError,
@@ -53,6 +57,7 @@ from fastvllm.runtime.errors import (
     PortInUseError,
     UsageError,
 )
+from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
 
 
@@ -63,18 +68,18 @@ class RestoreOptions:
     health_timeout: float = 120.0
     prefetch: bool = True  # read the files ahead while CRIU restores (checksums on the way)
     prefetch_threads: int = 0  # 0: the measured default
-    # GPU sleep-2 snapshots: "fastvllm" refills the weights from the snapshot's weight file;
-    # "vllm" uses vLLM's own reload_weights from the model directory (benchmarks compare them).
-    reloader: str = "fastvllm"
-    # How CRIU fills private memory: "mmap" maps the page images copy-on-write (patched CRIU),
-    # "copy" reads them, "lazy" is CRIU's userfaultfd restore; "auto" is the fastest that works.
-    criu_restore: str = "auto"
+    reloader: Reloader = Reloader.FASTVLLM  # GPU sleep-2 snapshots: what refills the weights
+    # How CRIU fills private memory (runtime.modes; AUTO: the fastest this CRIU runs).
+    criu_restore: CriuRestoreMode | str = CriuRestoreMode.AUTO
     reverify: bool = False  # hash every file, even those this host checked before and unchanged
     # Bind the tree's threads to the cores they were bound to at snapshot time (CRIU does not).
     # Off by default: those cores were chosen for the snapshot host and its neighbours, and
     # vLLM's `auto` binding puts every server of a host on the same ones (two restored servers
     # on one 2-core host then fight over core 0: the cluster tests' migrations stopped switching).
     keep_affinity: bool = False
+    # GPU snapshots: this host's GPUs to restore onto (indices or UUIDs, comma-separated, one
+    # per GPU the snapshot used); None: the snapshotted ones (runtime.devices.gpu_pairs).
+    gpus: str | None = None
 
 
 @dataclass
@@ -85,7 +90,7 @@ class RestoreResult:
     time_to_first_completion_s: float
     canary_ok: bool
     manifest: manifest.Manifest
-    criu_restore: str = "copy"
+    criu_restore: CriuRestoreMode = CriuRestoreMode.COPY
     readahead: dict[str, object] | None = None  # ReadAheadStats.as_dict(); None with no read-ahead
     gpu: dict[str, object] | None = None  # CUDA restore per process and the loader's figures
 
@@ -118,7 +123,36 @@ class _Faults:
     learn: bool = True
 
 
-def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore: str) -> str:
+class _GpuQueries:
+    """What a GPU snapshot's checks ask of this host's GPUs (its identity, its GPU list: one
+    nvidia-smi each, tens of milliseconds), asked side by side in the background as soon as the
+    manifest says the snapshot has GPU state, while the rest of the validation runs. The checks
+    themselves are unchanged; they wait for the answers where they need them."""
+
+    def __init__(self) -> None:
+        pool = ThreadPoolExecutor(2, thread_name_prefix="gpu-query")
+        self._identity = pool.submit(cuda_checkpoint.gpu_identity)
+        self._gpus = pool.submit(devices.list_gpus)
+        pool.shutdown(wait=False)
+
+    @staticmethod
+    def start(m: manifest.Manifest) -> _GpuQueries | None:
+        return _GpuQueries() if (m.cuda_pids or m.gpu is not None) else None
+
+    def identity(self) -> cuda_checkpoint.GpuIdentity | None:
+        return self._identity.result()
+
+    def gpus(self) -> list[devices.Gpu]:
+        return self._gpus.result()
+
+
+def _preflight(
+    path: Path,
+    m: manifest.Manifest,
+    found: criu.Criu,
+    criu_restore: CriuRestoreMode | str,
+    queries: _GpuQueries | None = None,
+) -> CriuRestoreMode:
     """The checks before CRIU may run; returns the CRIU restore mode."""
     manifest.check_guarded(path, m)  # no server comes back with its control endpoints open
     mode = criu.resolve_mode(found, criu_restore, gpu=bool(m.cuda_pids))
@@ -129,7 +163,7 @@ def _preflight(path: Path, m: manifest.Manifest, found: criu.Criu, criu_restore:
             hint="restore with the same CRIU, kernel, Python and vLLM, or take a new snapshot here",
         )
     if m.gpu is not None:
-        here = cuda_checkpoint.gpu_identity()
+        here = queries.identity() if queries is not None else cuda_checkpoint.gpu_identity()
         gdiffs = (
             [f"GPU: snapshot on a {m.gpu['model']}, none here"]
             if here is None
@@ -186,6 +220,7 @@ def _restore_snapshot(
     with tl.phase("validate"):
         system.require_criu_privileges()  # first: without it nothing below can succeed
         m = manifest.load(path)
+        queries = _GpuQueries.start(m)  # answered while the rest below runs
         found = criu.find_criu()
         if opts.prefetch:
             # What CRIU and the tree need first is read while the host is still checked (see
@@ -200,12 +235,13 @@ def _restore_snapshot(
             first: list[str | Path] = [path / f.path for f in m.files if order.is_small_image(f.path)]
             # In mmap mode the CUDA restore would fault the host copy of device memory in from
             # the mapped page images page by page: it is read ahead whole, right after CRIU's.
-            gpu_of = m if m.cuda_pids and early_mode == "mmap" else None
+            gpu_of = m if m.cuda_pids and early_mode is CriuRestoreMode.MMAP else None
             early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=gpu_of)
             early.start()
         try:
             faults.at(faults.Point.VALIDATE)
-            mode = _preflight(path, m, found, opts.criu_restore)
+            mode = _preflight(path, m, found, opts.criu_restore, queries)
+            pairs = _check_devices(m, opts.gpus, queries)
             nice = cpu_share.server_nice()
             bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
         except BaseException:
@@ -213,10 +249,36 @@ def _restore_snapshot(
                 early.stop()
             raise
     try:
-        return _restore_checked(opts, tl, path, m, found, mode, nice, early, on_verify_bytes)
+        return _restore_checked(opts, tl, path, m, found, mode, nice, early, on_verify_bytes, pairs)
     finally:
         if early is not None:
             early.stop()  # stopped with the read-ahead that adopted it, or here on a failure
+
+
+def _check_devices(
+    m: manifest.Manifest, gpus: str | None, queries: _GpuQueries | None = None
+) -> list[tuple[str, str]]:
+    """This host has the devices the snapshot's workers need (runtime.devices), or the restore
+    is refused in one line; with --gpus, the (snapshot GPU, target GPU) pairs for the driver."""
+    gpus_here = queries.gpus if queries is not None else devices.list_gpus
+    if gpus is None and (snap := devices.Devices.from_dict(m.devices)) is not None:
+        if snap.kind is devices.DeviceKind.CPU:
+            return []
+        devices.check(snap, gpus_here())
+        return []
+    if gpus is None:
+        return []
+    here = gpus_here()
+    snap = devices.Devices.from_dict(m.devices)
+    pairs = devices.gpu_pairs(snap, gpus, here)
+    if snap is not None:  # the model and driver were matched; the count is the pairs'
+        devices.check(devices.Devices(snap.kind, snap.model, snap.driver, 0), here)
+    if not cuda_checkpoint.can_remap():
+        raise UsageError(
+            "--gpus: the installed cuda-python has no GPU pairs for the CUDA restore",
+            hint="upgrade cuda-bindings to 13 or later, or restore without --gpus",
+        )
+    return pairs
 
 
 def _restore_checked(
@@ -225,10 +287,11 @@ def _restore_checked(
     path: Path,
     m: manifest.Manifest,
     found: criu.Criu,
-    mode: str,
+    mode: CriuRestoreMode,
     nice: int,
     early: HotReader | None,
     on_verify_bytes: Callable[[int], None] | None,
+    pairs: list[tuple[str, str]] | None = None,
 ) -> RestoreResult:
     """Everything after the checks: the read-ahead, CRIU, health, weights, canary. Each step
     registers its undo on the operation's stack (runtime.journal.Operation): a tree that fails
@@ -236,18 +299,20 @@ def _restore_checked(
     process is killed, the next command, through the journal)."""
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
     r = _Restore(opts, tl, path, m, found, mode, early, on_verify_bytes, trusted)
+    r.gpu_pairs = pairs or []
     with journal.Operation("restore", path) as op:
         _read_ahead(op, r)
         # The first restore with a read-ahead and no hot set learns one (see _Faults for which may).
         learn = opts.prefetch and (early is None or early.hot is None) and r.paging.learn
         steps: list[hotset.Capture] | None = [] if learn else None
         server = _criu_restore(op, r)
-        signals.check()
-        _after_criu(r, nice)
-        _wait_healthy(r, server, steps)
-        signals.check()
-        _load_weights(r, server, steps)
-        ttfc = _prove(r, server)
+        with _naming_ranks(r, server):
+            signals.check()
+            _after_criu(r, nice)
+            _wait_healthy(r, server, steps)
+            signals.check()
+            _load_weights(r, server, steps)
+            ttfc = _prove(r, server)
         op.commit()
     _remember(opts, path, m, r.ahead, trusted, server.pid, tl, steps)
     instances.record(
@@ -279,7 +344,7 @@ class _Restore:
     path: Path
     m: manifest.Manifest
     found: criu.Criu
-    mode: str
+    mode: CriuRestoreMode
     early: HotReader | None
     on_bytes: Callable[[int], None] | None
     trusted: set[str]  # files this host checked before, unchanged since
@@ -290,6 +355,8 @@ class _Restore:
     # GPU: per process, the CUDA restore's and unlock's seconds ("cuda"); the loader's own
     # figures from each worker ("load": bytes, seconds, GB/s)
     gpu_info: dict[str, object] = field(default_factory=dict)
+    # --gpus: (snapshot GPU UUID, this host's GPU UUID) pairs for the CUDA restore ([]: same GPUs)
+    gpu_pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _read_ahead(op: journal.Operation, r: _Restore) -> None:
@@ -319,7 +386,7 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
         # instead of 2.4 s on the GPU machine); from the page cache, checking it during
         # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
         ahead.hold(r.m.weights_file)  # released once CRIU has restored
-    if r.mode == "mmap":
+    if r.mode is CriuRestoreMode.MMAP:
         # CRIU maps the page images instead of reading them. From the page cache, hashing
         # them beside it only takes the CPU from its own work (0.67 s instead of 0.13-0.25 s
         # on the 2-core machine): they are checked once it has restored. From disk, they
@@ -341,7 +408,7 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
 def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, bool]]:
     """What the read-ahead reads, in order, and which page images are cold; sets `r.paging`."""
     ordered = order.restore_order(r.path, r.m)
-    if r.mode != "mmap":
+    if r.mode is not CriuRestoreMode.MMAP:
         return ordered, {}
     hot = r.early.hot if r.early is not None else None
     random_ok = criu.supports_mmap_random(r.found)
@@ -433,7 +500,7 @@ def _after_criu(r: _Restore, nice: int) -> None:
     cpu_share.yield_to_host(r.m.server.tree_pids, nice)
     if r.m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
         with r.tl.phase("cuda_restore"):
-            r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids)
+            r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids, pairs=r.gpu_pairs)
 
 
 def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:
@@ -454,13 +521,14 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
     if m.sleep_level == 1:
         with r.tl.phase("wake_up"):
             vllm_server.wake_up(server)
-    elif m.weights_file and m.sleep_level == 2 and r.opts.reloader == "vllm":
+    elif m.weights_file and m.sleep_level == 2 and r.opts.reloader == Reloader.VLLM:
         with r.tl.phase("wake_weights"):
             vllm_server.wake_up(server, "weights")
         with r.tl.phase("load_weights"):
-            if ahead is not None:
-                ahead.claim(m.weights_file)  # vLLM reads the model's own files instead
-            vllm_server.rpc(server, "reload_weights")
+            if ahead is not None:  # vLLM reads the model's own files instead
+                for f in m.all_weight_files():
+                    ahead.claim(f)
+            worker_rpc.vllm_reload_weights(server)
         with r.tl.phase("wake_kv_cache"):
             vllm_server.wake_up(server, "kv_cache")
     elif m.weights_file:
@@ -468,23 +536,55 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
             with r.tl.phase("wake_weights"):
                 vllm_server.wake_up(server, "weights")
         with r.tl.phase("load_weights"):
-            kw = {"path": str(r.path / m.weights_file)}
-            # The read-ahead stops at the weight file once the loader starts on it; if it had
-            # not checked the whole file yet, the loader checks its per-tensor checksums.
-            if (
-                ahead is not None
-                and not ahead.claim(m.weights_file)
-                and r.opts.verify
-                and m.weights_file not in r.trusted
-            ):
-                kw["verify"] = "1"
-            r.gpu_info["load"] = vllm_server.rpc(server, "fastvllm_reload", **kw)
+            args = worker_rpc.ReloadArgs(str(r.path / m.weights_file), verify=_loader_verifies(r))
+            r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
         if m.sleep_level == 2:
             with r.tl.phase("wake_kv_cache"):
                 vllm_server.wake_up(server, "kv_cache")
     if steps is not None and (m.sleep_level == 1 or m.weights_file):
         with r.tl.phase("hot_set_capture"):
             steps.append(hotset.capture(proctree.session_pids(server.pid)))
+
+
+@contextlib.contextmanager
+def _naming_ranks(r: _Restore, server: vllm_server.Server) -> Iterator[None]:
+    """A parallel server's restore that fails after CRIU says which worker rank failed, before
+    its undo stops the tree (runtime.ranks): the rank that died first, the rank whose PID the
+    error names, or, for a canary that differs, the ranks whose weights differ from their files."""
+    watch = ranks.Watch(r.m.worker_pids)
+    try:
+        with watch:
+            yield
+    except FastVLLMError as e:
+        said = ranks.blame(e.message, r.m.worker_pids, first=watch.first)
+        if not said and isinstance(e, CanaryMismatchError):
+            said = _weights_differ(r, server)
+        if said:
+            e.message = f"{e.message}; {said}"
+        raise
+
+
+def _weights_differ(r: _Restore, server: vllm_server.Server) -> str:
+    """The ranks whose live weights no longer match their weight files ('' if none, or if the
+    workers cannot say): the diagnosis of a canary that differs."""
+    if not r.m.weights_file or len(r.m.worker_pids) < 2:
+        return ""
+    try:
+        got = worker_rpc.check_weights(server, r.path / r.m.weights_file)
+    except FastVLLMError:
+        return ""
+    bad = [(x.rank, x.pid) for x in got if x.count]
+    return ranks.describe("holds weights that differ from its weight file", bad)
+
+
+def _loader_verifies(r: _Restore) -> bool:
+    """The read-ahead stops at the weight files (every rank's) once the loader starts on them;
+    where it had not checked one whole yet, the loaders check their per-tensor checksums."""
+    files = r.m.all_weight_files()
+    whole = {f for f in files if r.ahead is not None and r.ahead.claim(f)}  # claims every file
+    if r.ahead is None:
+        return False
+    return r.opts.verify and any(f not in whole and f not in r.trusted for f in files)
 
 
 def _prove(r: _Restore, server: vllm_server.Server) -> float:

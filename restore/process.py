@@ -23,6 +23,7 @@ from fastvllm.runtime import (
     verified,
 )
 from fastvllm.runtime.errors import IdentityMismatchError
+from fastvllm.runtime.modes import CriuRestoreMode, SnapshotKind
 from fastvllm.runtime.timeline import Timeline
 
 
@@ -32,12 +33,12 @@ class ProcessRestoreResult:
     pid: int
     manifest: manifest.ProcessManifest
     timeline: Timeline
-    criu_restore: str = "copy"
+    criu_restore: CriuRestoreMode = CriuRestoreMode.COPY
 
     def as_dict(self) -> dict[str, object]:
         return {
             "snapshot": str(self.snapshot),
-            "kind": "process",
+            "kind": SnapshotKind.PROCESS,
             "pid": self.pid,
             "cuda_pids": self.manifest.cuda_pids,
             "phases": self.timeline.as_list(),
@@ -68,7 +69,7 @@ def restore_process_snapshot(
     *,
     verify: bool = True,
     timeline: Timeline | None = None,
-    criu_restore: str = "auto",
+    criu_restore: CriuRestoreMode | str = CriuRestoreMode.AUTO,
     reverify: bool = False,
 ) -> ProcessRestoreResult:
     """`criu_restore`: see criu.resolve_mode; in mmap mode the tree keeps the snapshot's page
@@ -79,7 +80,7 @@ def restore_process_snapshot(
 
 
 def _restore_process_snapshot(
-    path: Path, verify: bool, timeline: Timeline | None, criu_restore: str, reverify: bool
+    path: Path, verify: bool, timeline: Timeline | None, criu_restore: CriuRestoreMode | str, reverify: bool
 ) -> ProcessRestoreResult:
     tl = timeline or Timeline()
     path = path.expanduser().absolute()

@@ -165,7 +165,8 @@ HOME = _declare(
         "a path",
         "`~/.cache/fastvllm`",
         "Where fastvllm keeps what it builds or learns once per user: the native helpers, the "
-        "tiny model, what it found out about each CRIU binary.",
+        "tiny model, what it found out about each CRIU binary, the files a restore imports "
+        "(`startup-files.json`, read ahead by the `fastvllm` launcher).",
     )
 )
 RUN_DIR = _declare(
@@ -177,6 +178,18 @@ RUN_DIR = _declare(
         "`/run/fastvllm` as root, else `/tmp/fastvllm-run`",
         "Records of the servers fastvllm launched or restored (`fastvllm ps`/`stop`) and the "
         "port helper's state files.",
+    )
+)
+AGENT = _declare(
+    Var[bool](
+        "FASTVLLM_AGENT",
+        _flag,
+        lambda: True,
+        "1 or 0",
+        "1",
+        "`fastvllm restore` hands the restore to a running `fastvllm agent` (its socket "
+        "`agent.sock` in the run directory): no interpreter start or import is paid. 0: always "
+        "restore in the command's own process. Read by fastvllm/resident_client.py itself.",
     )
 )
 WEIGHTS_STORE = _declare(

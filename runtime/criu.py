@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 from fastvllm.runtime import atomic, config, faults, journal, mapped, native_build, proctree, signals, system
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
+from fastvllm.runtime.modes import CriuRestoreMode
 
 MIN_VERSION = (4, 2)
 # --link-remap is needed for POSIX semaphores (sem_open maps a temporary name it then renames);
@@ -48,7 +49,8 @@ PATCHED_CRIU = "/usr/local/libexec/fastvllm/criu"
 # this RUNDIR; stock CRIU uses /run and keeps nothing where /run is not tmpfs).
 KDAT_DIR = Path("/dev/shm/fastvllm-criu-kdat")
 _CANDIDATES = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu")
-RESTORE_MODES = ("copy", "mmap", "lazy")
+# The modes a restore can run in (AUTO is resolved to one of them first).
+RESTORE_MODES = (CriuRestoreMode.COPY, CriuRestoreMode.MMAP, CriuRestoreMode.LAZY)
 
 
 @dataclass(frozen=True)
@@ -205,16 +207,16 @@ def supports_lazy(criu: Criu) -> bool:
     return r.returncode == 0
 
 
-def restore_modes(criu: Criu) -> list[str]:
+def restore_modes(criu: Criu) -> list[CriuRestoreMode]:
     """The restore modes this CRIU can run here, fastest first."""
-    modes = ["mmap"] if supports_mmap(criu) else []
-    modes.append("copy")
+    modes = [CriuRestoreMode.MMAP] if supports_mmap(criu) else []
+    modes.append(CriuRestoreMode.COPY)
     if supports_lazy(criu):
-        modes.append("lazy")
+        modes.append(CriuRestoreMode.LAZY)
     return modes
 
 
-def resolve_mode(criu: Criu, requested: str, *, gpu: bool = False) -> str:
+def resolve_mode(criu: Criu, requested: CriuRestoreMode | str, *, gpu: bool = False) -> CriuRestoreMode:
     """`auto` is the fastest mode measured to work (mmap with the patched CRIU, else copy); an
     explicit mode this CRIU cannot run fails here, before anything is restored.
 
@@ -223,21 +225,23 @@ def resolve_mode(criu: Criu, requested: str, *, gpu: bool = False) -> str:
     fault it in from the mapped images page by page, which made cold mmap restores slower than
     copy ones (docs/decisions/mmap-restore.md). Callers still say whether the snapshot is a GPU
     one, so that a rule of its own for them stays a one-line change."""
-    if requested == "auto":
-        return "mmap" if supports_mmap(criu) else "copy"
-    if requested not in RESTORE_MODES:
+    try:
+        requested = CriuRestoreMode(requested)  # the API takes the plain strings too
+    except ValueError:
         raise UsageError(
             f"unknown CRIU restore mode {requested!r}",
-            hint="choose one of: auto, " + ", ".join(RESTORE_MODES),
-        )
-    if requested == "mmap" and not supports_mmap(criu):
+            hint="choose one of: " + ", ".join(CriuRestoreMode),
+        ) from None
+    if requested is CriuRestoreMode.AUTO:
+        return CriuRestoreMode.MMAP if supports_mmap(criu) else CriuRestoreMode.COPY
+    if requested is CriuRestoreMode.MMAP and not supports_mmap(criu):
         raise EnvironmentNotReadyError(
             f"CRIU {criu.version} at {criu.path} cannot restore in mmap mode (no --mmap-pages: "
             "a CRIU without fastvllm's patch)",
             hint=f"run scripts/setup.sh to build the patched CRIU into {PATCHED_CRIU} (or set "
             "FASTVLLM_CRIU to it), or restore with --criu-restore copy",
         )
-    if requested == "lazy" and not supports_lazy(criu):
+    if requested is CriuRestoreMode.LAZY and not supports_lazy(criu):
         raise EnvironmentNotReadyError(
             "CRIU's lazy restore needs userfaultfd for other processes, which this host lacks",
             hint="criu check --feature uffd-noncoop says why; restore with --criu-restore copy or mmap",
@@ -438,7 +442,7 @@ def restore(
     inherit: dict[str, int],
     *,
     shell_job: bool = False,
-    mode: str = "copy",
+    mode: CriuRestoreMode = CriuRestoreMode.COPY,
     random_faults: bool = False,
 ) -> int:
     """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
@@ -453,7 +457,7 @@ def restore(
         args.append("--shell-job")
     for key, fd in inherit.items():
         args += ["--inherit-fd", f"fd[{fd}]:{key}"]
-    if mode == "mmap":
+    if mode == CriuRestoreMode.MMAP:
         args.append("--mmap-pages")
         if random_faults and supports_mmap_random(criu):
             args.append("--mmap-pages-random")
@@ -463,7 +467,7 @@ def restore(
             # from disk: a cold restore no longer reads those (docs/decisions/mmap-restore.md).
             args.append("--mmap-pages-file")
     daemon: int | None = None
-    if mode == "lazy":
+    if mode == CriuRestoreMode.LAZY:
         # The lazy-pages daemon and the restore meet on a socket in a work directory of their own
         # (not the snapshot's image directory, which stays as it was published).
         work = _lazy_work(log)

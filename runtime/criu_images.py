@@ -107,11 +107,11 @@ def parse_pagemap(raw: bytes, pid: int = 0) -> Pagemap:
         raise ValueError("a pagemap image without its head")
     pm = Pagemap(pid, entries[0][1])
     off = 0
-    for e in entries[1:]:
-        n = e.get(5, e.get(2, 0))
-        flags = e.get(4, PE_PARENT if e.get(3) else PE_PRESENT)
+    for entry in entries[1:]:
+        n = entry.get(5, entry.get(2, 0))
+        flags = entry.get(4, PE_PARENT if entry.get(3) else PE_PRESENT)
         present = bool(flags & PE_PRESENT)
-        pm.runs.append(Run(e.get(1, 0), n, off if present else None))
+        pm.runs.append(Run(entry.get(1, 0), n, off if present else None))
         if present:
             off += n * PAGE
     return pm

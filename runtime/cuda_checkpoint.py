@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -142,17 +142,17 @@ def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> 
     return out
 
 
-def release_worker_cache(server: Any) -> list[object]:
+def release_worker_cache(server: Any) -> list[dict[str, Any]]:
     """Before the checkpoint of a sleeping vLLM server: each worker gives the driver back the
     free blocks of torch's caching allocator (weights.extension `fastvllm_gpu_release`), and
     says what it still holds, by kind, before and after. Best effort: a worker without the
     method (a tree restored from an older snapshot) is snapshotted as it is, and the error is
     kept in place of the figures."""
-    from fastvllm.runtime import vllm_server
+    from fastvllm.runtime import worker_rpc
     from fastvllm.runtime.errors import ServerError
 
     try:
-        return vllm_server.rpc(server, "fastvllm_gpu_release")
+        return [r.as_dict() for r in worker_rpc.gpu_release(server)]
     except ServerError as e:
         return [{"error": e.message}]
 
@@ -260,9 +260,43 @@ def _undo(driver: Any, saved: list[int], locked: list[int]) -> None:
         driver.cuCheckpointProcessUnlock(pid, None)
 
 
-def resume(pids: list[int], *, parallel: bool = True) -> dict[str, dict[str, float]]:
+def can_remap() -> bool:
+    """Whether the installed cuda-python can pass GPU pairs to the CUDA restore (the driver's
+    own version is runtime.devices.driver_can_remap's to judge)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return False
+    return hasattr(driver, "CUcheckpointGpuPair") and hasattr(driver, "CUcheckpointRestoreArgs")
+
+
+def restore_args(driver: Any, pairs: Sequence[tuple[str, str]]) -> Any:
+    """The CUDA restore's arguments: None (same GPUs), or CUcheckpointRestoreArgs whose gpuPairs
+    map every checkpointed GPU's UUID onto this host's target GPU (the driver requires every
+    checkpointed GPU in the array, and the same chip on both sides)."""
+    if not pairs:
+        return None
+    from fastvllm.runtime import devices
+
+    out = []
+    for old, new in pairs:
+        pair = driver.CUcheckpointGpuPair()
+        pair.oldUuid.bytes = devices.uuid_bytes(old)
+        pair.newUuid.bytes = devices.uuid_bytes(new)
+        out.append(pair)
+    args = driver.CUcheckpointRestoreArgs()
+    args.gpuPairs = out
+    args.gpuPairsCount = len(out)
+    return args
+
+
+def resume(
+    pids: list[int], *, parallel: bool = True, pairs: Sequence[tuple[str, str]] = ()
+) -> dict[str, dict[str, float]]:
     """Restore, then unlock, every PID (after a CRIU restore, or to give a dumped-and-left-
     running tree its GPU back). Each must be checkpointed; the state is checked first.
+    `pairs` (restore --gpus): (snapshot GPU UUID, target GPU UUID) for every GPU the tree used;
+    each process's GPU state goes onto the target GPUs (not yet run on a GPU: docs/limitations.md).
 
     With `parallel`, each process is restored and unlocked on a thread of its own (the driver
     calls release the GIL): a tree's processes wait on the driver side by side instead of one
@@ -277,10 +311,11 @@ def resume(pids: list[int], *, parallel: bool = True) -> dict[str, dict[str, flo
                 hint="the snapshot was not taken by fastvllm's GPU path, or the process changed",
             )
     times: dict[str, dict[str, float]] = {str(pid): {} for pid in pids}
+    args = restore_args(driver, pairs)
 
     def one(pid: int) -> None:
         t0 = time.perf_counter()
-        _step(driver, "restore", pid, driver.cuCheckpointProcessRestore, None)
+        _step(driver, "restore", pid, driver.cuCheckpointProcessRestore, args)
         t1 = time.perf_counter()
         _step(driver, "unlock", pid, driver.cuCheckpointProcessUnlock, None)
         times[str(pid)] = {"restore_s": round(t1 - t0, 4), "unlock_s": round(time.perf_counter() - t1, 4)}

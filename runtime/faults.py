@@ -12,7 +12,9 @@ restore: `validate` (checks, before anything runs), `criu_restore` (while CRIU r
 `health` (the tree restored, before /health answers), `weight_load`, `canary`.
 
 Faults: `sigterm`, `sigint`, `sighup`, `sigkill` (sent to the fastvllm process itself),
-`kill-server` (SIGKILL to the server's root process), `criu` (CRIU really fails: it is run
+`kill-server` (SIGKILL to the server's root process), `kill-worker` (SIGKILL to the
+highest-ranked worker process of a tensor-parallel server; nothing where there is none),
+`criu` (CRIU really fails: it is run
 with an option it does not know; `dump` and `criu_restore` only).
 
 At the two CRIU points the fault fires from a thread once the CRIU child is at work (its log
@@ -56,6 +58,7 @@ class Fault(enum.StrEnum):
     SIGHUP = "sighup"
     SIGKILL = "sigkill"
     KILL_SERVER = "kill-server"
+    KILL_WORKER = "kill-worker"
     CRIU = "criu"
 
 
@@ -148,11 +151,33 @@ def criu_started(what: str, criu_pid: int, log: Path) -> None:
     threading.Thread(target=watch, name="fault-injection", daemon=True).start()
 
 
+def last_worker(server_pid: int) -> int | None:
+    """The PID of the highest-ranked worker process of a parallel server's tree (vLLM titles
+    them VLLM::Worker_TP<rank>, _PP<rank>_TP<rank>, ...), None if it has none (one worker runs
+    inside the engine core)."""
+    from fastvllm.runtime import proctree
+
+    workers = []
+    for pid in proctree.session_pids(server_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if "::Worker" in title:
+            workers.append((title, pid))
+    return max(workers)[1] if workers else None
+
+
 def _fire(fault: Fault, server_pid: int | None) -> None:
-    if fault is Fault.KILL_SERVER:
-        if server_pid is not None:
+    if fault in (Fault.KILL_SERVER, Fault.KILL_WORKER):
+        target = server_pid
+        if fault is Fault.KILL_WORKER and server_pid is not None:
+            target = last_worker(server_pid)
+        if target is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(server_pid, signal.SIGKILL)
+                os.kill(target, signal.SIGKILL)
+            if fault is Fault.KILL_WORKER:
+                _wait_dead(target)
         return
     sig = SIGNAL_OF.get(fault)
     if sig is None:
@@ -163,6 +188,16 @@ def _fire(fault: Fault, server_pid: int | None) -> None:
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def _wait_dead(pid: int, timeout: float = 60.0) -> None:
+    """Until `pid` has exited (a zombie counts): a process killed with much memory mapped takes
+    a while to go, and the fault means "the worker died here", not "was signalled here"."""
+    from fastvllm.runtime import proctree
+
+    deadline = time.monotonic() + timeout
+    while proctree.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _exists(pid: int) -> bool:

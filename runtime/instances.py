@@ -130,13 +130,11 @@ def known(probe: bool = True) -> list[tuple[Instance, Health]]:
 
 def _health(inst: Instance) -> Health:
     """As a client sees it: /health without fastvllm's token (a closed gate answers 503)."""
-    import httpx
-    from fastvllm.runtime import vllm_server
+    from fastvllm.runtime import localhttp, vllm_server
 
-    server = vllm_server.Server(inst.pid, inst.host, inst.port, Path(inst.log_path))
     try:
-        r = httpx.get(f"{server.base_url}/health", timeout=2.0)
-    except httpx.HTTPError:
+        r = localhttp.get(vllm_server.connect_host(inst.host), inst.port, "/health", timeout=2.0)
+    except localhttp.HTTPError:
         return Health.NOT_ANSWERING
     return Health.SERVING if r.status_code == 200 else Health.NOT_ANSWERING
 

@@ -187,7 +187,7 @@ def wake_server(
     """Give a server that was running before the snapshot (--pid) back what the snapshot
     released (unless it is `intact`), then reopen its readiness gate. A server that cannot get
     its weights back stays closed (503) rather than answer without them."""
-    from fastvllm.runtime import vllm_server
+    from fastvllm.runtime import vllm_server, worker_rpc
 
     if not proctree.alive(pid):
         return []
@@ -197,12 +197,12 @@ def wake_server(
         return [f"reopened server {pid} to its clients"]
     if level == 2:
         vllm_server.wake_up(server, "weights")
-        vllm_server.rpc(server, "fastvllm_reload", path=weights)
+        worker_rpc.reload(server, worker_rpc.ReloadArgs(weights))
         vllm_server.wake_up(server, "kv_cache")
     elif level == 1:
         vllm_server.wake_up(server)
     elif sleeping and not vllm_server.cuda_present():
-        vllm_server.rpc(server, "fastvllm_reload", path=weights)
+        worker_rpc.reload(server, worker_rpc.ReloadArgs(weights))
     vllm_server.set_gate(server, open=True)
     return [f"gave server {pid} its weights back"]
 

@@ -22,6 +22,7 @@ from typing import Any
 import xxhash
 from fastvllm.runtime import private, sparse, system, vllm_server
 from fastvllm.runtime.errors import IdentityMismatchError, IntegrityError, NotASnapshotError
+from fastvllm.runtime.modes import SnapshotKind
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -120,6 +121,17 @@ class Manifest:
     # it is hard-linked to ("" when it could not be shared).
     weights_key: str | None = None
     weights_store_path: str = ""
+    # A parallel server: every rank's weight file in rank order (`weights_file` is rank 0's;
+    # the workers derive theirs from it), the tensor-parallel size, and the number of worker
+    # processes (tensor x pipeline parallel).
+    weights_files: list[str] = field(default_factory=list)
+    tensor_parallel_size: int = 1
+    world_size: int = 1
+    # Each rank's worker process, rank order (CRIU restores these PIDs): errors name the rank.
+    worker_pids: list[int] = field(default_factory=list)
+    # Where the workers ran (runtime.devices.Devices as a dict): {"kind": "cpu"}, or the GPU
+    # model, driver, count and UUIDs; {} for a snapshot taken before it was recorded.
+    devices: dict[str, Any] = field(default_factory=dict)
     # GPU: vLLM's sleep level before the CUDA checkpoint (0: none), the processes whose GPU
     # state the CUDA driver checkpointed, and the GPU they ran on (a restore must match it).
     sleep_level: int = 0
@@ -156,6 +168,11 @@ class Manifest:
             released_bytes=d.get("released_bytes", {}),
             weights_key=d.get("weights_key"),
             weights_store_path=d.get("weights_store_path", ""),
+            weights_files=d.get("weights_files", []),
+            tensor_parallel_size=d.get("tensor_parallel_size", 1),
+            world_size=d.get("world_size", 1),
+            worker_pids=d.get("worker_pids", []),
+            devices=d.get("devices", {}),
             sleep_level=d.get("sleep_level", 0),
             cuda_pids=d.get("cuda_pids", []),
             gpu=d.get("gpu"),
@@ -166,6 +183,12 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         _write_private(directory, self.to_json())
+
+    def all_weight_files(self) -> list[str]:
+        """Every rank's weight file (rank 0's first); [] for a snapshot that keeps none."""
+        if not self.weights_file:
+            return []
+        return list(self.weights_files) or [self.weights_file]
 
 
 def _write_private(directory: Path, text: str) -> None:
@@ -225,9 +248,16 @@ class ProcessManifest:
         _write_private(directory, self.to_json())
 
 
-def kind(directory: Path) -> str:
-    """'vllm' (a served model, with canary) or 'process' (a plain process tree)."""
-    return str(_read_raw(directory).get("kind", "vllm"))
+def kind(directory: Path) -> SnapshotKind:
+    """A served model (with canary) or a plain process tree; an unknown kind is a NotASnapshotError."""
+    raw = _read_raw(directory).get("kind", SnapshotKind.VLLM)
+    try:
+        return SnapshotKind(raw)
+    except ValueError:
+        raise NotASnapshotError(
+            f"{directory / MANIFEST} records an unknown kind {raw!r}",
+            hint="the snapshot is damaged or from another version; take a new one",
+        ) from None
 
 
 def load_process(directory: Path) -> ProcessManifest:
@@ -243,7 +273,8 @@ def load(directory: Path) -> Manifest:
     if raw.get("kind", "vllm") != "vllm":
         raise NotASnapshotError(
             f"{directory} is a plain process snapshot, not a vLLM one",
-            hint="'fastvllm restore' handles both; the vLLM-only commands do not apply to it",
+            hint="'fastvllm restore' (or fastvllm.restore_process) restores it; the vLLM-only commands "
+            "do not apply to it",
         )
     return _parse(Manifest, raw, directory)
 
@@ -427,8 +458,14 @@ def collect_files(
     0700; the images hold the server's memory), before any file is hashed or stamped."""
     private.make_private(root)
     files = _walk(root, skip)
+
+    def digest(p: Path) -> str:
+        h = hash_file(p, on_bytes)
+        assert h is not None  # only a `stop` abandons a digest, and there is none here
+        return h
+
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        hashes = list(pool.map(lambda p: hash_file(p, on_bytes), files))
+        hashes = list(pool.map(digest, files))
     return [
         FileEntry(str(p.relative_to(root)), p.stat().st_size, h) for p, h in zip(files, hashes, strict=True)
     ]

@@ -63,3 +63,22 @@ def snapshot_mappers(snapshot: Path) -> list[Mapper]:
                 m.files.add(path.removeprefix(images).removesuffix(" (deleted)"))
                 m.mapped_bytes += length
     return sorted(found.values(), key=lambda m: m.pid)
+
+
+def smaps_rss(text: str) -> dict[str, int]:
+    """Resident bytes of a /proc/PID/smaps text by kind of mapping: CRIU page images (a tree
+    restored in mmap mode maps them), other files (libraries, Python's files), anonymous."""
+    out = {"page_image_rss": 0, "file_rss": 0, "anon_rss": 0}
+    kind = ""
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:  # a mapping's header line
+            name = parts[5] if len(parts) >= 6 else ""
+            kind = (
+                "page_image_rss" if "/pages-" in name else "file_rss" if name.startswith("/") else "anon_rss"
+            )
+        elif parts[0] == "Rss:" and kind:
+            out[kind] += int(parts[1]) * 1024
+    return out

@@ -22,6 +22,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
@@ -46,7 +47,7 @@ class _State:
     def __init__(self) -> None:
         self.received: int | None = None  # the first terminating signal, once one came
         self.shield = 0  # depth of shielded() blocks
-        self.installed: dict[int, object] = {}  # signal -> the handler it had before install()
+        self.installed: dict[int, Any] = {}  # signal -> the handler it had before install()
 
 
 _state = _State()
@@ -76,7 +77,7 @@ def install() -> None:
 def reset() -> None:
     """Undo `install()` and forget any signal received (tests)."""
     for sig, old in _state.installed.items():
-        signal.signal(sig, old)  # type: ignore[arg-type]
+        signal.signal(sig, signal.SIG_DFL if old is None else old)  # None: not set from Python
     _state.installed = {}
     _state.received = None
     _state.shield = 0
@@ -85,6 +86,19 @@ def reset() -> None:
 def received() -> int | None:
     """The first terminating signal this process got since `install()`, if any."""
     return _state.received
+
+
+def deliver(signum: int) -> None:
+    """Act on `signum` as if it had just come (main thread, from a signal handler of the
+    caller's own): raise Terminated, unless shielded or one came already. The resident agent
+    turns a client's cancel into a SIGTERM for the restore it runs this way."""
+    _handler(signum, None)
+
+
+def forget() -> None:
+    """Forget the signal received: a resident process that undid one request's work on it
+    goes on serving, and the next request must be interruptible again."""
+    _state.received = None
 
 
 def check() -> None:

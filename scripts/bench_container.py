@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 from fastvllm.runtime import manifest, system
-from fastvllm.scripts import docker_image
 
 from fastvllm import container as ctr
+from fastvllm import docker_image
 
 PORT = 8000
 

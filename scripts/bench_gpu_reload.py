@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastvllm.runtime import instances, proctree, system, vllm_server
+from fastvllm.runtime import instances, proctree, system, vllm_server, worker_rpc
 from fastvllm.runtime.tiny_model import resolve_model
 
 GPU_ARGS = ["--enable-sleep-mode", "--enforce-eager", "--max-model-len", "1024"]
@@ -51,11 +51,11 @@ def _cycle(
     t1 = time.perf_counter()
     vllm_server.wake_up(server, "weights")
     t2 = time.perf_counter()
-    res: list[object]
+    detail: dict[str, Any] | None = None
     if method == "fastvllm":
-        res = vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+        detail = worker_rpc.reload(server, worker_rpc.ReloadArgs(str(weights)))[0].as_dict()
     else:
-        res = vllm_server.rpc(server, "reload_weights")
+        worker_rpc.vllm_reload_weights(server)
     t3 = time.perf_counter()
     vllm_server.wake_up(server, "kv_cache")
     t4 = time.perf_counter()
@@ -69,7 +69,7 @@ def _cycle(
         "first_completion_s": t5 - t4,
         "wake_to_completion_s": t5 - t1,
         "tokens": c.token_ids,
-        "detail": res[0] if res else None,
+        "detail": detail,
     }
 
 
@@ -91,8 +91,8 @@ def run(model: str, reps: int, port: int, out: Path, extra: list[str]) -> dict[s
         doc["launch_to_healthy_s"] = time.perf_counter() - t0
         want = vllm_server.complete(server, name, vllm_server.CANARY_PROMPT, vllm_server.CANARY_MAX_TOKENS)
         t = time.perf_counter()
-        dump = vllm_server.rpc(server, "fastvllm_dump_weights", path=str(weights))
-        doc["dump"] = {**dict(dump[0]), "wall_s": time.perf_counter() - t}  # type: ignore[call-overload]
+        dump = worker_rpc.dump_weights(server, weights)
+        doc["dump"] = {**dump[0].as_dict(), "wall_s": time.perf_counter() - t}
         print(f"[gpu-reload] healthy in {doc['launch_to_healthy_s']:.1f} s; dumped {dump[0]}", flush=True)
         rows: dict[str, list[dict[str, Any]]] = {}
         for rep in range(reps):
@@ -106,7 +106,7 @@ def run(model: str, reps: int, port: int, out: Path, extra: list[str]) -> dict[s
                     rows.setdefault(key, []).append(r)
                     print(f"[gpu-reload] rep {rep} {key}: reload {r['reload_s']:.3f} s, "
                           f"wake->completion {r['wake_to_completion_s']:.3f} s", flush=True)  # fmt: skip
-        size = int(dict(dump[0])["bytes"])  # type: ignore[call-overload]
+        size = dump[0].bytes
         doc["weight_file_bytes"] = size
         doc["results"] = {
             k: {

@@ -185,7 +185,7 @@ def run(
             with _RunningWatch([sv.base_url for sv in servers]) as watch:
                 got, sid, gap = _stream(url, body, after)
             recent = httpx.get(f"{url}/fastvllm/sessions").json()["recent_migrations"]
-            mig = next((m for m in recent if m["session"] == sid), {"outcome": "not started"})
+            mig: dict[str, Any] = next((m for m in recent if m["session"] == sid), {"outcome": "not started"})
             ok = got == reference
             runs.append(mig | {"identical": ok, "tokens": len(got), "largest_gap_s": gap})
             busy = watch.last_running.get(mig.get("from", ""))

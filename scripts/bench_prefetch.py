@@ -43,7 +43,7 @@ from typing import Any
 
 from fastvllm.prefetch import warm
 from fastvllm.restore import hotset
-from fastvllm.runtime import manifest, system, vllm_server
+from fastvllm.runtime import manifest, mapped, system, vllm_server
 
 from fastvllm import api
 
@@ -102,25 +102,6 @@ def ours(paths: list[Path], threads: int) -> float:
     return warm.warm(paths, threads=threads).seconds
 
 
-def smaps_rss(text: str) -> dict[str, int]:
-    """Resident bytes of a /proc/PID/smaps text by kind of mapping: CRIU page images (a tree
-    restored in mmap mode maps them), other files (libraries, Python's files), anonymous."""
-    out = {"page_image_rss": 0, "file_rss": 0, "anon_rss": 0}
-    kind = ""
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:  # a mapping's header line
-            name = parts[5] if len(parts) >= 6 else ""
-            kind = (
-                "page_image_rss" if "/pages-" in name else "file_rss" if name.startswith("/") else "anon_rss"
-            )
-        elif parts[0] == "Rss:" and kind:
-            out[kind] += int(parts[1]) * 1024
-    return out
-
-
 def _touched(snap: Path, root: int, files: list[Path]) -> dict[str, int]:
     """What the restored tree (rooted at `root`) has mapped in, and what the page cache holds of
     the page images: the restore's working set against what its page faults read."""
@@ -130,7 +111,7 @@ def _touched(snap: Path, root: int, files: list[Path]) -> dict[str, int]:
     total = {"page_image_rss": 0, "file_rss": 0, "anon_rss": 0}
     for p in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
         try:
-            got = smaps_rss(Path(f"/proc/{p.pid}/smaps").read_text())
+            got = mapped.smaps_rss(Path(f"/proc/{p.pid}/smaps").read_text())
         except OSError:
             continue
         for k, v in got.items():
@@ -235,10 +216,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     reverify="every file hashed" in cond,
                 )
                 try:
-                    doc = {
+                    run_doc: dict[str, Any] = {
                         "ttfc_s": r.time_to_first_completion_s,
-                        "criu_restore": getattr(r, "criu_restore", "?"),
-                        "readahead": getattr(r, "readahead", None),
+                        "criu_restore": r.criu_restore,
+                        "readahead": r.readahead,
                         "phases": r.timeline.as_list(),
                     }
                     if bare:
@@ -246,8 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         libraries |= _mapped_files(r.server.pid)
                 finally:
                     api.stop(r.server.pid)
-                restore_runs[cond].append(doc)
-                _say(f"rep {rep}/{args.reps} restore {cond:32s} {doc['ttfc_s']:.2f} s to first completion")
+                restore_runs[cond].append(run_doc)
+                took = run_doc["ttfc_s"]
+                _say(f"rep {rep}/{args.reps} restore {cond:32s} {took:.2f} s to first completion")
         load_restores.append(os.getloadavg()[0])
         ttfc = {k: _med([d["ttfc_s"] for d in v]) for k, v in restore_runs.items()}
         files_alone = statistics.median(warm_runs[default]) if default in warm_runs else None

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastvllm.runtime import (
     affinity,
@@ -21,20 +22,30 @@ from fastvllm.runtime import (
     credentials,
     criu,
     cuda_checkpoint,
+    devices,
     faults,
     instances,
     journal,
     manifest,
     proctree,
+    ranks,
     shm,
     signals,
     system,
     tiny_model,
     verified,
     vllm_server,
+    worker_rpc,
 )
-from fastvllm.runtime.errors import FastVLLMError, ServerError, SnapshotExistsError, UsageError
+from fastvllm.runtime.errors import (
+    FastVLLMError,
+    ServerError,
+    SnapshotExistsError,
+    TreeChangedError,
+    UsageError,
+)
 from fastvllm.runtime.timeline import Timeline
+from fastvllm.snapshot import learn
 from fastvllm.weights import store
 
 LOG_NAME = "server.log"
@@ -50,6 +61,9 @@ class SnapshotOptions:
     host: str = vllm_server.DEFAULT_HOST
     vllm_args: list[str] = field(default_factory=list)
     leave_running: bool = False
+    # After publishing: a trial restore from evicted page images learns the hot set (snapshot.learn)
+    # and proves the snapshot restores. Not with leave_running (the original holds its PIDs, port).
+    learn: bool = True
     health_timeout: float = 900.0
     sleep: bool = True  # release weights + KV cache before the dump
     # GPU: vLLM's sleep level before the CUDA checkpoint. 2 discards weights and KV cache (the
@@ -69,6 +83,7 @@ class SnapshotResult:
     timeline: Timeline
     cold_start_s: float | None  # launch to first completion, when we launched the server
     server: vllm_server.Server | None  # still serving when leave_running
+    trial: dict[str, Any] | None = None  # what the trial restore saw (snapshot.learn)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -81,6 +96,7 @@ class SnapshotResult:
             "server_pid": self.server.pid if self.server else None,
             "url": self.server.base_url if self.server else None,
             "listen": self.server.listen_url if self.server else None,
+            "trial_restore": self.trial,
         }
 
 
@@ -101,6 +117,13 @@ def _preflight(opts: SnapshotOptions) -> criu.Criu:
         opts.model = tiny_model.resolve_model(opts.model)
         vllm_server.validate_model_dir(opts.model)
         vllm_server.ensure_port_free(opts.host, opts.port)
+        if not vllm_server.cuda_present():  # a parallel server whose cores or memory do not suffice
+            import psutil
+
+            env = {**os.environ, **opts.env}
+            vllm_server.cpu_parallel_bind(opts.vllm_args, env)
+            free_gib = psutil.virtual_memory().available / 2**30
+            vllm_server.check_cpu_parallel_memory(opts.vllm_args, env, free_gib)
     return found
 
 
@@ -139,10 +162,11 @@ def take_snapshot(
         dumped = _dump(op, opts, found, s, rel, staging, tl, on_gpu)
         m = _manifest(found, s, rel, dumped, canary, model_id, staging, tl, on_hash_bytes)
         _publish(m, s, staging, opts.out, tl)
+        trial = learn.trial_restore(op, opts.out, m, tl) if opts.learn and not opts.leave_running else None
         op.commit()
     if opts.leave_running and s.launched:
         _record(s, opts.out)
-    return SnapshotResult(opts.out, m, tl, s.cold_start_s, s.server if opts.leave_running else None)
+    return SnapshotResult(opts.out, m, tl, s.cold_start_s, s.server if opts.leave_running else None, trial)
 
 
 @dataclass
@@ -172,7 +196,12 @@ class _Released:
     weights: Path
     released: dict[str, int] = field(default_factory=dict)
     gpu_state: dict[str, object] = field(default_factory=dict)  # what the CUDA checkpoint moves
-    shared: store.Shared | None = None
+    shared: store.Shared | None = None  # rank 0's weight file in the store
+    # Every rank's weight file, rank order (relative to the snapshot), and the parallel layout
+    # the workers reported (rank, world_size, tensor_parallel_size of rank 0).
+    weight_files: list[str] = field(default_factory=list)
+    parallel: dict[str, int] = field(default_factory=dict)
+    worker_pids: list[int] = field(default_factory=list)  # each rank's process, rank order
     intact: bool = True  # the server still holds its weights
     kept: journal.Undo | None = None  # a --pid server's way back to serving after a failure
 
@@ -321,11 +350,9 @@ def _release(
 
 def _sleep_gpu(server: vllm_server.Server, rel: _Released, tl: Timeline) -> None:
     with tl.phase("sleep"):
-        _add(rel.released, vllm_server.rpc(server, "fastvllm_weight_bytes"))
+        _add(rel.released, worker_rpc.totals(worker_rpc.weight_bytes(server)))
         if rel.gpu_level == 2:  # the weights leave the GPU for good: keep them in a file first
-            rel.weights.parent.mkdir(exist_ok=True)
-            vllm_server.rpc(server, "fastvllm_dump_weights", path=str(rel.weights))
-            rel.shared = store.share(rel.weights)
+            _dump_weights(server, rel)
         vllm_server.reset_prefix_cache(server)
         rel.set_intact(False)
         vllm_server.sleep(server, rel.gpu_level)
@@ -334,20 +361,33 @@ def _sleep_gpu(server: vllm_server.Server, rel: _Released, tl: Timeline) -> None
 
 def _release_cpu(server: vllm_server.Server, rel: _Released, tl: Timeline) -> None:
     with tl.phase("release_weights_kv"):
-        rel.weights.parent.mkdir(exist_ok=True)
         vllm_server.reset_prefix_cache(server)
-        _add(rel.released, vllm_server.rpc(server, "fastvllm_weight_bytes"))  # what there is to release
-        vllm_server.rpc(server, "fastvllm_dump_weights", path=str(rel.weights))
-        rel.shared = store.share(rel.weights)
+        _add(rel.released, worker_rpc.totals(worker_rpc.weight_bytes(server)))  # what there is to release
+        _dump_weights(server, rel)
         rel.set_intact(False)
-        _add(rel.released, vllm_server.rpc(server, "fastvllm_release"))
+        _add(rel.released, worker_rpc.totals(worker_rpc.release(server)))
 
 
-def _add(into: dict[str, int], results: list[object]) -> None:
-    """Sum the workers' byte counts into `into`."""
-    for r in results:
-        for k, v in dict(r).items():  # type: ignore[call-overload]
-            into[k] = into.get(k, 0) + int(v)
+def _dump_weights(server: vllm_server.Server, rel: _Released) -> None:
+    """Every worker writes its own shard: rank 0 to `rel.weights`, the others beside it
+    (weights.fileformat.rank_path). Each file goes into the content-addressed store."""
+    rel.weights.parent.mkdir(exist_ok=True)
+    results = sorted(worker_rpc.dump_weights(server, rel.weights), key=lambda r: r.rank)
+    root = rel.weights.parent.parent  # the staging directory
+    rel.weight_files = [str(Path(r.path).relative_to(root)) for r in results]
+    rel.worker_pids = [r.pid for r in results if r.pid is not None]
+    rel.parallel = {
+        "world_size": results[0].world_size if results else 1,
+        "tensor_parallel_size": results[0].tensor_parallel_size if results else 1,
+    }
+    shared = [store.share(root / f) for f in rel.weight_files]
+    rel.shared = shared[0] if shared else None
+
+
+def _add(into: dict[str, int], counts: dict[str, int]) -> None:
+    """Add the workers' summed byte counts into `into`."""
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
 
 
 def _dump(
@@ -362,8 +402,12 @@ def _dump(
 ) -> _Dumped:
     """CRIU-dump the tree (after the CUDA checkpoint on a GPU). With --leave-running the
     original gets its GPU state and its weights back and reopens; otherwise it is gone."""
+    # First right after the release: once one worker dies vLLM stops the rest, and only the
+    # first to go says which rank failed.
+    _require_workers(rel, "after the release, before the CRIU dump")
     d = _prepare_dump(op, s.server, staging, on_gpu)
     gpu_undo = _cuda_checkpoint(op, opts, d, rel, tl) if d.cuda_pids else None
+    _require_workers(rel, "before the CRIU dump")
     faults.at(faults.Point.DUMP, s.server.pid)  # (fires while CRIU runs)
     with tl.phase("criu_dump"):
         criu.dump(
@@ -430,8 +474,21 @@ def _cuda_checkpoint(
     with tl.phase("cuda_checkpoint"), signals.shielded():
         rel.gpu_state["processes"] = cuda_checkpoint.suspend(d.cuda_pids, opts.lock_timeout_s)
         undo = op.undo("give_back_gpu", local=lambda: _give_back(d.cuda_pids, rel), pids=d.cuda_pids)
+    _require_workers(rel, "after the CUDA checkpoint, before the CRIU dump")
     proctree.require_alive(d.tree, "after the CUDA checkpoint, before the CRIU dump")
     return undo
+
+
+def _require_workers(rel: _Released, when: str) -> None:
+    """Every worker rank of a parallel server is still there `when`: one that died would be
+    missing from the image (CRIU dumps what is left). Refuse, naming the rank."""
+    gone = ranks.dead(rel.worker_pids) if len(rel.worker_pids) > 1 else []
+    if gone:
+        raise TreeChangedError(
+            f"{ranks.describe('exited', gone)} {when}; nothing was written",
+            hint="the rest of the tree is not snapshotted without it: see the server log for why it "
+            "exited, then snapshot again",
+        )
 
 
 def _give_back(pids: list[int], rel: _Released) -> None:
@@ -495,9 +552,26 @@ def _manifest(
         gpu=d.gpu.as_dict() if d.gpu else None,
         gpu_state=rel.gpu_state,
         released_bytes=rel.released,
+        **_layout(s, rel, d),
         weights_key=rel.shared.key if rel.shared else None,
         weights_store_path=str(rel.shared.store_path or "") if rel.shared else "",
     )
+
+
+def _layout(s: _Served, rel: _Released, d: _Dumped) -> dict[str, Any]:
+    """The manifest's record of the parallel layout: every rank's weight file, the tensor-
+    parallel size and worker count (as the workers reported them, else as vLLM's arguments
+    give them), and the devices they ran on (a restore elsewhere must match them)."""
+    tp, pp = vllm_server.parallel_sizes(s.spec.extra_args)
+    world = rel.parallel.get("world_size", tp * pp)
+    on_gpu = bool(d.cuda_pids)
+    return {
+        "weights_files": rel.weight_files if len(rel.weight_files) > 1 else [],
+        "tensor_parallel_size": rel.parallel.get("tensor_parallel_size", tp),
+        "world_size": world,
+        "worker_pids": rel.worker_pids,
+        "devices": devices.of_tree(devices.list_gpus() if on_gpu else [], world, s.env, on_gpu).as_dict(),
+    }
 
 
 def _publish(m: manifest.Manifest, s: _Served, staging: Path, out: Path, tl: Timeline) -> None:
@@ -533,12 +607,12 @@ def wake(server: vllm_server.Server, level: int, weights: Path, sleeping: bool) 
     weights come back from host memory); the CPU path reloads into the released tensors."""
     if level == 2:
         vllm_server.wake_up(server, "weights")
-        vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+        worker_rpc.reload(server, worker_rpc.ReloadArgs(str(weights)))
         vllm_server.wake_up(server, "kv_cache")
     elif level == 1:
         vllm_server.wake_up(server)
     elif sleeping and not vllm_server.cuda_present():
-        vllm_server.rpc(server, "fastvllm_reload", path=str(weights))
+        worker_rpc.reload(server, worker_rpc.ReloadArgs(str(weights)))
 
 
 def serve_again(server: vllm_server.Server, intact: bool, level: int, weights: Path, sleeping: bool) -> None:

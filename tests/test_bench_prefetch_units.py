@@ -1,9 +1,10 @@
-"""Pure-logic checks of the prefetch benchmark (scripts/bench_prefetch.py): how it splits a
-restored tree's resident memory by kind of mapping. Nothing here starts a process."""
+"""Pure-logic checks of what the prefetch benchmark (scripts/bench_prefetch.py) reads: how
+runtime.mapped.smaps_rss splits a restored tree's resident memory by kind of mapping. Nothing
+here starts a process."""
 
 from __future__ import annotations
 
-from fastvllm.scripts import bench_prefetch as bp
+from fastvllm.runtime import mapped as bp
 
 SMAPS = """\
 55d0c0a00000-55d0c0b00000 r--p 00000000 fd:00 1234                       /usr/bin/python3.11

@@ -1,4 +1,4 @@
-"""Pure-logic checks of the weight-loader benchmark (scripts/bench_weights.py): model shapes,
+"""Pure-logic checks of the weight-loader benchmark (fastvllm.weights.bench): model shapes,
 peer selection, bounds and the summary. Nothing here reads weights or starts a process."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastvllm.scripts import bench_weights as bw
+from fastvllm.weights import bench as bw
 
 
 def test_3b_has_llama_3_2_3b_shapes() -> None:

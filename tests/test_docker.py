@@ -37,7 +37,7 @@ PREFIX = "fastvllm-test"
 
 def _no_engine() -> str | None:
     try:
-        from fastvllm.scripts import docker_image
+        from fastvllm import docker_image
     except ImportError as e:
         return f"the Docker SDK for Python is missing ({e}); run scripts/setup.sh"
     try:
@@ -65,7 +65,7 @@ def engine() -> Iterator[Engine]:
     reason = _no_engine()
     if reason:
         pytest.skip(f"no Docker engine can start here: {reason}")
-    from fastvllm.scripts import docker_image
+    from fastvllm import docker_image
 
     try:
         daemon = docker_image.ensure_daemon()

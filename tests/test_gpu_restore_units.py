@@ -312,3 +312,304 @@ def test_a_hot_set_learned_from_a_copied_tree_is_not_used_in_mmap_mode(tmp_path:
     assert hotset.save(snap, learned)
     got = hotset.load(snap, sizes, mode="mmap")
     assert got is not None and got.mode == "mmap" and "criu/pages-1.img" in [f.path for f in got.files]
+
+
+# --- issue 22, items 4, 5, 7, 8: the loader's kept pinned pool, the 8b model, the bench's order ---
+
+
+def _bench() -> Any:
+    from fastvllm.scripts import bench_gpu_restore
+
+    return bench_gpu_restore
+
+
+def test_the_bench_runs_the_most_important_figures_first() -> None:
+    """The first model's cold start and default restores as a user waits (warm, cold) and (c)
+    against (b) come before anything of the second model; the second model's cold start, warm
+    default, (b) and (c) before any repetition, sweep or comparison variant."""
+    b = _bench()
+    steps = b.plan(["3b", "8b"], reps=2)
+    head = [(s.model, s.key, s.rep) for s in steps[:15]]
+    assert head == [
+        ("3b", "snapshot", 1),
+        ("3b", "bounds", 1),
+        ("3b", "prime", 1),
+        ("3b", "cli/warm", 1),
+        ("3b", "cli/cold", 1),
+        ("3b", "c/warm", 1),
+        ("3b", "b/warm", 1),
+        ("3b", "agent/warm", 1),
+        ("8b", "snapshot", 1),
+        ("8b", "prime", 1),
+        ("8b", "cli/warm", 1),
+        ("8b", "agent/warm", 1),
+        ("8b", "c/warm", 1),
+        ("8b", "b/warm", 1),
+        ("8b", "cli/cold", 1),
+    ]
+    first_rep2 = next(i for i, s in enumerate(steps) if s.rep == 2)
+    early = [s for s in steps[:first_rep2] if s.kind is b.StepKind.RESTORE]
+    assert all(s.variant in ("cli", "agent", "c", "b") for s in early)
+    assert [s.model for s in steps if s.kind is b.StepKind.BOUNDS] == ["3b"]  # once per machine
+    for m in ("3b", "8b"):  # every restore of a model comes after its snapshot and its prime
+        idx = [i for i, s in enumerate(steps) if s.model == m]
+        kinds = [steps[i].kind for i in idx]
+        assert kinds.index(b.StepKind.SNAPSHOT) == 0
+        assert kinds.index(b.StepKind.PRIME) < kinds.index(b.StepKind.RESTORE)
+    keys = [(s.model, s.key, s.rep) for s in steps]
+    assert len(keys) == len(set(keys))  # nothing twice
+
+
+def test_the_bench_plan_filters_variants_and_conditions() -> None:
+    b = _bench()
+    steps = b.plan(["3b"], reps=1, variants={"cli"}, conditions={"warm"})
+    assert [(s.key, s.rep) for s in steps] == [("snapshot", 1), ("bounds", 1), ("prime", 1), ("cli/warm", 1)]
+    assert not any(s.kind is b.StepKind.SWEEP for s in b.plan(["3b"], variants={"cli", "c"}))
+    assert [s.model for s in b.plan(["3b", "8b"], reps=1) if s.kind is b.StepKind.SWEEP] == ["3b", "8b"]
+    three = b.plan(["3b"], reps=3)
+    assert {s.rep for s in three if s.key == "cli/warm"} == {1, 2, 3}
+
+
+def test_the_bench_budget_drops_what_does_not_fit() -> None:
+    """Each step runs only if its estimate fits what is left; a model whose snapshot did not
+    run has none of its restores run. Simulated with each step taking its estimate: with the
+    budget a GPU call leaves, the headline figures of both models fit."""
+    from fastvllm.runtime import tiny_model
+
+    b = _bench()
+    sizes = {m: b.Sizes(tiny_model.weight_bytes(tiny_model.config(m)) / 1e9) for m in ("3b", "8b")}
+    snap = b.Step("8b", b.StepKind.SNAPSHOT)
+    restore = b.Step("8b", b.StepKind.RESTORE, "cli", "warm")
+    assert b.skip_reason(restore, False, 1.0, 100.0) == "no snapshot of this model"
+    assert b.skip_reason(snap, False, 50.0, 100.0) is None
+    assert "out of time budget" in (b.skip_reason(snap, False, 150.0, 100.0) or "")
+    # bigger models and cold page caches are estimated longer
+    assert b.estimate_s(snap, sizes["8b"]) > b.estimate_s(b.Step("3b", b.StepKind.SNAPSHOT), sizes["3b"])
+    cold = b.Step("3b", b.StepKind.RESTORE, "cli", "cold")
+    assert b.estimate_s(cold, sizes["3b"]) > b.estimate_s(
+        b.Step("3b", b.StepKind.RESTORE, "cli", "warm"), sizes["3b"]
+    )
+
+    def simulate(budget: float) -> list[tuple[str, str]]:
+        left, ran, snapped = budget, [], set()
+        for s in b.plan(["3b", "8b"], reps=2):
+            est = b.estimate_s(s, sizes[s.model])
+            if b.skip_reason(s, s.model in snapped, est, left) is None:
+                left -= est
+                ran.append((s.model, s.key))
+                if s.kind is b.StepKind.SNAPSHOT:
+                    snapped.add(s.model)
+        return ran
+
+    ran = simulate(530.0)
+    for want in [
+        ("3b", "cli/warm"),
+        ("3b", "cli/cold"),
+        ("3b", "b/warm"),
+        ("8b", "snapshot"),
+        ("8b", "cli/warm"),
+    ]:
+        assert want in ran
+    assert ("3b", "mmap-old/cold") not in ran  # the comparisons are what goes
+    short = simulate(200.0)  # no room for the 8b's snapshot: none of its restores either
+    assert ("8b", "snapshot") not in short and not any(m == "8b" for m, _ in short)
+    assert ("3b", "cli/warm") in short
+
+
+def test_the_bench_summary_and_chart(tmp_path: Path) -> None:
+    b = _bench()
+    md: dict[str, Any] = {
+        "cold_start_s": 85.0,
+        "breakdown": {"image_bytes": 4_000_000_000, "weights_bytes": 5_000_000_000},
+        "runs": {
+            "cli/warm": [
+                {"user_wait_s": 1.1, "phases": {"load_weights": 0.2}, "load_pct_of_pinned_bound": 60.0}
+            ],
+            "cli/cold": [{"user_wait_s": 6.0, "phases": {}}, {"user_wait_s": 7.0, "phases": {}}],
+            "c/warm": [{"ttfc_s": 0.9, "phases": {"load_weights": 0.15}, "load_pct_of_pinned_bound": 70.0}],
+            "b/warm": [{"ttfc_s": 4.5, "phases": {}}],
+        },
+    }
+    doc: dict[str, Any] = {"bounds": {"disk_cold_read_gbps": 1.8}, "models": {"3b": md}, "gpu": None}
+    b.summarise(doc)
+    assert md["median_s"]["cli/cold"] == 6.5 and md["cold_disk_bound_s"] == 5.0
+    acc = md["acceptance"]
+    assert acc["user_wait_warm_s"] == 1.1 and acc["cold_x_disk_bound"] == 1.3
+    assert acc["b_over_c_warm_in_process"] == 5.0 and acc["cold_start_over_user_wait_warm"] == 77.3
+    assert acc["load_pct_of_pinned_bound_warm"] == 65.0
+    labels = [label for label, _ in b.chart_values(md)]
+    assert labels[0] == "cold start" and labels[-1] == "disk bound (cold)" and len(labels) == 6
+    pytest.importorskip("matplotlib")
+    assert b.chart(doc, tmp_path / "c.png") and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_bench_model_dirs() -> None:
+    b = _bench()
+    assert b._model_dirs("3b=/a,8b=/b", ["3b", "8b"]) == {"3b": "/a", "8b": "/b"}
+    assert b._model_dirs("/m", ["3b", "8b"]) == {"3b": "/m"}
+    assert b._model_dirs("", ["3b"]) == {}
+    assert b._vllm_args("8b", [])[-1] == "0.3" and b._vllm_args("3b", ["--enforce-eager"])[-2:] == [
+        "0.2",
+        "--enforce-eager",
+    ]
+
+
+def test_the_8b_model_has_llama_3_1_8b_shapes() -> None:
+    """Llama-3.1-8B's layer shapes (32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads of
+    128) with the tiny vocabulary: 7.0 B parameters, 14.0 GB of bf16."""
+    from fastvllm.runtime import tiny_model
+
+    c = tiny_model.config("8b")
+    shapes = {n: s for n, s, _ in tiny_model.shapes(c)}
+    assert shapes["model.layers.31.self_attn.q_proj.weight"] == (4096, 4096)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 4096)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (14336, 4096)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (4096, 14336)
+    assert "model.layers.32.mlp.up_proj.weight" not in shapes
+    assert tiny_model.weight_bytes(c) == 13_992_730_624
+    assert "8b" in tiny_model.FAST_SIZES and "3b" not in tiny_model.FAST_SIZES  # 3b: as before
+    # the same names, order and shapes as the generator the other sizes use
+    tiny = tiny_model.config("tiny")
+    w = tiny_model._weights(tiny)
+    assert [(n, s) for n, s, _ in tiny_model.shapes(tiny)] == [(n, tuple(t.shape)) for n, t in w.items()]  # type: ignore[attr-defined]
+
+
+def test_the_fast_writer_makes_a_safetensors_file_vllm_reads(tmp_path: Path) -> None:
+    """`_write_fast` (the 8b's): a valid safetensors file (read back by the safetensors library),
+    every shape and dtype as configured, norms exactly one, random weights finite, bounded and
+    varied, and the same bytes whatever the thread count."""
+    import torch
+    from fastvllm.runtime import tiny_model
+    from safetensors.torch import load_file
+
+    c = tiny_model.config("small")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tiny_model._write_fast(a, c, threads=4)
+    tiny_model._write_fast(b, c, threads=1)
+    assert a.read_bytes() == b.read_bytes()
+    got = load_file(str(a))
+    for name, shape, rand in tiny_model.shapes(c):
+        t = got[name]
+        assert tuple(t.shape) == shape and t.dtype == torch.bfloat16
+        if rand:
+            x = t.float().abs()
+            assert torch.isfinite(x).all() and x.min() >= 1 / 32 and x.max() < 0.5 and x.std() > 0.05
+        else:
+            assert bool((t == 1).all())
+    assert a.stat().st_size == 8 + int.from_bytes(a.read_bytes()[:8], "little") + tiny_model.weight_bytes(c)
+
+
+def test_the_loader_pool_size() -> None:
+    from fastvllm.weights import loader
+
+    assert loader.pool_size(10) == 10 + loader.EXTRA_BUFFERS
+    assert loader.pool_size(1) == 1 + loader.EXTRA_BUFFERS
+    assert loader.pool_size(0) == 1 + loader.EXTRA_BUFFERS
+    assert loader.pool_size(8, buffers=3) == 3
+    assert loader.pool_size(8, buffers=1) == 2  # double buffering at least
+
+
+@pytest.fixture
+def kept_pool(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in for the pool `keep_pool` pins (the GPU machine runs the real one)."""
+    from fastvllm.weights import loader
+
+    pool = SimpleNamespace(chunk=8 << 20, buffers=[object()] * 14)
+    monkeypatch.setattr(loader, "_kept", pool)
+    monkeypatch.setattr(loader, "_kept_busy", False)
+    monkeypatch.setattr(loader, "_probe", lambda _pool, _device: None)
+    return pool
+
+
+def test_a_load_uses_the_kept_pool_once_at_a_time(kept_pool: Any) -> None:
+    from fastvllm.weights import loader
+
+    got, how = loader._acquire_pool(8 << 20, 14, "cuda")
+    assert got is kept_pool and how == "kept"
+    other, how2 = loader._acquire_pool(8 << 20, 14, "cuda")  # a second load meanwhile
+    assert other is not kept_pool and how2 == "fresh: the kept buffers are in use"
+    assert other.buffers == []  # nothing pinned yet: the load pins as it goes
+    loader._release_kept()
+    assert loader._acquire_pool(8 << 20, 10, "cuda") == (kept_pool, "kept")  # fewer needed: fine
+    loader._release_kept()
+
+
+def test_a_load_pins_its_own_where_the_kept_pool_does_not_fit_or_fails_the_probe(
+    kept_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastvllm.weights import loader
+
+    assert loader._acquire_pool(16 << 20, 14, "cuda")[1] == "fresh: the kept buffers are 14 x 8 MiB"
+    assert loader._acquire_pool(8 << 20, 20, "cuda")[1] == "fresh: the kept buffers are 14 x 8 MiB"
+    monkeypatch.setattr(loader, "_probe", lambda _p, _d: "the kept buffers are no longer pinned")
+    assert loader._acquire_pool(8 << 20, 14, "cuda")[1] == "fresh: the kept buffers are no longer pinned"
+
+    def broken(_p: Any, _d: Any) -> str:
+        raise RuntimeError("CUDA error: invalid argument")
+
+    monkeypatch.setattr(loader, "_probe", broken)
+    pool, how = loader._acquire_pool(8 << 20, 14, "cuda")
+    assert pool is not kept_pool and how.startswith("fresh: the probe failed (RuntimeError(")
+    assert loader._kept_busy is False  # a failed probe leaves the pool free for the next load
+    monkeypatch.setattr(loader, "_kept", None)
+    assert loader._acquire_pool(8 << 20, 14, "cuda")[1] == "fresh: no kept buffers"
+
+
+def test_keep_pool_without_cuda_keeps_nothing() -> None:
+    import torch
+    from fastvllm.weights import loader
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only check")
+    assert loader.keep_pool() == {"kept": False, "reason": "no CUDA device"}
+
+
+def test_the_kept_pool_on_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU machine: buffers pinned ahead are used by the next load (no pinning in it),
+    pass the probe, and load every byte right; a chunk size they do not fit pins its own."""
+    import torch
+    from fastvllm.weights import fileformat, loader
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    monkeypatch.setattr(loader, "_kept", None)  # this test's pool goes with it
+    g = torch.Generator().manual_seed(7)
+    src = {f"w{i}": torch.randn(1024, 1536 + i, generator=g).to(torch.bfloat16) for i in range(24)}
+    path = tmp_path / "w.fvw"
+    fileformat.write(path, src)
+    kept = loader.keep_pool(threads=4, chunk=1 << 20)
+    assert kept["kept"] and kept["buffers"] == loader.pool_size(4)
+    dst = {k: torch.zeros_like(v, device="cuda") for k, v in src.items()}
+    st = loader.load_into(path, dst, threads=4, chunk=1 << 20)
+    assert st.pool == "kept" and st.pin_s == 0.0
+    assert all(torch.equal(dst[k].cpu(), v) for k, v in src.items())
+    st2 = loader.load_into(path, dst, threads=4, chunk=2 << 20)
+    assert st2.pool.startswith("fresh: the kept buffers are")
+    assert all(torch.equal(dst[k].cpu(), v) for k, v in src.items())
+
+
+def test_a_gpu_snapshots_host_queries_run_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation of a GPU snapshot asks nvidia-smi twice (identity, GPU list): both are
+    asked at once, in the background, and the checks get their answers. Each fake waits for the
+    other to have started: asked one after the other, the first would wait out its guard."""
+    from fastvllm.restore import pipeline
+    from fastvllm.runtime import devices
+
+    started = {"identity": threading.Event(), "gpus": threading.Event()}
+    ident = cuda_checkpoint.GpuIdentity("NVIDIA H100 80GB HBM3", "580.159.04", 1)
+    gpu = devices.Gpu(0, "GPU-1", "NVIDIA H100 80GB HBM3", "580.159.04")
+
+    def identity() -> Any:
+        started["identity"].set()
+        return ident if started["gpus"].wait(60) else None
+
+    def gpus() -> list[Any]:
+        started["gpus"].set()
+        return [gpu] if started["identity"].wait(60) else []
+
+    monkeypatch.setattr(cuda_checkpoint, "gpu_identity", identity)
+    monkeypatch.setattr(devices, "list_gpus", gpus)
+    assert pipeline._GpuQueries.start(cast(Any, SimpleNamespace(cuda_pids=[], gpu=None))) is None  # CPU
+    q = pipeline._GpuQueries.start(cast(Any, SimpleNamespace(cuda_pids=[7], gpu={"model": "x"})))
+    assert q is not None
+    assert q.identity() == ident and q.gpus() == [gpu]

@@ -280,7 +280,7 @@ def test_embedded_controller_explains_a_missing_snapshot(tmp_path) -> None:
 
 
 def test_simulator_small_fleet_invariants(tmp_path) -> None:
-    from fastvllm.scripts import simulate_placement as sp
+    from fastvllm.scheduler import simulate as sp
 
     res = sp.main(["--hosts", "20", "--models", "200", "--requests", "1500", "--out", str(tmp_path)])
     assert (tmp_path / "placement.json").is_file() and (tmp_path / "placement.png").is_file()

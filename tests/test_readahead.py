@@ -63,7 +63,7 @@ def test_restore_order_follows_the_process_tree(tmp_path: Path) -> None:
         _entry(tmp_path, "zzz/other", b"o"),
     ]
     m = manifest.Manifest.__new__(manifest.Manifest)
-    m.files, m.weights_file = files, "weights/model.fvw"
+    m.files, m.weights_file, m.weights_files = files, "weights/model.fvw", []
     m.server = manifest.ServerSpec.__new__(manifest.ServerSpec)
     m.server.tree_pids = [100, 250]
     got = [e.path for e in order.restore_order(tmp_path, m)]

@@ -1,4 +1,4 @@
-"""The pure parts of scripts/trace_restore_io.py: reading perf's lines, mapping a disk byte to a
+"""The pure parts of restore/trace_io.py: reading perf's lines, mapping a disk byte to a
 file and offset, and naming the kind of bytes a request reads. The trace itself needs perf and
 a restore; it is a measurement tool, run by hand (README)."""
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fastvllm.scripts import trace_restore_io as tr
+from fastvllm.restore import trace_io as tr
 
 LINE = (
     "  kworker/1:1H-kb     123 [001] 80123.456789:    block:block_rq_issue: 254,0 RA 65536 () "

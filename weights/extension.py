@@ -23,11 +23,14 @@ GPU: vLLM's `sleep(level=2)` discards weights and KV cache; after `wake_up(weigh
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fastvllm.runtime import config
+from fastvllm.runtime import worker_rpc as rpc
+from fastvllm.runtime.errors import UsageError
 from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
 
 # Imported with the worker, before any snapshot, not on the first reload: a restored tree would
@@ -123,13 +126,15 @@ def gpu_memory_stats() -> dict[str, Any]:
 class WorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker."""
 
+    model_runner: Any  # the worker's (declared for the type checker; nothing is set here)
+
     def _fastvllm_on_gpu(self) -> bool:
         return str(getattr(self, "device", "cpu")).startswith("cuda")
 
     def _fastvllm_weights(self) -> tuple[dict[str, Any], int]:
         """Every weight tensor (parameters, and on CPU the packed copies), and the bytes of
         packed weights that are opaque (oneDNN handlers)."""
-        model = self.model_runner.model  # type: ignore[attr-defined]
+        model = self.model_runner.model
         tensors = dict(model.named_parameters(remove_duplicate=False))
         if self._fastvllm_on_gpu():
             return tensors, 0
@@ -142,27 +147,47 @@ class WorkerExtension:
 
     def _fastvllm_kv_storages(self) -> list[tuple[int, int]]:
         seen: dict[int, int] = {}
-        for t in getattr(self.model_runner, "kv_caches", []) or []:  # type: ignore[attr-defined]
+        for t in getattr(self.model_runner, "kv_caches", []) or []:
             if t is None:
                 continue
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
         return list(seen.items())
 
-    def fastvllm_dump_weights(self, path: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        idx = fileformat.write(
-            Path(path), self._fastvllm_tensors(), meta={"writer": "fastvllm worker extension"}
-        )
+    def _fastvllm_rank(self) -> dict[str, int]:
+        """This worker's place in a parallel server: its global rank, the world size and the
+        tensor-parallel size. Each rank holds its own shard and has its own weight file
+        (`fileformat.rank_path`)."""
+        pc = getattr(self, "parallel_config", None)
         return {
-            "path": path,
-            "bytes": idx.file_size,
-            "tensors": len(idx.tensors),
-            "data_xxh3_128": idx.data_xxh3_128,
-            "seconds": time.perf_counter() - t0,
+            "pid": os.getpid(),  # CRIU restores it: a restore's errors name the rank by it
+            "rank": int(getattr(self, "rank", 0) or 0),
+            "world_size": int(getattr(pc, "world_size", 1) or 1),
+            "tensor_parallel_size": int(getattr(pc, "tensor_parallel_size", 1) or 1),
         }
 
-    def fastvllm_weight_bytes(self) -> dict[str, int]:
+    def fastvllm_dump_weights(self, path: str) -> dict[str, Any]:
+        """Write this rank's weights to its own file: `path` for rank 0, `fileformat.rank_path`
+        of it for the others (one shared path would keep whichever rank wrote last)."""
+        t0 = time.perf_counter()
+        place = self._fastvllm_rank()
+        target = fileformat.rank_path(Path(path), place["rank"])
+        idx = fileformat.write(
+            target, self._fastvllm_tensors(), meta={"writer": "fastvllm worker extension", **place}
+        )
+        return rpc.DumpedWeights(
+            path=str(target),
+            bytes=idx.file_size,
+            tensors=len(idx.tensors),
+            data_xxh3_128=idx.data_xxh3_128,
+            seconds=time.perf_counter() - t0,
+            rank=place["rank"],
+            world_size=place["world_size"],
+            tensor_parallel_size=place["tensor_parallel_size"],
+            pid=place["pid"],
+        ).as_dict()
+
+    def fastvllm_weight_bytes(self) -> dict[str, Any]:
         """Bytes of weights (parameters and packed copies) and KV cache, for the release figure."""
         seen: dict[int, int] = {}
         tensors, opaque = self._fastvllm_weights()
@@ -170,7 +195,7 @@ class WorkerExtension:
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
         kv = sum(n for _, n in self._fastvllm_kv_storages())
-        return {"weight_bytes": sum(seen.values()), "kv_bytes": kv, "opaque_weight_bytes": opaque}
+        return rpc.WeightBytes(sum(seen.values()), kv, opaque).as_dict()
 
     def fastvllm_release(self) -> dict[str, Any]:
         if self._fastvllm_on_gpu():
@@ -186,7 +211,7 @@ class WorkerExtension:
             weights += advise_interior(s.data_ptr(), s.nbytes(), MADV_DONTNEED)
         for ptr, n in self._fastvllm_kv_storages():
             kv += advise_interior(ptr, n, MADV_DONTNEED)
-        return {"weight_bytes_released": weights, "kv_bytes_released": kv, "weight_bytes_kept_opaque": opaque}
+        return rpc.Released(weights, kv, opaque).as_dict()
 
     def fastvllm_gpu_memory(self) -> dict[str, Any]:
         """What this worker holds on its GPU, by kind (`gpu_memory_stats`)."""
@@ -209,11 +234,64 @@ class WorkerExtension:
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        return {"before": before, "after": gpu_memory_stats()}
+        # The loader's pinned staging buffers, pinned now so that they are part of the image
+        # and a restored worker's first reload pins nothing (loader.keep_pool). Host memory,
+        # not device memory. Best effort: without them the reload pins its own, as before.
+        try:
+            pool: dict[str, Any] = loader.keep_pool()
+        except Exception as e:
+            pool = {"kept": False, "reason": f"{e!r:.200}"}
+        return rpc.GpuReleased(before, gpu_memory_stats(), pool).as_dict()
 
-    def fastvllm_reload(self, path: str, threads: str = "0", verify: str = "0") -> dict[str, Any]:
-        kw: dict[str, Any] = {"verify": verify == "1"}
-        if int(threads) > 0:
-            kw["threads"] = int(threads)
-        stats = loader.load_into(Path(path), self._fastvllm_tensors(), **kw)
-        return {"bytes": stats.bytes, "seconds": stats.seconds, "gbps": stats.gbps, "direct": stats.direct}
+    def fastvllm_reload(
+        self, path: str, threads: str = "0", verify: str = "0", chunk_mib: str = "0", buffers: str = "0"
+    ) -> dict[str, Any]:
+        """Fill this rank's weights from its own file (`path` names rank 0's). `threads`,
+        `chunk_mib`, `buffers` (0: the loader's defaults) are for sweeps in a restored server.
+        The arguments cross as strings (runtime.worker_rpc.ReloadArgs encodes them)."""
+        kw = rpc.ReloadArgs.from_kwargs(path, threads, verify, chunk_mib, buffers).loader_kwargs()
+        place = self._fastvllm_rank()
+        target = fileformat.rank_path(Path(path), place["rank"])
+        idx = fileformat.read_index(target)
+        check_rank(idx, place, target)
+        stats = loader.load_into(target, self._fastvllm_tensors(), _idx=idx, **kw)
+        return rpc.Reloaded(
+            bytes=stats.bytes,
+            seconds=stats.seconds,
+            gbps=stats.gbps,
+            direct=stats.direct,
+            rank=place["rank"],
+            pool=stats.pool,  # "kept" (pinned before the snapshot) or "fresh: why"
+            pin_s=round(stats.pin_s, 4),
+        ).as_dict()
+
+    def fastvllm_check_weights(self, path: str) -> dict[str, Any]:
+        """After a restore whose canary differs: which of this rank's tensors no longer match
+        its weight file (per-tensor xxh3), so the error can name the rank. A diagnosis, on the
+        failure path only: it reads every weight once."""
+        import xxhash
+
+        place = self._fastvllm_rank()
+        target = fileformat.rank_path(Path(path), place["rank"])
+        idx = fileformat.read_index(target)
+        tensors = self._fastvllm_tensors()
+        differs = [
+            e.name
+            for e in idx.tensors
+            if e.alias_of is None
+            and e.name in tensors
+            and xxhash.xxh3_64_hexdigest(fileformat.tensor_bytes(tensors[e.name].cpu())) != e.xxh3_64
+        ]
+        return rpc.WeightCheck(place["rank"], place["pid"], differs[:5], len(differs)).as_dict()
+
+
+def check_rank(idx: fileformat.Index, place: dict[str, int], path: Path) -> None:
+    """A shard has the shapes of every other rank's: only the file's own record of the rank
+    that wrote it tells a wrong one (files written before ranks were recorded say nothing)."""
+    for key in ("rank", "world_size"):
+        got = idx.meta.get(key)
+        if got is not None and int(got) != place[key]:
+            raise UsageError(
+                f"weight file {path} was written by {key} {got}, this worker has {key} {place[key]}",
+                hint="restore the snapshot with the parallel layout it was taken with",
+            )

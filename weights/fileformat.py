@@ -57,6 +57,14 @@ class Index:
         return {t.name: t for t in self.tensors}
 
 
+def rank_path(path: Path, rank: int) -> Path:
+    """The weight file of worker `rank` of a tensor- or pipeline-parallel server, named after
+    rank 0's `path`: each rank holds its own shard of every split tensor (same names and
+    shapes, other bytes), so one file shared by all ranks would hold one rank's shard only.
+    Rank 0 keeps `path` itself: a single-worker snapshot's file is named as it always was."""
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 def tensor_bytes(t: Any) -> memoryview:
     """A CPU tensor's bytes in row-major order: its own memory (writable) when it is
     contiguous, else a contiguous copy."""

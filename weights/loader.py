@@ -11,6 +11,9 @@ a cold file.
   contiguous spans of the file; the calling thread issues asynchronous host-to-device copies
   of each span's pieces on a side stream, and a buffer goes back to the pool once its copy's
   event has completed. Reads and copies overlap (double buffering, deeper when more buffers).
+  The vLLM worker pins its pool before a snapshot (`keep_pool`), so a restored worker's load
+  starts with every buffer ready: pinning them at load time (about 2.5 GB/s) left the first
+  tens of milliseconds of a restore's load to two buffers, at a third of the bound.
 - Fresh CPU tensors (`load`, mode "map"): the file is mapped copy-on-write and the tensors are
   views of it; N threads fault the mapping in with MADV_POPULATE_READ (the page cache's own
   pages, read from disk in parallel where they are missing). Nothing is copied, the memory is
@@ -50,6 +53,7 @@ from fastvllm.runtime.memory import (
     advise,
     advise_interior,
 )
+from fastvllm.runtime.modes import LoadMode
 from fastvllm.weights import fileformat
 
 # 8 MiB reads: smaller ones cost a request each, larger ones leave the copies idle longer.
@@ -76,6 +80,9 @@ class LoadStats:
     device: str = "cpu"
     pin_s: float = 0.0  # time spent allocating pinned buffers (GPU targets)
     mapped: bool = False  # CPU tensors are copy-on-write views of the file (mode "map")
+    # GPU targets: "kept" (the buffers pinned before the snapshot, `keep_pool`) or "fresh",
+    # with the reason the kept ones were not used
+    pool: str = ""
 
     @property
     def gbps(self) -> float:
@@ -151,26 +158,29 @@ def load(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    mode: str = "auto",
+    mode: LoadMode | str = LoadMode.AUTO,
 ) -> tuple[dict[str, Any], LoadStats]:
     """Allocate every tensor of the file on `device` and fill it (the benchmark's entry point).
 
     All tensors are views into one allocation laid out like the file's data region (one
     cudaMalloc instead of hundreds; offsets are 4 KiB-aligned, so every dtype's view is
     aligned). Allocation is inside the timed region: a caller loading a fresh model pays for it.
-    `mode`: "copy" reads into private memory; "map" (CPU only) makes the tensors copy-on-write
-    views of the file, populated before returning; "auto" maps on CPU and copies on GPU."""
+    `mode` (runtime.modes.LoadMode, or its value): "copy" reads into private memory; "map" (CPU
+    only) makes the tensors copy-on-write views of the file, populated before returning; "auto"
+    maps on CPU and copies on GPU."""
     import torch
 
     path = Path(path)
-    if mode not in ("auto", "map", "copy"):
-        raise UsageError(f"unknown load mode {mode!r}", hint="use auto, map or copy")
+    try:
+        mode = LoadMode(mode)
+    except ValueError:
+        raise UsageError(f"unknown load mode {mode!r}", hint="use " + ", ".join(LoadMode)) from None
     on_cpu = torch.device(device).type == "cpu"
-    if mode == "map" and not on_cpu:
+    if mode is LoadMode.MAP and not on_cpu:
         raise UsageError(f"mode 'map' loads into CPU memory, not {device}", hint="use --mode copy or auto")
     t0 = time.perf_counter()
     idx = fileformat.read_index(path)
-    if on_cpu and mode != "copy":
+    if on_cpu and mode is not LoadMode.COPY:
         out, stats = _load_mapped(path, idx, threads=threads, chunk=chunk, verify=verify, on_bytes=on_bytes)
         stats.seconds = time.perf_counter() - t0
         return out, stats
@@ -251,10 +261,10 @@ def _load_arena_gpu(
     if not spans:
         allocate()
         return holder[0], LoadStats(0, 0.0, len(idx.tensors), use_direct, dev.type)
-    nbuf = max(2, buffers or threads + EXTRA_BUFFERS)
-    total, pin_s = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
+    nbuf = pool_size(threads, buffers)
+    total, pin_s, how = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
     seconds = time.perf_counter() - t0
-    return holder[0], LoadStats(total, seconds, len(idx.tensors), use_direct, dev.type, pin_s)
+    return holder[0], LoadStats(total, seconds, len(idx.tensors), use_direct, dev.type, pin_s, pool=how)
 
 
 def _load_mapped(
@@ -347,14 +357,15 @@ def load_into(
     on_gpu = any(t.device.type == "cuda" for t in targets.values())
     t0 = time.perf_counter()
     pin_s = 0.0
+    how = ""
     if on_gpu:
-        nbuf = max(2, buffers or threads + EXTRA_BUFFERS)
-        total, pin_s = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
+        nbuf = pool_size(threads, buffers)
+        total, pin_s, how = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
     else:
         total = _load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes)
     _fill_aliases(idx, targets)
     device = next(iter(targets.values())).device.type if targets else "cpu"
-    return LoadStats(total, time.perf_counter() - t0, len(idx.tensors), use_direct, device, pin_s)
+    return LoadStats(total, time.perf_counter() - t0, len(idx.tensors), use_direct, device, pin_s, pool=how)
 
 
 def _fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
@@ -508,7 +519,7 @@ class _PinnedPool:
 
         t = time.perf_counter()
         self._mm = mmap.mmap(-1, self.chunk * self.capacity)
-        self._whole = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self._whole: Any = torch.frombuffer(self._mm, dtype=torch.uint8)  # None once closed
         with contextlib.suppress(OSError):
             advise(self._whole.data_ptr(), self.chunk * self.capacity, MADV_HUGEPAGE)
         self._cudart = torch.cuda.cudart()
@@ -530,7 +541,7 @@ class _PinnedPool:
             self._registered.append(b.data_ptr())
         else:
             b = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
-        self.views.append(memoryview(b.numpy()))
+        self.views.append(b.numpy().data)  # the array's buffer, as a memoryview
         self.buffers.append(b)
         self.seconds += time.perf_counter() - t
         return len(self.buffers) - 1
@@ -548,6 +559,103 @@ class _PinnedPool:
                 self._mm.close()
 
 
+def pool_size(threads: int, buffers: int | None = None) -> int:
+    """Pinned buffers for `threads` readers: `buffers` if given, else one per reader and
+    EXTRA_BUFFERS more (copies in flight), at least two (double buffering)."""
+    return max(2, buffers or max(1, threads) + EXTRA_BUFFERS)
+
+
+# The staging buffers pinned before a snapshot (`keep_pool`): a restored process has them
+# pinned already. One load at a time uses them; another meanwhile pins its own.
+_kept: _PinnedPool | None = None
+_kept_busy = False
+_kept_lock = threading.Lock()
+
+
+def keep_pool(
+    threads: int = DEFAULT_THREADS, chunk: int = DEFAULT_CHUNK, buffers: int | None = None
+) -> dict[str, Any]:
+    """Pin the GPU loader's staging buffers now and keep them for every later load of this
+    process. Called in the worker before the CUDA checkpoint: the buffers are then part of the
+    snapshot, and the driver's checkpoint keeps host memory it pinned valid (cuda-checkpoint's
+    README), so a restored worker's first load pins nothing. Each load probes them first
+    (`_probe`) and pins its own where they fail."""
+    global _kept
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"kept": False, "reason": "no CUDA device"}
+    n = pool_size(threads, buffers)
+    with _kept_lock:
+        if _kept is not None and _kept.chunk == chunk and len(_kept.buffers) >= n:
+            have = len(_kept.buffers)
+            return {"kept": True, "buffers": have, "bytes": have * chunk, "seconds": 0.0}
+        if _kept_busy:
+            return {"kept": False, "reason": "a load is using the kept buffers"}
+        old, pool = _kept, _PinnedPool(chunk, n)
+        for _ in range(n):
+            pool.add()
+        _kept = pool
+    if old is not None:
+        old.close()
+    return {"kept": True, "buffers": n, "bytes": n * chunk, "seconds": round(pool.seconds, 4)}
+
+
+def _acquire_pool(chunk: int, nbuf: int, device: Any) -> tuple[_PinnedPool, str]:
+    """The kept buffers if they fit this load and pass the probe (marked busy until
+    `_release_kept`), else an empty pool to pin into, with the reason."""
+    global _kept_busy
+    with _kept_lock:
+        pool = _kept
+        if pool is None:
+            why = "no kept buffers"
+        elif _kept_busy:
+            why = "the kept buffers are in use"
+        elif pool.chunk != chunk or len(pool.buffers) < nbuf:
+            why = f"the kept buffers are {len(pool.buffers)} x {pool.chunk >> 20} MiB"
+        else:
+            why = ""
+            _kept_busy = True
+    if not why and pool is not None:
+        try:
+            bad = _probe(pool, device)
+        except Exception as e:  # a probe that cannot run says the buffers cannot be trusted
+            bad = f"the probe failed ({e!r:.120})"
+        if bad is None:
+            return pool, "kept"
+        _release_kept()
+        why = bad
+    return _PinnedPool(chunk, nbuf), f"fresh: {why}"
+
+
+def _release_kept() -> None:
+    global _kept_busy
+    with _kept_lock:
+        _kept_busy = False
+
+
+_PROBE = 4096  # bytes of each kept buffer copied to the device and back before a load
+
+
+def _probe(pool: _PinnedPool, device: Any) -> str | None:
+    """None if every buffer of `pool` is still pinned (the driver says so) and copies to
+    `device` what it holds; else what is wrong. About a millisecond; it guards a restored
+    process against host memory the driver did not pin again."""
+    import torch
+
+    if not all(b.is_pinned() for b in pool.buffers):
+        return "the kept buffers are no longer pinned"
+    n = len(pool.buffers)
+    pattern = (torch.arange(n * _PROBE, dtype=torch.int32) % 251).to(torch.uint8)
+    dev = torch.empty(n * _PROBE, dtype=torch.uint8, device=device)
+    for i, b in enumerate(pool.buffers):
+        b[:_PROBE].copy_(pattern[i * _PROBE : (i + 1) * _PROBE])
+        dev[i * _PROBE : (i + 1) * _PROBE].copy_(b[:_PROBE], non_blocking=True)
+    if not torch.equal(dev.cpu(), pattern):  # .cpu() waits for the copies
+        return "a test copy from the kept buffers came back different"
+    return None
+
+
 def _load_gpu(
     path: Path,
     idx: fileformat.Index,
@@ -557,7 +665,7 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
-) -> tuple[int, float]:
+) -> tuple[int, float, str]:
     import torch
 
     flat: dict[str, Any] = {}
@@ -573,12 +681,12 @@ def _load_gpu(
         flat[e.name] = dst.view(-1).view(torch.uint8)
     spans = plan_spans(idx, flat, chunk)
     if not spans:
-        return 0, 0.0
+        return 0, 0.0, ""
     device = next(iter(flat.values())).device
-    total, pin_s = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
+    total, pin_s, how = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
     for dst, tmp in staged:
         dst.copy_(tmp)
-    return total, pin_s
+    return total, pin_s, how
 
 
 def _arena_spans(idx: fileformat.Index, nbytes: int, chunk: int) -> list[_Span]:
@@ -601,24 +709,29 @@ def _stream_to_gpu(
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
     before_copies: Callable[[], None] | None = None,
-) -> tuple[int, float]:
+) -> tuple[int, float, str]:
     """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
     side stream. `before_copies` runs once the readers are going (it allocates the destination
-    in `load`, so cudaMalloc overlaps the first reads)."""
+    in `load`, so cudaMalloc overlaps the first reads). The buffers are the kept ones
+    (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
+    seconds spent pinning and which pool it was ("kept", or "fresh" and why)."""
     import torch
 
     nbuf = max(1, min(nbuf, len(spans)))
-    pool = _PinnedPool(chunk, nbuf)
+    fd = os.open(path, os.O_RDONLY)  # before the kept pool is taken: nothing may fail in between
+    dfd = _open_direct(path) if use_direct else None
+    pool, how = _acquire_pool(chunk, nbuf, device)
+    kept = how == "kept"
     free: queue.Queue[int] = queue.Queue()
-    for _ in range(min(nbuf, _FIRST_BUFFERS)):
+    for i in range(nbuf if kept else 0):
+        free.put(i)
+    for _ in range(0 if kept else min(nbuf, _FIRST_BUFFERS)):
         free.put(pool.add())
     ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
     todo: queue.Queue[int] = queue.Queue()
     for i in range(len(spans)):
         todo.put(i)
     stop = threading.Event()
-    fd = os.open(path, os.O_RDONLY)
-    dfd = _open_direct(path) if use_direct else None
 
     def reader() -> None:
         try:
@@ -692,7 +805,10 @@ def _stream_to_gpu(
             os.close(dfd)
         with contextlib.suppress(Exception):
             stream.synchronize()  # no copy may still read a buffer when it is unpinned
-        pool.close()
+        if kept:
+            _release_kept()
+        else:
+            pool.close()
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
-    return total, pool.seconds
+    return total, (0.0 if kept else pool.seconds), how

@@ -189,7 +189,7 @@ if __name__ == "__main__":
                 if prep == "cat":
                     subprocess.run(["cat", path], stdout=subprocess.DEVNULL)
                 else:
-                    from fastvllm.scripts.bench_weights import read_parallel
+                    from fastvllm.weights.bench import read_parallel
 
                     read_parallel(Path(path), int(prep))
             r = subprocess.run(

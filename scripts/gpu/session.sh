@@ -13,8 +13,10 @@
 #   call 3, carry .gpu/p3:  cp .gpu/p3/* /root/parts/ && bash scripts/gpu/session.sh issue22
 #   call 4:  bash scripts/gpu/session.sh issue22-tests
 # (.gpu/p2 also holds the packed CRIU: `tar -cJf .gpu/p2/criu-dev.tar.xz .criu-dev` after pack_criu.sh.)
-# `stage` unpacks what it can, installs fastvllm and makes the 3b model in the background
-# (setsid: it outlives the call) while the next parts travel.
+# `stage` unpacks what it can, installs fastvllm and makes the 3b and 8b models in the background
+# (setsid: they outlive the call) while the next parts travel. `issue22` runs both models in one
+# bench run (MODELS=3b,8b), most important figures first, the rest dropped when its budget ends
+# (BUDGET_S, by default what the call has left less 40 s for the chart and the clean-up).
 set -euo pipefail
 SITE=/root/site FV=/root/fv PEERS=/root/peers
 export PYTHONPATH=$FV:$PEERS:$SITE PYTHONUNBUFFERED=1
@@ -25,7 +27,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE
 # limit leaving no room for it beside the last part)
 [ ! -x .criu-dev/criu.sh ] && [ -x /root/criu-dev/criu.sh ] && export FASTVLLM_CRIU=/root/criu-dev/criu.sh
 OUT=${OUT:-/tmp/out}
-MODEL3B=/var/tmp/fv-model-3b
+MODEL3B=/var/tmp/fv-model-3b MODEL8B=/var/tmp/fv-model-8b
 case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-tests}" in
   stage)
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
@@ -37,6 +39,13 @@ case "${1:?setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|pr
     (cd /tmp && setsid nohup env PYTHONPATH=$FV python3 -c "from pathlib import Path; \
 from fastvllm.runtime.tiny_model import make_tiny; make_tiny(Path('$MODEL3B'), size='3b'); \
 Path('/root/model.ok').touch()" >/root/stage-model.log 2>&1 </dev/null &)
+    # the 8b (14 GB): random bits from every core, large writes (runtime/tiny_model.py _write_fast)
+    # (/root/model8b.fail if it fails: `issue22` then stops waiting for it)
+    (cd /tmp && setsid nohup env PYTHONPATH=$FV python3 -c "import atexit, time; from pathlib import Path; \
+ok, fail = Path('/root/model8b.ok'), Path('/root/model8b.fail'); atexit.register(lambda: ok.exists() or fail.touch()); \
+from fastvllm.runtime.tiny_model import make_tiny; t = time.time(); make_tiny(Path('$MODEL8B'), size='8b'); \
+print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
+      >/root/stage-model8b.log 2>&1 </dev/null &)
     sleep 2; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv; df -h /var/tmp | tail -1
     echo staged part 1 ;;
   staged)
@@ -44,22 +53,30 @@ Path('/root/model.ok').touch()" >/root/stage-model.log 2>&1 </dev/null &)
       mkdir -p /root/criu-dev && tar -xJf /root/parts/criu-dev.tar.xz -C /root/criu-dev --strip-components=1
       /root/criu-dev/criu.sh --version
     fi
-    ls -la /root/parts /root/*.ok 2>&1 | tail -12; tail -3 /root/stage-site.log /root/stage-model.log ;;
-  issue22)  # the restore breakdown, copy vs mmap warm and cold, before/after (scripts/bench_gpu_restore.py)
+    ls -la /root/parts /root/*.ok 2>&1 | tail -12; tail -3 /root/stage-site.log /root/stage-model.log /root/stage-model8b.log
+    df -h /var/tmp | tail -1 ;;
+  issue22)  # 3b and 8b: cold start, (b), (c) warm and cold, in-process and as a user waits (bench_gpu_restore.py)
     t0=$(date +%s)
-    for _ in $(seq 240); do [ -f /root/site.ok ] && [ -f /root/model.ok ] && break; sleep 1; done
+    for _ in $(seq 240); do
+      [ -f /root/site.ok ] && [ -f /root/model.ok ] && { [ -f /root/model8b.ok ] || [ -f /root/model8b.fail ]; } && break
+      sleep 1
+    done
     [ -f /root/site.ok ] || { tail /root/stage-*.log; exit 3; }
-    made=(--model-dir $MODEL3B); [ -f /root/model.ok ] || { tail -3 /root/stage-model.log; made=(); }
+    made=3b=$MODEL3B,8b=$MODEL8B  # a model not made yet is made by the bench itself (in its budget)
+    for f in model model8b; do [ -f /root/$f.ok ] || tail -3 /root/stage-$f.log; done
+    models=${MODELS:-3b,8b}; [ -f /root/model8b.fail ] && [ -z "${MODELS:-}" ] && models=3b
     cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
-    nvidia-smi > $OUT/nvidia-smi.txt; echo "setup $(( $(date +%s) - t0 )) s"
-    (cd /tmp && timeout $(( ${CALL_S:-575} - ($(date +%s) - t0) )) python3 -m fastvllm.scripts.bench_gpu_restore \
-      --model 3b "${made[@]}" --reps "${REPS:-2}" --budget-s "${BUDGET_S:-450}" \
+    nvidia-smi > $OUT/nvidia-smi.txt; df -h /var/tmp | tail -1; echo "setup $(( $(date +%s) - t0 )) s"
+    left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
+    (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore \
+      --model "$models" --model-dir "$made" --reps "${REPS:-2}" --budget-s "${BUDGET_S:-$(( left - 40 ))}" \
       --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) ;;
-  issue22-tests)  # the spine's e2e on the GPU with this tree's defaults, then the GPU-free units
+  issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
-      "$OLDPWD/tests/test_e2e.py" "$OLDPWD/tests/test_gpu_restore_units.py" 2>&1 | tee $OUT/gpu-e2e.log) ;;
+      "$OLDPWD/tests/test_gpu_restore_units.py" "$OLDPWD/tests/test_weights.py" "$OLDPWD/tests/test_e2e.py" \
+      2>&1 | tee $OUT/gpu-e2e.log) ;;
   setup)
     [ -d $SITE/vllm ] || [ ! -f /root/parts/unpack.sh ] || bash /root/parts/unpack.sh /root/parts $SITE
     if compgen -G ".whl/*.whl" >/dev/null; then
