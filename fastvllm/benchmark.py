@@ -186,11 +186,17 @@ class Target:
     def client(self, host: str | None = None, port: int | None = None) -> FirstAnswer:
         return FirstAnswer(host or self.host, port or self.port, self.body())
 
-    def check(self, a: Answer, what: str) -> None:
+    def check(self, a: Answer, what: str, *, exact: bool = True) -> bool:
+        """Did the client get an answer, and is it the canary's text? Without `exact` a
+        different text is reported, not an error: on a GPU the same prompt asked a second time
+        (the restore's canary asked it first) may be computed through vLLM's prefix cache, and
+        a model of random bf16 weights, whose logits nearly tie, then drifts after a few tokens.
+        The restore's own canary, and the e2e test's token and logprob comparison, are the proof."""
         if a.at is None:
             raise _BenchError(f"{what}: {a.error or 'no answer'}")
-        if a.text != self.canary_text:
+        if a.text != self.canary_text and exact:
             raise _BenchError(f"{what}: the first answer {a.text!r} is not the canary {self.canary_text!r}")
+        return a.text == self.canary_text
 
 
 def _cold(cold: bool) -> bool:
@@ -269,6 +275,7 @@ def command_once(
     agent: bool = False,
     extra: list[str] | None = None,
     keep_result: bool = False,
+    exact_text: bool = True,
 ) -> tuple[float, dict[str, Any]]:
     """Spawn `fastvllm restore DIR --json` and time it to the first 200 its client gets; the
     command's own figure (its in-process time to first completion) and exit go in the details.
@@ -293,12 +300,13 @@ def command_once(
         pid = int(doc.get("pid") or 0)
         if p.returncode != 0:
             raise _BenchError(f"fastvllm restore exited {p.returncode}: {err.strip()[-500:]}")
-        t.check(a, "fastvllm restore")
+        same = t.check(a, "fastvllm restore", exact=exact_text)
         assert a.at is not None
         return a.at - t0, {
             "page_cache_dropped": dropped,
             "command_exited_s": round(exited, 4),
             "in_process_s": doc.get("time_to_first_completion_s"),
+            "answer_is_canary": same,
             **({"result": doc} if keep_result else {}),
             "refused_connections": a.refused_connections,
             "refusals": a.refusals,

@@ -355,10 +355,13 @@ def _restore_cli(
     cmd = [sys.executable, "-m", "fastvllm.launcher"]
     extra = ["--criu-restore", mode] if mode else []
     target = benchmark.Target.of(m.snap)
+    # an earlier in-process restore's tree may still be this process's zombies: only this process
+    # can reap them, and an agent restoring the same PIDs would wait for them
+    proctree.wait_gone(manifest.load(m.snap).server.tree_pids, 30.0, reaped=True)
     try:
         with benchmark.agent_running(cmd) if agent else contextlib.nullcontext():
             wait_s, detail = benchmark.command_once(
-                target, cold, cmd, agent=agent, extra=extra, keep_result=True
+                target, cold, cmd, agent=agent, extra=extra, keep_result=True, exact_text=False
             )
     finally:
         # The tree's processes outlived the command that restored them: orphans, adopted by this
