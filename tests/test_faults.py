@@ -271,41 +271,6 @@ class Running:
     before: list[list[int]]
 
 
-@pytest.fixture(scope="module")
-def running_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    out = tmp_path_factory.mktemp("pid-cases") / "base"
-    r = _cli("snapshot", str(tiny_model), "--out", str(out), "--port", str(PORT), "--leave-running", "--json")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    pid, url = int(doc["server_pid"]), str(doc["url"])
-    try:
-        name = manifest.load(out).server.served_model_name
-        yield Running(pid, url, name, completions(url, name, PROMPTS))
-    finally:
-        tree = proctree.session_pids(pid)
-        _cli("stop", str(pid))
-        proctree.wait_gone(tree, 30, reaped=True)
-
-
-@pytest.mark.parametrize("case", PID_CASES, ids=lambda c: c.id)
-def test_snapshot_fault_of_a_running_server(case: Case, running_server: Running, tmp_path: Path) -> None:
-    """--pid with --leave-running: a server that ran before the snapshot serves on after any
-    fault, with its weights (the same tokens) and its gate open, and nothing else is left."""
-    s, out = running_server, tmp_path / "again"
-    shm_before = _shm_names()
-    r = _cli("snapshot", "--pid", str(s.pid), "--out", str(out), "--leave-running", fault=case)
-    _check_exit(case, r.returncode, r.stderr)
-    if case.fault is Fault.SIGKILL:
-        _gc()
-    assert not out.exists()
-    _no_partial(tmp_path)
-    _no_orphan_shm(shm_before)
-    assert not journal.orphaned()
-    ps = json.loads(_cli("ps", "--json").stdout)
-    assert [d["status"] for d in ps if d["pid"] == s.pid] == ["serving"]
-    assert completions(s.url, s.name, PROMPTS) == s.before
-
-
 # --- restore ---------------------------------------------------------------------------------
 
 
@@ -395,3 +360,42 @@ def test_kill_9_of_a_restored_root_then_stop_and_restore_again(shared_snapshot: 
             if proctree.alive(p):
                 proctree.stop_session(os.getsid(p), 1.0)
     _restore_and_stop(snap, shared_snapshot.before, shared_snapshot.served_model_name)
+
+
+# --- a running server snapshotted again (last: on a GPU its server holds its share of the
+# device memory until the module ends, and the restores above must not compete with it) ------
+
+
+@pytest.fixture(scope="module")
+def running_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    out = tmp_path_factory.mktemp("pid-cases") / "base"
+    r = _cli("snapshot", str(tiny_model), "--out", str(out), "--port", str(PORT), "--leave-running", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    pid, url = int(doc["server_pid"]), str(doc["url"])
+    try:
+        name = manifest.load(out).server.served_model_name
+        yield Running(pid, url, name, completions(url, name, PROMPTS))
+    finally:
+        tree = proctree.session_pids(pid)
+        _cli("stop", str(pid))
+        proctree.wait_gone(tree, 30, reaped=True)
+
+
+@pytest.mark.parametrize("case", PID_CASES, ids=lambda c: c.id)
+def test_snapshot_fault_of_a_running_server(case: Case, running_server: Running, tmp_path: Path) -> None:
+    """--pid with --leave-running: a server that ran before the snapshot serves on after any
+    fault, with its weights (the same tokens) and its gate open, and nothing else is left."""
+    s, out = running_server, tmp_path / "again"
+    shm_before = _shm_names()
+    r = _cli("snapshot", "--pid", str(s.pid), "--out", str(out), "--leave-running", fault=case)
+    _check_exit(case, r.returncode, r.stderr)
+    if case.fault is Fault.SIGKILL:
+        _gc()
+    assert not out.exists()
+    _no_partial(tmp_path)
+    _no_orphan_shm(shm_before)
+    assert not journal.orphaned()
+    ps = json.loads(_cli("ps", "--json").stdout)
+    assert [d["status"] for d in ps if d["pid"] == s.pid] == ["serving"]
+    assert completions(s.url, s.name, PROMPTS) == s.before

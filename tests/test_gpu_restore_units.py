@@ -318,7 +318,7 @@ def test_a_hot_set_learned_from_a_copied_tree_is_not_used_in_mmap_mode(tmp_path:
 
 
 def _bench() -> Any:
-    from fastvllm.scripts import bench_gpu_restore
+    from fastvllm import benchmark_gpu as bench_gpu_restore
 
     return bench_gpu_restore
 
