@@ -32,7 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from fastvllm.runtime import atomic, config, faults, journal, mapped, native_build, proctree, signals, system
+from fastvllm.runtime import (
+    atomic,
+    config,
+    faults,
+    journal,
+    mapped,
+    native_build,
+    proctree,
+    restore_lock,
+    signals,
+    system,
+)
 from fastvllm.runtime.errors import CriuError, EnvironmentNotReadyError, UsageError
 from fastvllm.runtime.modes import CriuRestoreMode
 
@@ -487,15 +498,16 @@ def restore(
     try:
         # A shell job is restored into CRIU's own process group and session: it stays in the
         # caller's, as it was dumped from one.
-        _run(
-            criu,
-            args,
-            log,
-            "restore",
-            pass_fds=tuple(inherit.values()),
-            preload=xcomp_preload(),
-            own_group=not shell_job,
-        )
+        with restore_lock.criu_restoring():
+            _run(
+                criu,
+                args,
+                log,
+                "restore",
+                pass_fds=tuple(inherit.values()),
+                preload=xcomp_preload(),
+                own_group=not shell_job,
+            )
         return int(pidfile.read_text().strip())
     except BaseException:
         if daemon is not None:  # nothing will ask it for pages

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +59,45 @@ def restoring(snapshot: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+CRIU_WAIT_S = 300.0  # a CRIU restore takes seconds; one that holds the lock longer is stuck
+
+
+@contextlib.contextmanager
+def criu_restoring(poll_s: float = 0.02) -> Iterator[None]:
+    """One `criu restore` at a time on a host (per run directory: a container has its own, and
+    its own /dev/shm). CRIU recreates a deleted file of /dev/shm that a tree held open (vLLM's
+    semaphores) under a fixed name, `link_remap.<id>`, opens it and unlinks it; the ids come
+    from the dump, so two trees of one model have the same ones, and two restores at once
+    unlinked each other's ("Couldn't unlink remap /dev/shm/link_remap.252"). Only CRIU's own
+    part is serialised (a fraction of a second of each restore); the rest of two restores still
+    overlaps. The lock goes with its holder's descriptor."""
+    path = instances.instances_dir() / "locks" / "criu-restore.lock"
+    fd = -1
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if fd < 0:  # a read-only run directory: unserialised, as before
+        yield
+        return
+    try:
+        deadline = time.monotonic() + CRIU_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise SnapshotBusyError(
+                        f"another CRIU restore on this host (pid {holder}) has held its lock for "
+                        f"{CRIU_WAIT_S:.0f} s",
+                        hint=f"check that process; its lock is {path}",
+                    ) from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -353,3 +353,37 @@ def test_a_thread_id_held_elsewhere_fails_the_restore_before_criu() -> None:
     finally:
         done.set()
         t.join()
+
+
+def test_criu_restores_take_turns_on_a_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `criu restore`s at once unlinked each other's /dev/shm link_remap files: CRIU's part
+    of a restore holds a host lock; a second one waits for it, and one held too long is named."""
+    import threading
+
+    from fastvllm.runtime import restore_lock
+    from fastvllm.runtime.errors import SnapshotBusyError
+
+    monkeypatch.setenv("FASTVLLM_RUN_DIR", str(tmp_path))
+    order: list[str] = []
+    held = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with restore_lock.criu_restoring():
+            order.append("first in")
+            held.set()
+            release.wait(30)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(30)
+    monkeypatch.setattr(restore_lock, "CRIU_WAIT_S", 0.2)
+    with pytest.raises(SnapshotBusyError, match="another CRIU restore"), restore_lock.criu_restoring():
+        pass
+    monkeypatch.setattr(restore_lock, "CRIU_WAIT_S", 60.0)
+    release.set()
+    with restore_lock.criu_restoring():
+        order.append("second in")
+    t.join(30)
+    assert order == ["first in", "first out", "second in"]
