@@ -466,7 +466,9 @@ def _criu_restore(op: journal.Operation, r: _Restore) -> vllm_server.Server:
         op.undo_local(proctree.wait_gone, m.server.tree_pids, 30.0, reaped=True)
         op.undo("stop_tree", pids=m.server.tree_pids, started=op.started)
     faults.at(faults.Point.CRIU_RESTORE, min(m.server.tree_pids, default=None))  # (fires in CRIU)
-    with r.tl.phase("criu_restore"):
+    # the put-back copies are CRIU's to open and unlink: no other dump or restore of this host
+    # may take or unlink them in between (runtime/restore_lock.criu_exclusive)
+    with r.tl.phase("criu_restore"), restore_lock.criu_exclusive():
         shm.put_back(saved)
         fd = os.open(server_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import json
 import os
@@ -27,7 +26,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -421,23 +419,8 @@ def dump(
         args.append("--shell-job")
     if action_script is not None:
         args += ["--action-script", str(action_script)]
-    with _dump_lock():
+    with restore_lock.criu_exclusive():  # one dump or restore at a time: link_remap names repeat
         _run(criu, args, log, "dump")
-
-
-@contextlib.contextmanager
-def _dump_lock() -> Iterator[None]:
-    """One CRIU dump at a time on a host: --link-remap names its hard links
-    /dev/shm/link_remap.<file id>, and two similar trees (two vLLM servers) dumped at once
-    picked the same id: `Can't link remap ... File exists` (seen when two snapshots ran in
-    parallel here)."""
-    path = Path("/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir())
-    fd = os.open(path / "fastvllm-criu-dump.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _descendants(pid: int) -> list[int]:
@@ -498,7 +481,7 @@ def restore(
     try:
         # A shell job is restored into CRIU's own process group and session: it stays in the
         # caller's, as it was dumped from one.
-        with restore_lock.criu_restoring():
+        with restore_lock.criu_exclusive():
             _run(
                 criu,
                 args,

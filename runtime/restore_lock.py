@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,19 +62,29 @@ def restoring(snapshot: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-CRIU_WAIT_S = 300.0  # a CRIU restore takes seconds; one that holds the lock longer is stuck
+CRIU_WAIT_S = 300.0  # a CRIU dump or restore takes seconds; one that holds the lock longer is stuck
+_held = threading.local()  # this thread's depth in criu_exclusive (it nests: pipeline, then criu.py)
 
 
 @contextlib.contextmanager
-def criu_restoring(poll_s: float = 0.02) -> Iterator[None]:
-    """One `criu restore` at a time on a host (per run directory: a container has its own, and
-    its own /dev/shm). CRIU recreates a deleted file of /dev/shm that a tree held open (vLLM's
-    semaphores) under a fixed name, `link_remap.<id>`, opens it and unlinks it; the ids come
-    from the dump, so two trees of one model have the same ones, and two restores at once
-    unlinked each other's ("Couldn't unlink remap /dev/shm/link_remap.252"). Only CRIU's own
-    part is serialised (a fraction of a second of each restore); the rest of two restores still
-    overlaps. The lock goes with its holder's descriptor."""
-    path = instances.instances_dir() / "locks" / "criu-restore.lock"
+def criu_exclusive(poll_s: float = 0.02) -> Iterator[None]:
+    """One CRIU dump or restore at a time on a host (per run directory: a container has its
+    own, and its own /dev/shm). A tree's deleted /dev/shm files (vLLM's semaphores) travel as
+    `link_remap.<id>` files: a dump leaves them in /dev/shm and fastvllm's action script moves
+    every one of them into the snapshot; a restore puts its copies back, and CRIU opens and
+    unlinks them. The ids come from the dump, so two trees of one model have the same ones: a
+    restore beside another restore or a dump had its file unlinked or taken ("Couldn't unlink
+    remap /dev/shm/link_remap.252"). The block holds a host lock (flock, released with its
+    holder's descriptor); within one thread it nests. Only CRIU's own part waits: the rest of
+    two snapshots or restores still overlaps."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    path = instances.instances_dir() / "locks" / "criu.lock"
     fd = -1
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,13 +102,17 @@ def criu_restoring(poll_s: float = 0.02) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                     raise SnapshotBusyError(
-                        f"another CRIU restore on this host (pid {holder}) has held its lock for "
-                        f"{CRIU_WAIT_S:.0f} s",
+                        f"another CRIU dump or restore on this host (pid {holder}) has held its lock "
+                        f"for {CRIU_WAIT_S:.0f} s",
                         hint=f"check that process; its lock is {path}",
                     ) from None
                 time.sleep(poll_s)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
     finally:
         os.close(fd)

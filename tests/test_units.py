@@ -369,7 +369,7 @@ def test_criu_restores_take_turns_on_a_host(tmp_path: Path, monkeypatch: pytest.
     release = threading.Event()
 
     def first() -> None:
-        with restore_lock.criu_restoring():
+        with restore_lock.criu_exclusive():
             order.append("first in")
             held.set()
             release.wait(30)
@@ -379,11 +379,14 @@ def test_criu_restores_take_turns_on_a_host(tmp_path: Path, monkeypatch: pytest.
     t.start()
     assert held.wait(30)
     monkeypatch.setattr(restore_lock, "CRIU_WAIT_S", 0.2)
-    with pytest.raises(SnapshotBusyError, match="another CRIU restore"), restore_lock.criu_restoring():
+    with (
+        pytest.raises(SnapshotBusyError, match="another CRIU dump or restore"),
+        restore_lock.criu_exclusive(),
+    ):
         pass
     monkeypatch.setattr(restore_lock, "CRIU_WAIT_S", 60.0)
     release.set()
-    with restore_lock.criu_restoring():
+    with restore_lock.criu_exclusive(), restore_lock.criu_exclusive():  # nests in one thread
         order.append("second in")
     t.join(30)
     assert order == ["first in", "first out", "second in"]
