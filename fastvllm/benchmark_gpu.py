@@ -163,8 +163,9 @@ class Sizes:
 
 
 def estimate_s(step: Step, sizes: Sizes, disk_gbps: float = 1.8) -> float:
-    """A generous guess of a step's seconds on the H100 machine (from the runs of 2026-12-06:
-    3b cold start 85-107 s and snapshot 22 s, restores 8-12 s each with their preparation)."""
+    """A generous guess of a step's seconds on the H100 machine, from its measured runs
+    (docs/benchmarks/gpu-restore.md: a 3b cold start takes 55-107 s, its snapshot ~30 s,
+    a restore 8-12 s with its preparation)."""
     total = sizes.weights_gb + sizes.image_gb
     cold_read = total / max(disk_gbps, 0.1)
     if step.kind is StepKind.SNAPSHOT:
