@@ -13,9 +13,7 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,19 +140,10 @@ def _mem_total() -> int | None:
 
 
 def _gpus() -> list[str]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        r = subprocess.run(
-            [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+    from fastvllm.runtime import devices
+
+    text = devices.nvidia_smi("--query-gpu=name,driver_version,memory.total", timeout=20)
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
 def document(

@@ -13,8 +13,6 @@ undone (restored, unlocked), so the tree keeps serving and the error says which 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,21 +230,13 @@ def host_copy(
 def device_memory_mib() -> dict[int, int]:
     """Device memory in use per process (MiB), as nvidia-smi lists compute processes; {} where
     it cannot say (no nvidia-smi, or PIDs of another namespace)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return {}
-    try:
-        r = subprocess.run(
-            [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+    from fastvllm.runtime import devices
+
+    text = devices.nvidia_smi("--query-compute-apps=pid,used_memory")
+    if text is None:
         return {}
     out: dict[int, int] = {}
-    for line in r.stdout.splitlines():
+    for line in text.splitlines():
         parts = [x.strip() for x in line.split(",")]
         if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
             out[int(parts[0])] = int(parts[1])
@@ -375,16 +365,10 @@ class GpuIdentity:
 def gpu_identity() -> GpuIdentity | None:
     """The first GPU's model, the driver version and the memory in use, from nvidia-smi; None
     without a GPU."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+    from fastvllm.runtime import devices
+
+    text = devices.nvidia_smi("--query-gpu=name,driver_version,memory.used")
+    if not text or not text.strip():
         return None
-    r = subprocess.run(
-        [smi, "--query-gpu=name,driver_version,memory.used", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0 or not r.stdout.strip():
-        return None
-    name, drv, used = (x.strip() for x in r.stdout.splitlines()[0].split(","))
+    name, drv, used = (x.strip() for x in text.splitlines()[0].split(","))
     return GpuIdentity(name, drv, int(float(used)))

@@ -72,22 +72,30 @@ class Devices:
         return f"{self.count} x {self.model} (driver {self.driver})"
 
 
-def list_gpus() -> list[Gpu]:
-    """This host's GPUs, from nvidia-smi; [] without one."""
+def nvidia_smi(query: str, *, timeout: float = 30.0) -> str | None:
+    """nvidia-smi's CSV answer (no header, no units) to `query` (e.g.
+    `--query-gpu=index,uuid`); None without nvidia-smi, or where it fails or hangs. The one
+    place fastvllm asks the driver's tool anything."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return []
+        return None
     try:
         r = subprocess.run(
-            [smi, "--query-gpu=index,uuid,name,driver_version", "--format=csv,noheader,nounits"],
+            [smi, query, "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             check=False,
-            timeout=30,
+            timeout=timeout,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    return parse_gpu_list(r.stdout) if r.returncode == 0 else []
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def list_gpus() -> list[Gpu]:
+    """This host's GPUs, from nvidia-smi; [] without one."""
+    out = nvidia_smi("--query-gpu=index,uuid,name,driver_version")
+    return parse_gpu_list(out) if out is not None else []
 
 
 def parse_gpu_list(text: str) -> list[Gpu]:
