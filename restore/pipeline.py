@@ -27,6 +27,8 @@ from pathlib import Path
 
 from fastvllm.prefetch import residency, warm
 from fastvllm.restore import hotset, order
+from fastvllm.restore.plan import RestorePlan, WeightsBack
+from fastvllm.restore.plan import make as make_plan
 from fastvllm.restore.readahead import HotReader, ReadAhead
 from fastvllm.runtime import (
     affinity,
@@ -222,11 +224,16 @@ def _restore_snapshot(
         m = manifest.load(path)
         queries = _GpuQueries.start(m)  # answered while the rest below runs
         found = criu.find_criu()
-        if opts.prefetch:
+        the_plan = make_plan(
+            m,
+            criu.resolve_mode(found, opts.criu_restore, gpu=bool(m.cuda_pids)),
+            prefetch=opts.prefetch,
+            reloader=opts.reloader,
+        )
+        if the_plan.early_reads:
             # What CRIU and the tree need first is read while the host is still checked (see
             # HotReader): the hot set is a hint, reading it decides nothing.
-            early_mode = criu.resolve_mode(found, opts.criu_restore, gpu=bool(m.cuda_pids))
-            hot = hotset.load(path, {f.path: f.size for f in m.files}, mode=early_mode)
+            hot = hotset.load(path, {f.path: f.size for f in m.files}, mode=the_plan.mode)
             # The small images CRIU reads first (its page images are in the hot set; the
             # /dev/shm copies are sparse, read exactly later). CRIU's own binary and libraries
             # were tried too: CRIU's step came out shorter, but the validation's own reads
@@ -235,12 +242,12 @@ def _restore_snapshot(
             first: list[str | Path] = [path / f.path for f in m.files if order.is_small_image(f.path)]
             # In mmap mode the CUDA restore would fault the host copy of device memory in from
             # the mapped page images page by page: it is read ahead whole, right after CRIU's.
-            gpu_of = m if m.cuda_pids and early_mode is CriuRestoreMode.MMAP else None
+            gpu_of = m if the_plan.gpu_host_copy_first else None
             early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=gpu_of)
             early.start()
         try:
             faults.at(faults.Point.VALIDATE)
-            mode = _preflight(path, m, found, opts.criu_restore, queries)
+            _preflight(path, m, found, opts.criu_restore, queries)
             pairs = _check_devices(m, opts.gpus, queries)
             nice = cpu_share.server_nice()
             bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place
@@ -249,7 +256,7 @@ def _restore_snapshot(
                 early.stop()
             raise
     try:
-        return _restore_checked(opts, tl, path, m, found, mode, nice, early, on_verify_bytes, pairs)
+        return _restore_checked(opts, tl, path, m, found, the_plan, nice, early, on_verify_bytes, pairs)
     finally:
         if early is not None:
             early.stop()  # stopped with the read-ahead that adopted it, or here on a failure
@@ -287,7 +294,7 @@ def _restore_checked(
     path: Path,
     m: manifest.Manifest,
     found: criu.Criu,
-    mode: CriuRestoreMode,
+    the_plan: RestorePlan,
     nice: int,
     early: HotReader | None,
     on_verify_bytes: Callable[[int], None] | None,
@@ -298,7 +305,7 @@ def _restore_checked(
     any later step is stopped, whatever stopped it (an error, Ctrl-C, SIGTERM, SIGHUP; if this
     process is killed, the next command, through the journal)."""
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
-    r = _Restore(opts, tl, path, m, found, mode, early, on_verify_bytes, trusted)
+    r = _Restore(opts, tl, path, m, found, the_plan, early, on_verify_bytes, trusted)
     r.gpu_pairs = pairs or []
     with journal.Operation("restore", path) as op:
         _read_ahead(op, r)
@@ -327,12 +334,12 @@ def _restore_checked(
             str(path),
             str(server.log_path),
             m.server.worker_extension,
-            criu_restore=mode,
+            criu_restore=the_plan.mode,
             control_token=m.server.control_token,
         )
     )
     stats = r.ahead.stats.as_dict() if r.ahead is not None else None
-    return RestoreResult(path, server, tl, ttfc, True, m, mode, stats, r.gpu_info or None)
+    return RestoreResult(path, server, tl, ttfc, True, m, the_plan.mode, stats, r.gpu_info or None)
 
 
 @dataclass
@@ -344,7 +351,7 @@ class _Restore:
     path: Path
     m: manifest.Manifest
     found: criu.Criu
-    mode: CriuRestoreMode
+    plan: RestorePlan  # what this restore does (restore/plan.py)
     early: HotReader | None
     on_bytes: Callable[[int], None] | None
     trusted: set[str]  # files this host checked before, unchanged since
@@ -386,7 +393,7 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
         # instead of 2.4 s on the GPU machine); from the page cache, checking it during
         # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
         ahead.hold(r.m.weights_file)  # released once CRIU has restored
-    if r.mode is CriuRestoreMode.MMAP:
+    if r.plan.mode is CriuRestoreMode.MMAP:
         # CRIU maps the page images instead of reading them. From the page cache, hashing
         # them beside it only takes the CPU from its own work (0.67 s instead of 0.13-0.25 s
         # on the 2-core machine): they are checked once it has restored. From disk, they
@@ -408,7 +415,7 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
 def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, bool]]:
     """What the read-ahead reads, in order, and which page images are cold; sets `r.paging`."""
     ordered = order.restore_order(r.path, r.m)
-    if r.mode is not CriuRestoreMode.MMAP:
+    if r.plan.mode is not CriuRestoreMode.MMAP:
         return ordered, {}
     hot = r.early.hot if r.early is not None else None
     random_ok = criu.supports_mmap_random(r.found)
@@ -477,7 +484,7 @@ def _criu_restore(op: journal.Operation, r: _Restore) -> vllm_server.Server:
                 path / "criu",
                 logs / f"criu-restore-{stamp}-{os.getpid()}.log",
                 inherit={m.server.log_path_at_dump.lstrip("/"): fd},
-                mode=r.mode,
+                mode=r.plan.mode,
                 random_faults=r.paging.random,
             )
         finally:
@@ -516,34 +523,31 @@ def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
 
 
 def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:
-    """Give the server back what its snapshot released: the weights (fastvllm's loader, or
-    vLLM's own reload with --reloader vllm) and, on a GPU, the KV cache."""
-    m, ahead = r.m, r.ahead
+    """Give the server back what its snapshot released, as its plan says (restore/plan.py):
+    the weights (fastvllm's loader, or vLLM's own reload with --reloader vllm) and, on a GPU,
+    the KV cache."""
+    m, ahead, how = r.m, r.ahead, r.plan.weights
     faults.at(faults.Point.WEIGHT_LOAD, server.pid)
-    if m.sleep_level == 1:
+    if how is WeightsBack.WAKE_UP:
         with r.tl.phase("wake_up"):
             vllm_server.wake_up(server)
-    elif m.weights_file and m.sleep_level == 2 and r.opts.reloader == Reloader.VLLM:
+    if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_weights_first:
         with r.tl.phase("wake_weights"):
             vllm_server.wake_up(server, "weights")
+    if how is WeightsBack.VLLM_RELOAD:
         with r.tl.phase("load_weights"):
             if ahead is not None:  # vLLM reads the model's own files instead
                 for f in m.all_weight_files():
                     ahead.claim(f)
             worker_rpc.vllm_reload_weights(server)
+    elif how is WeightsBack.LOADER:
+        with r.tl.phase("load_weights"):
+            args = worker_rpc.ReloadArgs(str(r.path / str(m.weights_file)), verify=_loader_verifies(r))
+            r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
+    if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:
         with r.tl.phase("wake_kv_cache"):
             vllm_server.wake_up(server, "kv_cache")
-    elif m.weights_file:
-        if m.sleep_level == 2:
-            with r.tl.phase("wake_weights"):
-                vllm_server.wake_up(server, "weights")
-        with r.tl.phase("load_weights"):
-            args = worker_rpc.ReloadArgs(str(r.path / m.weights_file), verify=_loader_verifies(r))
-            r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
-        if m.sleep_level == 2:
-            with r.tl.phase("wake_kv_cache"):
-                vllm_server.wake_up(server, "kv_cache")
-    if steps is not None and (m.sleep_level == 1 or m.weights_file):
+    if steps is not None and how is not WeightsBack.IN_IMAGE:
         with r.tl.phase("hot_set_capture"):
             steps.append(hotset.capture(proctree.session_pids(server.pid)))
 
