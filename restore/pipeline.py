@@ -152,12 +152,11 @@ def _preflight(
     path: Path,
     m: manifest.Manifest,
     found: criu.Criu,
-    criu_restore: CriuRestoreMode | str,
     queries: _GpuQueries | None = None,
-) -> CriuRestoreMode:
-    """The checks before CRIU may run; returns the CRIU restore mode."""
+) -> None:
+    """The checks before CRIU may run (the CRIU mode was resolved, and checked against this
+    CRIU, for the plan)."""
     manifest.check_guarded(path, m)  # no server comes back with its control endpoints open
-    mode = criu.resolve_mode(found, criu_restore, gpu=bool(m.cuda_pids))
     diffs = m.identity.differences(manifest.HostIdentity.here(found.version))
     if diffs:
         raise IdentityMismatchError(
@@ -197,7 +196,6 @@ def _preflight(
             "the snapshot's PIDs are still held by exited processes nobody has reaped",
             hint="retry in a few seconds; if it persists, the host's init does not reap orphans",
         )
-    return mode
 
 
 def restore_snapshot(
@@ -247,7 +245,7 @@ def _restore_snapshot(
             early.start()
         try:
             faults.at(faults.Point.VALIDATE)
-            _preflight(path, m, found, opts.criu_restore, queries)
+            _preflight(path, m, found, queries)
             pairs = _check_devices(m, opts.gpus, queries)
             nice = cpu_share.server_nice()
             bind_ports.helper()  # a fresh container or host: the tree maps it, CRIU needs it in place

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fastvllm.prefetch import residency
+from fastvllm.prefetch import residency, warm
 from fastvllm.restore import hotset
 
 from fastvllm import launcher
@@ -163,15 +163,6 @@ def test_the_startup_files_are_recorded_once_and_read_back(
     assert launcher._startup_files() == launcher._Startup([], [], [])  # another interpreter's list
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _wait_resident(path: Path, pages: int, what: str) -> None:
     deadline = time.monotonic() + 60
     while residency.resident_pages(path)[0] < pages:
@@ -204,7 +195,7 @@ def test_the_read_ahead_brings_in_the_hot_ranges_and_the_startup_files(
     (home / launcher.STARTUP_FILES).write_text(json.dumps({**doc, "libraries": [], "stat": []}))
     monkeypatch.setenv("FASTVLLM_HOME", str(home))
     for f in (image, module):
-        _evict(f)
+        warm.evict([f])
     if residency.resident_pages(image)[0] or residency.resident_pages(module)[0]:
         pytest.skip("this file system keeps evicted pages (tmpfs?)")
     launcher._read_ahead(str(snap), prefetch=True)
@@ -213,7 +204,7 @@ def test_the_read_ahead_brings_in_the_hot_ranges_and_the_startup_files(
     assert residency.resident_pages(image)[0] < 64  # the hot ranges, not the whole image
     # The probed pages in the page cache (the first hot range's, a module's): warm, nothing
     # more is read, so the rest of the hot range stays out.
-    _evict(image)
+    warm.evict([image])
     fd = os.open(image, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # that page, no read-ahead window
