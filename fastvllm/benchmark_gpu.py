@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import enum
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -56,7 +57,7 @@ from typing import Any
 # room for a KV cache. CUDA graphs on, as vLLM serves by default (`--eager` turns them off).
 BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
-VARIANTS = "cli,agent,c,b,sweep,cli-copy,copy,mmap-old"
+VARIANTS = "cli,agent,c,b,sweep,cli-copy,copy,mmap-old,prefault,noahead,inplace"
 PROMPT = "A separate client asks the restored server:"
 # (threads, chunk MiB) reloaded in a restored server by the `sweep` step; buffers: the default
 SWEEP_GRID = [(t, c) for c in (8, 4, 16) for t in (10, 6, 8, 12, 14)]
@@ -144,6 +145,10 @@ def plan(
                 restore(m, v, c, rep)
     if "sweep" in want:
         steps += [Step(m, StepKind.SWEEP) for m in models]
+    for rep in range(1, reps + 1):  # what the CUDA restore's time depends on (issue 22, item 1)
+        for m in models:
+            for v in ("prefault", "noahead", "inplace"):
+                restore(m, v, "warm", rep)
     for rep in range(1, reps + 1):
         for m in models:
             for v, c in (("cli-copy", "warm"), ("copy", "warm"), ("cli-mmap", "warm"), ("mmap", "warm")):
@@ -295,7 +300,7 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
     from fastvllm import api
     from fastvllm.restore import readahead
     from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-    from fastvllm.runtime import cuda_checkpoint
+    from fastvllm.runtime import config, cuda_checkpoint
     from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 
     assert m.snap is not None
@@ -313,6 +318,11 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         saved = readahead.gpu_host_copy
         readahead.gpu_host_copy = lambda _root, _m: []  # type: ignore[assignment]  # for this run (undone)
         undo.append(lambda: setattr(readahead, "gpu_host_copy", saved))
+    if variant == "prefault":  # the host copy mapped into the tree before the CUDA restore
+        os.environ[config.GPU_PREFAULT.name] = "1"
+        undo.append(lambda: (os.environ.pop(config.GPU_PREFAULT.name, None), None)[1])
+    if variant == "noahead":  # no read-ahead beside the restore: what it costs the CUDA restore
+        opts.prefetch = False
     if variant == "copy-serial":  # the tree's CUDA restores one after the other, as before
         resume = cuda_checkpoint.resume
         cuda_checkpoint.resume = lambda pids, **kw: resume(pids, **{**kw, "parallel": False})
@@ -331,10 +341,36 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         "gpu": r.gpu,
         **_load_figures(r.gpu, phases.get("load_weights"), h2d),
     }
+    if variant == "inplace":  # the restored tree put to sleep and checkpointed in place again
+        out["inplace"] = _inplace_cycles(r.server, m.snap)
     if keep:
         out["server"] = r.server
         return out
     api.stop(r.server.pid)
+    return out
+
+
+def _inplace_cycles(server: Any, snap: Path, reps: int = 2) -> list[dict[str, Any]]:
+    """Checkpoint and restore a restored tree's CUDA state in place (no CRIU), after `sleep`:
+    the driver's restore alone, from a host copy it has just made, beside the one after CRIU."""
+    from fastvllm.runtime import cuda_checkpoint, manifest, vllm_server
+
+    pids = manifest.load(snap).cuda_pids
+    vllm_server.sleep(server, level=2)
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        cuda_checkpoint.suspend(pids)
+        t1 = time.perf_counter()
+        per_pid = cuda_checkpoint.resume(pids)
+        out.append(
+            {
+                "checkpoint_s": round(t1 - t, 4),
+                "restore_s": round(time.perf_counter() - t1, 4),
+                "per_pid": per_pid,
+            }
+        )
+    vllm_server.wake_up(server)
     return out
 
 

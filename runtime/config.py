@@ -214,6 +214,17 @@ SERVER_NICE = _declare(
         "(10 = weight 110 against 1024); 0 leaves servers where the kernel puts them.",
     )
 )
+GPU_PREFAULT = _declare(
+    Var[bool](
+        "FASTVLLM_GPU_PREFAULT",
+        _flag,
+        lambda: False,
+        "1 or 0",
+        "0",
+        "1 maps the CUDA checkpoint's host copy into each restored process (threads reading "
+        "/proc/PID/mem) before the driver's CUDA restore reads it; 0 lets the driver fault it in.",
+    )
+)
 CPU_ONEDNN = _declare(
     Var[bool](
         "FASTVLLM_CPU_ONEDNN",
@@ -257,7 +268,7 @@ BIND_PORTS = _declare(
         lambda: "",
         "`LO-HI`",
         "set per server",
-        "The port range the helper hands a server's \"any free port\" binds from (below the "
+        'The port range the helper hands a server\'s "any free port" binds from (below the '
         "kernel's ephemeral range).",
         Scope.INTERNAL,
     )
