@@ -84,6 +84,7 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
     (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore \
       --model "$models" --model-dir "$made" --reps "${REPS:-2}" --budget-s "${BUDGET_S:-$(( left - 40 ))}" \
+      ${VARIANTS:+--variants "$VARIANTS"} ${CONDITIONS:+--conditions "$CONDITIONS"} \
       --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
