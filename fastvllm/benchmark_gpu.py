@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import enum
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -57,7 +56,7 @@ from typing import Any
 # room for a KV cache. CUDA graphs on, as vLLM serves by default (`--eager` turns them off).
 BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
-VARIANTS = "cli,agent,c,b,sweep,cli-copy,copy,mmap-old,prefault,noahead,inplace"
+VARIANTS = "cli,agent,c,b,sweep,cli-copy,copy,mmap-old,noahead,inplace"
 PROMPT = "A separate client asks the restored server:"
 # (threads, chunk MiB) reloaded in a restored server by the `sweep` step; buffers: the default
 SWEEP_GRID = [(t, c) for c in (8, 4, 16) for t in (10, 6, 8, 12, 14)]
@@ -147,7 +146,7 @@ def plan(
         steps += [Step(m, StepKind.SWEEP) for m in models]
     for rep in range(1, reps + 1):  # what the CUDA restore's time depends on (issue 22, item 1)
         for m in models:
-            for v in ("prefault", "noahead", "inplace"):
+            for v in ("noahead", "inplace"):
                 restore(m, v, "warm", rep)
     for rep in range(1, reps + 1):
         for m in models:
@@ -300,7 +299,7 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
     from fastvllm import api
     from fastvllm.restore import readahead
     from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-    from fastvllm.runtime import config, cuda_checkpoint
+    from fastvllm.runtime import cuda_checkpoint
     from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 
     assert m.snap is not None
@@ -318,9 +317,6 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         saved = readahead.gpu_host_copy
         readahead.gpu_host_copy = lambda _root, _m: []  # type: ignore[assignment]  # for this run (undone)
         undo.append(lambda: setattr(readahead, "gpu_host_copy", saved))
-    if variant == "prefault":  # the host copy mapped into the tree before the CUDA restore
-        os.environ[config.GPU_PREFAULT.name] = "1"
-        undo.append(lambda: (os.environ.pop(config.GPU_PREFAULT.name, None), None)[1])
     if variant == "noahead":  # no read-ahead beside the restore: what it costs the CUDA restore
         opts.prefetch = False
     if variant == "copy-serial":  # the tree's CUDA restores one after the other, as before
@@ -337,6 +333,7 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         "ttfc_s": r.time_to_first_completion_s,
         "criu_restore": str(getattr(r.criu_restore, "value", r.criu_restore)),
         "phases": phases,
+        "timeline": r.timeline.as_list(),  # with each phase's start: the gaps between them
         "readahead": r.readahead,
         "gpu": r.gpu,
         **_load_figures(r.gpu, phases.get("load_weights"), h2d),

@@ -33,7 +33,6 @@ from fastvllm.restore.readahead import HotReader, ReadAhead
 from fastvllm.runtime import (
     affinity,
     bind_ports,
-    config,
     cpu_share,
     criu,
     cuda_checkpoint,
@@ -228,7 +227,6 @@ def _restore_snapshot(
             criu.resolve_mode(found, opts.criu_restore, gpu=bool(m.cuda_pids)),
             prefetch=opts.prefetch,
             reloader=opts.reloader,
-            prefault=config.GPU_PREFAULT.get(),
         )
         if the_plan.early_reads:
             # What CRIU and the tree need first is read while the host is still checked (see
@@ -507,28 +505,9 @@ def _after_criu(r: _Restore, nice: int) -> None:
         affinity.apply(r.m.affinity)
     # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in
     cpu_share.yield_to_host(r.m.server.tree_pids, nice)
-    if r.plan.gpu_prefault:
-        with r.tl.phase("gpu_prefault"):
-            r.gpu_info["prefault_bytes"] = _prefault(r.m)
     if r.m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
         with r.tl.phase("cuda_restore"):
             r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids, pairs=r.gpu_pairs)
-
-
-def _prefault(m: manifest.Manifest) -> int:
-    """The host copy of each checkpointed process mapped in, the processes side by side."""
-    procs = m.gpu_state.get("processes", {}) if isinstance(m.gpu_state, dict) else {}
-    todo: list[tuple[int, list[tuple[int, int]]]] = []
-    for pid in m.cuda_pids:
-        got = procs.get(str(pid))
-        recorded = got.get("host_copy_ranges", []) if isinstance(got, dict) else []
-        ranges = [(int(lo), int(hi)) for lo, hi in recorded]
-        if ranges:
-            todo.append((pid, ranges))
-    if not todo:
-        return 0
-    with ThreadPoolExecutor(len(todo)) as pool:
-        return sum(pool.map(lambda t: cuda_checkpoint.prefault(t[0], t[1]), todo))
 
 
 def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:

@@ -34,9 +34,6 @@ class RestorePlan:
     # the CUDA checkpoint's host copy of device memory is read whole right after CRIU's first
     # reads (mmap mode would fault it in from the page images page by page)
     gpu_host_copy_first: bool
-    # the host copy mapped into each restored process before the driver reads it
-    # (FASTVLLM_GPU_PREFAULT; runtime.cuda_checkpoint.prefault)
-    gpu_prefault: bool
     weights: WeightsBack
     wake_weights_first: bool  # sleep level 2: the weights' memory is woken before they load
     wake_kv_cache: bool  # sleep level 2: the KV cache is woken after the weights
@@ -47,7 +44,6 @@ class RestorePlan:
             "gpu": self.gpu,
             "early_reads": self.early_reads,
             "gpu_host_copy_first": self.gpu_host_copy_first,
-            "gpu_prefault": self.gpu_prefault,
             "weights": self.weights.value,
             "wake_weights_first": self.wake_weights_first,
             "wake_kv_cache": self.wake_kv_cache,
@@ -60,18 +56,15 @@ def make(
     *,
     prefetch: bool,
     reloader: Reloader,
-    prefault: bool = False,
 ) -> RestorePlan:
     """The plan of a restore of `m` in CRIU `mode` (criu.resolve_mode's answer), with the
-    read-ahead on or off (`prefetch`), the reloader asked for, and whether a GPU tree's host
-    copy is mapped in before its CUDA restore (`prefault`)."""
+    read-ahead on or off (`prefetch`), and the reloader asked for."""
     gpu = bool(m.cuda_pids)
     return RestorePlan(
         mode=mode,
         gpu=gpu,
         early_reads=prefetch,
         gpu_host_copy_first=prefetch and gpu and mode is CriuRestoreMode.MMAP,
-        gpu_prefault=prefault and gpu,
         weights=weights_back(m.sleep_level, bool(m.weights_file), reloader),
         wake_weights_first=m.sleep_level == 2 and bool(m.weights_file),
         wake_kv_cache=m.sleep_level == 2 and bool(m.weights_file),

@@ -214,17 +214,6 @@ SERVER_NICE = _declare(
         "(10 = weight 110 against 1024); 0 leaves servers where the kernel puts them.",
     )
 )
-GPU_PREFAULT = _declare(
-    Var[bool](
-        "FASTVLLM_GPU_PREFAULT",
-        _flag,
-        lambda: False,
-        "1 or 0",
-        "0",
-        "1 maps the CUDA checkpoint's host copy into each restored process (threads reading "
-        "/proc/PID/mem) before the driver's CUDA restore reads it; 0 lets the driver fault it in.",
-    )
-)
 CPU_ONEDNN = _declare(
     Var[bool](
         "FASTVLLM_CPU_ONEDNN",

@@ -13,7 +13,6 @@ undone (restored, unlocked), so the tree keeps serving and the error says which 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -226,40 +225,6 @@ def host_copy(
             ranges.append((lo, hi))
             total += grew
     return HostCopy(ranges, total)
-
-
-PREFAULT_THREADS = 8
-PREFAULT_CHUNK = 8 << 20
-
-
-def prefault(pid: int, ranges: Sequence[tuple[int, int]], threads: int = PREFAULT_THREADS) -> int:
-    """Map every page of `ranges` (addresses in `pid`) into `pid` by reading them through
-    /proc/PID/mem, on `threads` threads: the kernel faults each page into the target's page
-    tables as it copies it out. Why: after a CRIU restore the host copy of device memory is
-    not mapped yet (mmap mode: private mappings of the page images), and the driver's CUDA
-    restore, copying it to the device, then takes each fault itself. Returns the bytes read;
-    a range that cannot be read is skipped (the driver faults it in as before)."""
-    chunks = [(at, min(PREFAULT_CHUNK, hi - at)) for lo, hi in ranges for at in range(lo, hi, PREFAULT_CHUNK)]
-    if not chunks:
-        return 0
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    local = threading.local()
-
-    def one(chunk: tuple[int, int]) -> int:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(PREFAULT_CHUNK)
-        at, n = chunk
-        try:
-            return os.preadv(fd, [memoryview(buf)[:n]], at)
-        except OSError:
-            return 0
-
-    try:
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefault") as pool:
-            return sum(pool.map(one, chunks))
-    finally:
-        os.close(fd)
 
 
 def device_memory_mib() -> dict[int, int]:

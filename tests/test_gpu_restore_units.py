@@ -119,58 +119,6 @@ def test_anon_vmas_sees_memory_a_process_fills() -> None:
         buf.close()
 
 
-def test_prefault_maps_a_private_file_mapping_into_another_process(tmp_path: Path) -> None:
-    """What a restored process's host copy is in mmap mode: a private mapping of a page image,
-    not yet faulted in. Reading it through /proc/PID/mem from outside maps it into that process
-    (its resident size grows), without changing a byte of it."""
-    size = 24 << 20
-    img = tmp_path / "pages.img"
-    img.write_bytes(bytes(range(256)) * (size // 256))
-    code = (
-        "import mmap, sys\n"
-        f"f = open({str(img)!r}, 'rb')\n"
-        "m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"
-        "print(open('/proc/self/maps').read(), flush=True)\n"
-        "sys.stdin.readline()\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        maps = []
-        for line in child.stdout:
-            if not line.strip():
-                break
-            maps.append(line)
-            if str(img) in line:
-                break
-        lo, hi = next(
-            (int(a, 16), int(b, 16)) for a, b in (ln.split()[0].split("-") for ln in maps if str(img) in ln)
-        )
-        assert hi - lo == size
-        before = _rss_of(child.pid, lo)
-        got = cuda_checkpoint.prefault(child.pid, [(lo, hi)], threads=3)
-        assert got == size
-        assert before < size // 4 and _rss_of(child.pid, lo) == size
-        assert img.read_bytes()[:512] == bytes(range(256)) * 2
-    finally:
-        child.kill()
-        child.wait()
-
-
-def _rss_of(pid: int, start: int) -> int:
-    """Resident bytes of `pid`'s mapping that starts at `start` (/proc/PID/smaps)."""
-    found = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split()[0] if line.split() else ""
-        if "-" in head and not head.endswith(":"):
-            found = int(head.split("-")[0], 16) == start
-        elif found and line.startswith("Rss:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _addr(buf: mmap.mmap) -> int:
     import ctypes
 
