@@ -151,6 +151,19 @@ def of_files(paths: Iterable[Path]) -> list[FileResidency]:
 COLD_BELOW = 0.5  # below this share of sampled pages in the page cache, a file counts as cold
 
 
+CACHED_FROM = 0.95  # from this share of sampled pages in the page cache on, a file counts as cached
+
+
+def is_cached(path: Path | str, at_least: float = CACHED_FROM) -> bool:
+    """Is (nearly) all of the file in the page cache (by `sampled_fraction`)? A restore reads
+    no file ahead that is cached and needs no checksum: reading it again only takes the CPU and
+    the memory bus from CRIU and the CUDA restore. False when the file cannot be mapped."""
+    try:
+        return sampled_fraction(path) >= at_least
+    except OSError:
+        return False
+
+
 def is_cold(path: Path | str, below: float = COLD_BELOW, *, if_unreadable: bool = True) -> bool:
     """Is less than `below` of the file in the page cache (by `sampled_fraction`)? The one
     test the loader (O_DIRECT or not, populate or not) and the restore (hold the weight file

@@ -132,9 +132,12 @@ class _GpuQueries:
     themselves are unchanged; they wait for the answers where they need them."""
 
     def __init__(self) -> None:
-        pool = ThreadPoolExecutor(2, thread_name_prefix="gpu-query")
+        pool = ThreadPoolExecutor(3, thread_name_prefix="gpu-query")
         self._identity = pool.submit(cuda_checkpoint.gpu_identity)
         self._gpus = pool.submit(devices.list_gpus)
+        # The driver API loaded and initialised (cuInit) before the CUDA restore needs it: in a
+        # fresh process (the command, a container's entrypoint) that is otherwise on its path.
+        pool.submit(cuda_checkpoint.prepare)
         pool.shutdown(wait=False)
 
     @staticmethod
@@ -241,8 +244,14 @@ def _restore_snapshot(
             # In mmap mode the CUDA restore would fault the host copy of device memory in from
             # the mapped page images page by page: it is read ahead whole, right after CRIU's.
             gpu_of = m if the_plan.gpu_host_copy_first else None
-            early = HotReader(path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=gpu_of)
-            early.start()
+            # With the page images and weights in the page cache already, so is what the hot
+            # set would read: its reader is not started.
+            cached = _big_files_cached(path, m)
+            early = HotReader(
+                path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=None if cached else gpu_of
+            )
+            if not cached:
+                early.start()
         try:
             faults.at(faults.Point.VALIDATE)
             _preflight(path, m, found, queries)
@@ -410,9 +419,29 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
             ahead.wait_for(unchecked)
 
 
+def _big_files(m: manifest.Manifest) -> set[str]:
+    """The snapshot's page images and weight files: what a restore spends its reads on."""
+    return {f.path for f in m.files if order.is_page_image(f.path)} | set(m.all_weight_files())
+
+
+def _big_files_cached(path: Path, m: manifest.Manifest) -> bool:
+    """Whether every page image and weight file of the snapshot is in the page cache."""
+    big = _big_files(m)
+    return bool(big) and all(residency.is_cached(path / rel) for rel in big)
+
+
 def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, bool]]:
-    """What the read-ahead reads, in order, and which page images are cold; sets `r.paging`."""
-    ordered = order.restore_order(r.path, r.m)
+    """What the read-ahead reads, in order, and which page images are cold; sets `r.paging`.
+    A page image or weight file that is trusted (checked before on this host, unchanged) and
+    already in the page cache is not read: reading cached pages again (the weight file mapped
+    and populated whole) only competes with CRIU and the CUDA restore, a fifth of a warm GPU
+    restore (docs/benchmarks/gpu-restore.md, "Where the CUDA restore's time goes")."""
+    big = _big_files(r.m)
+    ordered = [
+        e
+        for e in order.restore_order(r.path, r.m)
+        if not (e.path in big and e.path in r.trusted and residency.is_cached(r.path / e.path))
+    ]
     if r.plan.mode is not CriuRestoreMode.MMAP:
         return ordered, {}
     hot = r.early.hot if r.early is not None else None

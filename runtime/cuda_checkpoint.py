@@ -42,6 +42,17 @@ def _driver() -> Any:
     return driver
 
 
+def prepare() -> bool:
+    """Load and initialise the driver API now (best effort): the first call costs an import
+    and cuInit, which a restore does in the background while it validates. False where the
+    driver cannot be used (the CUDA restore then reports why)."""
+    try:
+        _driver()
+    except EnvironmentNotReadyError:
+        return False
+    return True
+
+
 def _name(driver: Any, err: Any) -> str:
     try:
         got = driver.cuGetErrorName(err)

@@ -103,9 +103,12 @@ def shared_snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     root = tmp_path_factory.mktemp("snapshots")
     # e.g. FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN" on the GPU machine (DESIGN.md)
     extra = shlex.split(os.environ.get("FASTVLLM_TEST_VLLM_ARGS", ""))
-    snap = fastvllm.snapshot(
-        str(tiny_model), out=root / "tiny", port=TEST_PORT, leave_running=True, vllm_args=extra
-    )
+    try:
+        snap = fastvllm.snapshot(
+            str(tiny_model), out=root / "tiny", port=TEST_PORT, leave_running=True, vllm_args=extra
+        )
+    except FastVLLMError as e:  # the server's or CRIU's log tail, not only the one line
+        pytest.fail(f"the shared snapshot failed: {e.message}\n{e.detail or ''}")
     assert snap.server is not None
     try:
         name = snap.manifest.server.served_model_name

@@ -412,3 +412,20 @@ def test_cli_permission_denied(disk_dir: Path) -> None:
     rc, err = _cli_as_nobody("prefetch", "status", str(disk_dir))  # found while walking a directory
     _one_line_error_rc(rc, err, str(closed), "permission denied")
     assert files.expand([closed]) == [closed / "f"]  # root may read it: the same path is fine
+
+
+def test_a_file_counts_as_cached_only_while_nearly_all_of_it_is_in_the_page_cache(tmp_path: Path) -> None:
+    """What lets a warm restore skip its read-ahead: a file just written is cached; once
+    evicted, or half evicted, it is not, and a file that cannot be mapped is not either."""
+    f = tmp_path / "weights.bin"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(8 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())  # dirty pages are not dropped
+    assert residency.is_cached(f)
+    with open(f, "rb") as fh:
+        os.posix_fadvise(fh.fileno(), 4 << 20, 4 << 20, os.POSIX_FADV_DONTNEED)
+    assert not residency.is_cached(f)
+    warm.evict([f])
+    assert not residency.is_cached(f)
+    assert not residency.is_cached(tmp_path / "missing.bin")
