@@ -656,6 +656,11 @@ def _pretouch() -> None:
     criu.find_criu()
     bind_ports.helper()
     cpu_share.server_nice()
+    from fastvllm.restore import pipeline  # noqa: F401  (the restore itself, not only the API)
+    from fastvllm.runtime import cuda_checkpoint, vllm_server
+
+    if vllm_server.cuda_present():  # the driver API loaded and cuInit done before the first restore
+        cuda_checkpoint.prepare()
 
 
 def run(path: Path | None = None, say: Callable[[str], None] | None = None) -> int:
