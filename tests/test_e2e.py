@@ -198,3 +198,33 @@ def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
     assert int(second["hot_planned_bytes"]) > 0  # type: ignore[call-overload]
     assert again["trusted_files"] == 0 and int(again["hashed_files"]) > 0  # type: ignore[call-overload]
     assert not servers_on_port(TEST_PORT)
+
+
+def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
+    shared_snapshot: SharedSnapshot, restored_cleanup: list[int]
+) -> None:
+    """With every page image and weight file in the page cache and checked before on this host,
+    a restore reads none of them again and starts no hot-set reader (reading cached pages only
+    competes with CRIU and the CUDA restore), and still answers token for token."""
+    from fastvllm.prefetch import warm
+    from fastvllm.restore import pipeline
+
+    path = shared_snapshot.path
+    m = manifest.load(path)
+    r = fastvllm.restore(path)  # this host checks (or already trusts) every file
+    restored_cleanup.append(r.server.pid)
+    fastvllm.stop(r.server.pid)
+    big = sorted(path / rel for rel in pipeline._big_files(m))
+    warm.warm(big, method="read")
+    r = fastvllm.restore(path)
+    restored_cleanup.append(r.server.pid)
+    try:
+        assert r.canary_ok and r.readahead is not None
+        assert r.readahead["trusted_files"] == len(m.files) and r.readahead["hashed_files"] == 0
+        assert r.readahead["hot_bytes"] == 0 and r.readahead["gpu_bytes"] == 0
+        assert int(r.readahead["bytes"]) < sum(p.stat().st_size for p in big) // 10  # type: ignore[call-overload]
+        assert "readahead_hot" not in r.timeline.durations()
+        name = shared_snapshot.served_model_name
+        assert completions(r.server.base_url, name, PROMPTS) == shared_snapshot.before
+    finally:
+        fastvllm.stop(r.server.pid)
