@@ -68,6 +68,32 @@ def _count_resident(vec: Any) -> int:
     return len(raw) - len(raw.translate(None, _RESIDENT_BYTES))
 
 
+# mincore's bytes to 1 (resident) or 0, through bytes.translate
+_FLAG = bytes(b & 1 for b in range(256))
+
+
+def page_map(path: Path | str) -> bytes:
+    """One byte a page of `path`: 1 where that page is in the page cache, else 0 (count zeros
+    in a slice to ask about a range)."""
+    out = bytearray()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for start in range(0, size, _WINDOW):
+            length = min(_WINDOW, size - start)
+            with _mapped(fd, start, length, path) as addr:
+                out += bytes(_incore(addr, length, path)).translate(_FLAG)
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def all_cached(pages: bytes, offset: int, length: int) -> bool:
+    """Whether `page_map`'s answer has every page of [offset, offset + length) in the cache."""
+    first, end = offset // mmap.PAGESIZE, -(-(offset + length) // mmap.PAGESIZE)
+    return end <= len(pages) and pages.count(0, first, end) == 0
+
+
 def resident_pages(path: Path | str) -> tuple[int, int]:
     """(pages in the page cache, pages in the file) for `path`."""
     page = mmap.PAGESIZE

@@ -251,3 +251,56 @@ def test_residency_sees_evicted_and_read_files(tmp_path: Path) -> None:
         pytest.skip("the page cache could not be evicted here (tmpfs-like filesystem)")
     assert cold[0] < 0.5 and cold[1] < 0.5, cold
     assert warm == (1.0, 1.0)
+
+
+def test_o_direct_reads_what_is_cached_from_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold load (O_DIRECT) of a file whose head is already in the page cache, as a restore's
+    read-ahead leaves it: the head's ranges are read from the page cache, the rest from the
+    disk, and the tensors come out exact either way."""
+    import os
+
+    from fastvllm.prefetch import residency
+
+    g = torch.Generator().manual_seed(5)
+    src = {"a": _rand((2048, 1024), torch.float32, g), "b": _rand((1024, 1024), torch.float32, g)}
+    path = tmp_path / "w.fvw"
+    fileformat.write(path, src)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, size // 2, 0, os.POSIX_FADV_DONTNEED)  # the tail leaves the cache
+    finally:
+        os.close(fd)
+    pages = residency.page_map(path)
+    if pages.count(0) == 0:
+        pytest.skip("the page cache could not be evicted here (tmpfs-like filesystem)")
+    assert residency.all_cached(pages, 0, 64 << 10) and not residency.all_cached(pages, 0, size)
+    assert not residency.all_cached(pages, size - 4096, 4096)
+    assert not residency.all_cached(pages, size, 4096)  # past the end: not cached
+    kinds: list[str] = []
+    real = loader._read_exact
+
+    def spy(fd_: int, buf: memoryview, off: int, p: Path) -> None:
+        kinds.append("direct" if os.O_DIRECT & _flags(fd_) else "cached")
+        real(fd_, buf, off, p)
+
+    monkeypatch.setattr(loader, "_read_exact", spy)
+    raw = torch.empty(size + 8192, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % 4096
+    flat = raw[start : start + src["a"].numel() * 4 + src["b"].numel() * 4]
+    dst = {
+        "a": flat[: src["a"].numel() * 4].view(torch.float32).view(2048, 1024),
+        "b": flat[src["a"].numel() * 4 :].view(torch.float32).view(1024, 1024),
+    }
+    stats = loader.load_into(path, dst, direct=True, chunk=1 << 20, threads=2)
+    assert stats.direct and _same(dst["a"], src["a"]) and _same(dst["b"], src["b"])
+    assert "cached" in kinds and "direct" in kinds
+
+
+def _flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)

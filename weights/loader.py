@@ -123,6 +123,19 @@ def choose_direct(path: Path, direct: bool | None) -> bool:
     return residency.is_cold(path, COLD_BELOW, if_unreadable=False)
 
 
+def _sources(path: Path, fd: int, dfd: int | None) -> Callable[[int, int], int]:
+    """Which descriptor reads [offset, offset + length): with O_DIRECT (`dfd`), a range already
+    in the page cache (a restore's read-ahead read the file's head while the CUDA restore ran)
+    is read from there rather than again from the disk; the residency is asked once."""
+    if dfd is None:
+        return lambda _off, _n: fd
+    try:
+        pages = residency.page_map(path)
+    except OSError:
+        return lambda _off, _n: dfd
+    return lambda off, n: fd if residency.all_cached(pages, off, n) else dfd
+
+
 def _open_direct(path: Path) -> int | None:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -431,11 +444,12 @@ def _load_cpu(
                 jobs.append((piece[n_direct:], base + off + n_direct, False))
     fd = os.open(path, os.O_RDONLY)
     dfd = _open_direct(path) if any(j[2] for j in jobs) else None
+    src = _sources(path, fd, dfd)
     try:
 
         def read(job: tuple[memoryview, int, bool]) -> int:
             buf, off, want_direct = job
-            _read_exact(dfd if (want_direct and dfd is not None) else fd, buf, off, path)
+            _read_exact(src(off, buf.nbytes) if want_direct else fd, buf, off, path)
             if on_bytes:
                 on_bytes(buf.nbytes)
             return buf.nbytes
@@ -720,6 +734,7 @@ def _stream_to_gpu(
     nbuf = max(1, min(nbuf, len(spans)))
     fd = os.open(path, os.O_RDONLY)  # before the kept pool is taken: nothing may fail in between
     dfd = _open_direct(path) if use_direct else None
+    src = _sources(path, fd, dfd)
     pool, how = _acquire_pool(chunk, nbuf, device)
     kept = how == "kept"
     free: queue.Queue[int] = queue.Queue()
@@ -744,7 +759,7 @@ def _stream_to_gpu(
                 if stop.is_set():
                     return
                 s = spans[si]
-                _read_exact(dfd if dfd is not None else fd, pool.views[bi][: s.length], s.file_off, path)
+                _read_exact(src(s.file_off, s.length), pool.views[bi][: s.length], s.file_off, path)
                 ready.put((si, bi))
         except BaseException as exc:
             ready.put(exc)
