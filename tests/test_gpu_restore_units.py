@@ -350,6 +350,9 @@ def test_the_bench_runs_the_most_important_figures_first() -> None:
     first_rep2 = next(i for i, s in enumerate(steps) if s.rep == 2)
     early = [s for s in steps[:first_rep2] if s.kind is b.StepKind.RESTORE]
     assert all(s.variant in ("cli", "agent", "c", "b") for s in early)
+    # the second warm waits as a user waits come before the cold comparisons
+    rep2 = [(s.model, s.key) for s in steps[first_rep2 : first_rep2 + 4]]
+    assert rep2 == [("3b", "cli/warm"), ("3b", "agent/warm"), ("8b", "cli/warm"), ("8b", "agent/warm")]
     assert [s.model for s in steps if s.kind is b.StepKind.BOUNDS] == ["3b"]  # once per machine
     for m in ("3b", "8b"):  # every restore of a model comes after its snapshot and its prime
         idx = [i for i, s in enumerate(steps) if s.model == m]
@@ -363,7 +366,9 @@ def test_the_bench_runs_the_most_important_figures_first() -> None:
 def test_the_bench_plan_filters_variants_and_conditions() -> None:
     b = _bench()
     steps = b.plan(["3b"], reps=1, variants={"cli"}, conditions={"warm"})
-    assert [(s.key, s.rep) for s in steps] == [("snapshot", 1), ("bounds", 1), ("prime", 1), ("cli/warm", 1)]
+    assert [(s.key, s.rep) for s in steps] == [("snapshot", 1), ("bounds", 1), ("cli/warm", 1)]
+    primed = b.plan(["3b"], reps=1, variants={"prime", "cli"}, conditions={"warm"})
+    assert [s.key for s in primed] == ["snapshot", "bounds", "prime", "cli/warm"]
     assert not any(s.kind is b.StepKind.SWEEP for s in b.plan(["3b"], variants={"cli", "c"}))
     assert [s.model for s in b.plan(["3b", "8b"], reps=1) if s.kind is b.StepKind.SWEEP] == ["3b", "8b"]
     three = b.plan(["3b"], reps=3)
