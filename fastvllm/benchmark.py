@@ -516,6 +516,30 @@ class Plan:
     agent: bool = True
     container: bool = True
     cold_starts: bool = True
+    columns: frozenset[str] = frozenset()  # the columns to time (select_columns); empty: all
+
+
+def select_columns(spec: str) -> frozenset[str]:
+    """`--columns`: column names (COLUMNS) or groups, comma-separated; a group is a name's
+    start (`agent` = agent_cold and agent_warm, `command`, `in_process`, `container`, `vllm`)
+    or a page-cache state (`cold`, `warm`: the *_cold or *_warm columns). '' or 'all': all."""
+    got: set[str] = set()
+    for word in (w.strip() for w in spec.split(",")):
+        if word in ("", "all"):
+            continue
+        match = {c for c in COLUMNS if c == word or c.startswith(f"{word}_") or c.endswith(f"_{word}")}
+        if not match:
+            from fastvllm.runtime.errors import UsageError
+
+            raise UsageError(
+                f"--columns: no column {word!r}", hint=f"pick from {', '.join(COLUMNS)} (or a prefix of them)"
+            )
+        got |= match
+    return frozenset(got)
+
+
+def wanted(plan: Plan, column: str) -> bool:
+    return not plan.columns or column in plan.columns
 
 
 def run(plan: Plan) -> dict[str, Any]:
@@ -532,11 +556,14 @@ def run(plan: Plan) -> dict[str, Any]:
     cols = _columns()
     extra: dict[str, Any] = {}
     try:
-        if plan.cold_starts:
+        if plan.cold_starts and wanted(plan, "vllm_cold_start"):
             for i in range(plan.reps):
                 log = work / f"cold-{i}.log"
                 _timed(cols["vllm_cold_start"], partial(_cold_start, model_path, plan.port, log), say)
-        else:
+        for c in cols.values():  # the rest say why they have no runs (the agent's and Docker's below)
+            if not wanted(plan, c.name):
+                c.skipped = "not in --columns"
+        if not plan.cold_starts:
             cols["vllm_cold_start"].skipped = "--no-cold-starts"
         say("taking the snapshot (it learns its hot set in a trial restore) ...")
         snap = api.snapshot(model_path, work / "snapshot", port=plan.port)
@@ -608,30 +635,40 @@ def _restore_columns(plan: Plan, t: Target, cols: dict[str, harness.Column], say
     if why_no_agent:
         cols["agent_warm"].skipped = cols["agent_cold"].skipped = why_no_agent
         say(f"no agent column: {why_no_agent}")
+    on = partial(wanted, plan)
     for cold in (True, False):
         tag = "cold" if cold else "warm"
-        if not cold:
+        if not cold and (on("in_process_warm") or on("command_warm")):
             command_once(t, False)  # the warm runs find what a restore reads in the page cache
         for _ in range(plan.reps):
-            _timed(cols[f"in_process_{tag}"], partial(in_process_once, t, cold), say)
-            _timed(cols[f"command_{tag}"], partial(command_once, t, cold), say)
-            if cold:
+            if on(f"in_process_{tag}"):
+                _timed(cols[f"in_process_{tag}"], partial(in_process_once, t, cold), say)
+            if on(f"command_{tag}"):
+                _timed(cols[f"command_{tag}"], partial(command_once, t, cold), say)
+            if cold and on("command_cold_first"):
                 with no_hot_set(t.path):
                     _timed(cols["command_cold_first"], partial(command_once, t, True), say)
                     # what that first restore learned, beside the set the snapshot learned
                     cols["command_cold_first"].details[-1]["hot_set_learned_bytes"] = _hot_bytes(t)
-    if not why_no_agent:
+    if not why_no_agent and (on("agent_cold") or on("agent_warm")):
         with agent_running():
             for cold in (True, False):
+                tag = "cold" if cold else "warm"
+                if not on(f"agent_{tag}"):
+                    continue
                 if not cold:
                     command_once(t, False, agent=True)  # untimed, as above
                 for _ in range(plan.reps):
-                    col = cols[f"agent_{'cold' if cold else 'warm'}"]
-                    _timed(col, partial(command_once, t, cold, agent=True), say)
+                    _timed(cols[f"agent_{tag}"], partial(command_once, t, cold, agent=True), say)
 
 
 def _container_columns(plan: Plan, work: Path, cols: dict[str, harness.Column], say: Say) -> None:
-    dc, why = container_available() if plan.container else (None, "--no-container")
+    if not plan.container:
+        dc, why = None, "--no-container"
+    elif not (wanted(plan, "container_cold") or wanted(plan, "container_warm")):
+        dc, why = None, "not in --columns"
+    else:
+        dc, why = container_available()
     if dc is None:
         cols["container_warm"].skipped = cols["container_cold"].skipped = why
         say(f"no container column: {why}")
@@ -643,8 +680,8 @@ def _container_columns(plan: Plan, work: Path, cols: dict[str, harness.Column], 
     # set: one untimed cold restore learns it, as the host's snapshot did when it was taken.
     container_once(dc, CONTAINER_IMAGE, t, True)
     for cold in (True, False):
-        for _ in range(plan.reps):
-            col = cols[f"container_{'cold' if cold else 'warm'}"]
+        col = cols[f"container_{'cold' if cold else 'warm'}"]
+        for _ in range(plan.reps if wanted(plan, col.name) else 0):
             _timed(col, partial(container_once, dc, CONTAINER_IMAGE, t, cold), say)
 
 
@@ -687,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-agent", action="store_true")
     ap.add_argument("--no-container", action="store_true")
     ap.add_argument("--no-cold-starts", action="store_true")
+    ap.add_argument("--columns", default="", help=select_columns.__doc__)
     a = ap.parse_args(argv)
-    run(Plan(a.model, a.reps, a.out, a.port, False, not a.no_agent, not a.no_container, not a.no_cold_starts))
+    cols = select_columns(a.columns)
+    on = (not a.no_agent, not a.no_container, not a.no_cold_starts)
+    run(Plan(a.model, a.reps, a.out, a.port, False, *on, cols))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -18,16 +18,12 @@ import typer
 # the error types. Each command imports its own heavy parts (the pipelines through api, rich
 # tables, numpy, Docker, the scheduler) so that `fastvllm --help`, `ps` or a restore pay
 # for nothing they do not use (tests/test_startup.py keeps it so).
-from fastvllm import launcher, ui
+from fastvllm import ui
 from fastvllm.cluster_cli import cluster_app
 from fastvllm.runtime import signals
 from fastvllm.runtime.errors import FastVLLMError, UsageError
-from fastvllm.runtime.modes import CriuRestoreMode, LoadMode, SnapshotKind
+from fastvllm.runtime.modes import CriuRestoreMode, LoadMode
 from fastvllm.runtime.timeline import Timeline
-
-if TYPE_CHECKING:
-    from fastvllm.restore.pipeline import RestoreResult
-    from fastvllm.restore.process import ProcessRestoreResult
 
 app = typer.Typer(
     help="Cold start of a vLLM server in about a second: snapshot a warmed-up server with CRIU, "
@@ -329,59 +325,19 @@ def restore(
             _fail(UsageError("--gpus does not apply with --container", hint="give the container its GPUs"))
         _restore_in_container(snapshot_dir, container, container_name, prefetch, as_json)
         return
-    # The restore stack, imported before the timeline's origin: the phases (and the time to the
-    # first completion printed below) time the restore, as the API's callers see it.
-    import fastvllm.restore.pipeline  # noqa: F401
-    from fastvllm import api
+    from fastvllm import restore_command  # the launcher runs it without typer (it says why)
 
-    tl = Timeline()
-    live = ui.LiveTimeline(tl, enabled=not as_json)
-
-    def run() -> RestoreResult | ProcessRestoreResult:
-        with live.running():
-            if api.snapshot_kind(snapshot_dir) is SnapshotKind.PROCESS:  # no server, no canary
-                if gpus is not None:
-                    raise UsageError(
-                        "--gpus applies to vLLM snapshots; this is a plain process snapshot",
-                        hint="restore it onto its own GPUs (drop --gpus)",
-                    )
-                return api.restore_process(
-                    snapshot_dir, verify=verify, timeline=tl, criu_restore=criu_restore, reverify=reverify
-                )
-            return api.restore(
-                snapshot_dir,
-                verify=verify,
-                health_timeout=timeout,
-                prefetch=prefetch,
-                prefetch_threads=prefetch_threads,
-                timeline=tl,
-                on_bytes=live.on_bytes,
-                criu_restore=criu_restore,
-                reverify=reverify,
-                keep_affinity=keep_affinity,
-                gpus=gpus,
-            )
-
-    res = _guard(run)
-    launcher.record_startup_files()  # what this restore imported: the next launcher reads it ahead
-    if as_json:
-        _emit_json(res.as_dict())
-        return
-    ui.console.print(ui.phase_table(tl, f"restore {res.snapshot} (CRIU {res.criu_restore} mode)"))
-    if res.criu_restore == CriuRestoreMode.MMAP:
-        ui.console.print(
-            "[dim]the restored tree maps this snapshot's page images: keep the snapshot in place "
-            "and unchanged while it runs ('fastvllm inspect' shows who maps it)[/]"
-        )
-    from fastvllm.restore.process import ProcessRestoreResult
-
-    if isinstance(res, ProcessRestoreResult):
-        ui.console.print(f"restored process tree, root pid [bold]{res.pid}[/] in {tl.elapsed():.2f} s")
-        return
-    ui.console.print(
-        f"serving at [bold]{ui.address(res.server)}[/] (pid {res.server.pid}); first completion after "
-        f"[bold green]{res.time_to_first_completion_s:.2f} s[/], canary identical; stop with "
-        f"'fastvllm stop {res.server.pid}'"
+    restore_command.run(
+        snapshot_dir,
+        verify=verify,
+        reverify=reverify,
+        keep_affinity=keep_affinity,
+        prefetch=prefetch,
+        prefetch_threads=prefetch_threads,
+        timeout=timeout,
+        criu_restore=criu_restore,
+        gpus=gpus,
+        as_json=as_json,
     )
 
 
@@ -933,6 +889,15 @@ def bench(
     cold_starts: Annotated[
         bool, typer.Option(help="Time vLLM's own cold start (--no-cold-starts: restores only).")
     ] = True,
+    columns: Annotated[
+        str,
+        typer.Option(
+            metavar="LIST",
+            help="Only these columns, comma-separated: names (command_warm, agent_cold, ...) or groups "
+            "(vllm, command, in_process, agent, container; cold, warm), e.g. --columns agent,command_warm. "
+            "Default: all.",
+        ),
+    ] = "",
     as_json: JsonOpt = False,
 ) -> None:
     """What a user waits: from 'fastvllm restore' (or 'docker run') to the first completion a
@@ -940,7 +905,8 @@ def bench(
     and cold (dropped)."""
     from fastvllm import benchmark
 
-    plan = benchmark.Plan(model, reps, out, port, as_json, agent, container, cold_starts)
+    chosen = _guard(lambda: benchmark.select_columns(columns))
+    plan = benchmark.Plan(model, reps, out, port, as_json, agent, container, cold_starts, chosen)
     res = _guard(lambda: benchmark.run(plan))
     if as_json:
         _emit_json(res)
@@ -1167,19 +1133,16 @@ def _restore_parsed(opts: dict[str, Any]) -> NoReturn:
     """`fastvllm restore` whose arguments the launcher has parsed already (the agent's parser,
     resident_client.parse_restore: plain options only, each checked as the command checks it;
     anything else goes through typer). The same command, without typer's parsing, which imports
-    pydantic to check option values (~60 ms before a restore can start)."""
-    import inspect
+    pydantic to check option values (~60 ms before a restore can start). The launcher itself
+    runs such a restore through restore_command.main, without importing this module."""
+    from fastvllm import restore_command
 
-    kwargs = {name: p.default for name, p in inspect.signature(restore).parameters.items()}
-    given = {"json": "as_json", "dir": "snapshot_dir"}
-    got = {given.get(k, k): v for k, v in opts.items()}
-    if not got.keys() <= kwargs.keys() or "snapshot_dir" not in got:  # a parser newer than this
+    kwargs = restore_command.keywords(opts)
+    if kwargs is None:  # a parser newer than this
         app()
-    kwargs.update(got)
-    kwargs["snapshot_dir"] = Path(kwargs["snapshot_dir"])
-    kwargs["criu_restore"] = CriuRestoreMode(kwargs["criu_restore"])
+        sys.exit(0)
     try:
-        restore(**kwargs)
+        restore_command.run(**kwargs)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     sys.exit(0)

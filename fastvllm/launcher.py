@@ -11,8 +11,10 @@ restore started before all of it was imported. The launcher, in order:
    (restore/hotset.py's `local/hot.json`, stage by stage). The thread submits I/O and
    returns; the kernel reads while the main thread imports, and when everything is already in
    the page cache (a sample says so) it does nothing;
-3. imports fastvllm.cli and runs it; a `restore` with only plain options (the agent client
-   parses those) skips typer's parsing, which would import pydantic to check option values.
+3. runs a `restore` with only plain options (the agent client parses those) through
+   fastvllm/restore_command.py, which imports neither typer (its parsing would import pydantic
+   to check option values) nor, with --json into a pipe, rich; any other command through
+   fastvllm.cli.
 
 It imports nothing outside the standard library but the agent's client and the modes' enums,
 standard library only themselves (tests/test_startup.py), so it starts in a few milliseconds.
@@ -71,6 +73,10 @@ def main() -> None:
         )
         reader.start()
         _early_maps = frozenset(_maps())
+    if parsed is not None:  # the restore, without typer (restore_command says why); exits
+        from fastvllm import restore_command
+
+        restore_command.main(parsed)
     from fastvllm import cli
 
     cli.main(parsed)  # a parsed restore skips typer's parsing (cli._restore_parsed says why)

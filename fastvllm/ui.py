@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import typer
 from rich.console import Console
 from rich.text import Text
 
@@ -229,19 +228,27 @@ T = TypeVar("T")
 
 def guard(fn: Callable[[], T]) -> T:
     """Run a command's work: a FastVLLMError becomes its one-line message and exit code, Ctrl-C
-    exit 130 (the pipelines have stopped what they started and removed partial output)."""
+    exit 130 (the pipelines have stopped what they started and removed partial output). typer
+    is imported on the way out only: a restore the launcher runs does not import it
+    (fastvllm/restore_command.py)."""
     try:
         return fn()
     except FastVLLMError as e:
+        import typer
+
         print_error(e)
         raise typer.Exit(e.exit_code) from None
     except OSError as e:  # a path of the user's that cannot be written or read: say which, and the fix
+        import typer
+
         err = from_os_error(e)
         if err is None:
             raise
         print_error(err)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (runtime.signals.Terminated)
+        import typer
+
         by = f" by {e.name}" if isinstance(e, signals.Terminated) else ""
         console.print(f"[yellow]interrupted{by}[/]: stopped what was started and removed partial output")
         raise typer.Exit(e.exit_code if isinstance(e, signals.Terminated) else 130) from None

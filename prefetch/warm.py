@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from fastvllm.prefetch.files import os_error
 from fastvllm.prefetch.residency import _mapped, resident_pages
 from fastvllm.runtime import sparse
@@ -292,6 +291,8 @@ def evict(paths: Sequence[Path]) -> int:
 def default_budget() -> int:
     """Half the memory available now: enough to pin a model's files, and locking more would
     leave the rest of the machine to swap or the OOM killer."""
+    import psutil  # (~10 ms: not imported on a restore's path)
+
     return psutil.virtual_memory().available // 2
 
 

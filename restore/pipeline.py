@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -371,6 +372,7 @@ class _Restore:
     gpu_info: dict[str, object] = field(default_factory=dict)
     # --gpus: (snapshot GPU UUID, this host's GPU UUID) pairs for the CUDA restore ([]: same GPUs)
     gpu_pairs: list[tuple[str, str]] = field(default_factory=list)
+    cpu_move: threading.Thread | None = None  # the tree moved into the servers' cgroup (_after_criu)
 
 
 def _read_ahead(op: journal.Operation, r: _Restore) -> None:
@@ -532,8 +534,13 @@ def _after_criu(r: _Restore, nice: int) -> None:
         r.ahead.release()
     if r.opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
         affinity.apply(r.m.affinity)
-    # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in
-    cpu_share.yield_to_host(r.m.server.tree_pids, nice)
+    # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in; the
+    # move into the servers' group (migrating every thread of the tree, ~9 ms on 2 cores) runs
+    # beside the steps up to the health check, which waits for it (_wait_healthy)
+    r.cpu_move = threading.Thread(
+        target=cpu_share.yield_to_host, args=(r.m.server.tree_pids, nice), name="cpu-share", daemon=True
+    )
+    r.cpu_move.start()
     if r.m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
         with r.tl.phase("cuda_restore"):
             r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids, pairs=r.gpu_pairs)
@@ -544,6 +551,8 @@ def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
     faults.at(faults.Point.HEALTH, root)
     with r.tl.phase("health"):
         vllm_server.wait_healthy(server, r.opts.health_timeout, alive=lambda: proctree.alive(root))
+    if r.cpu_move is not None:
+        r.cpu_move.join()  # the tree's CPU share settled before it works (a few ms, not a hang)
     if steps is not None:  # which pages each step needed: later restores read them in order
         with r.tl.phase("hot_set_capture"):
             steps.append(hotset.capture(proctree.session_pids(root)))

@@ -10,7 +10,6 @@ import os
 import signal
 import time
 
-import psutil
 from fastvllm.runtime.errors import TreeChangedError
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -27,6 +26,8 @@ def adopt_orphans() -> None:
 
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes whose session id is `sid`."""
+    import psutil
+
     pids = []
     for p in psutil.process_iter(["pid", "status"]):
         try:
@@ -40,6 +41,8 @@ def session_pids(sid: int) -> list[int]:
 
 
 def tree_pids(root: int) -> list[int]:
+    import psutil
+
     try:
         proc = psutil.Process(root)
         return [root] + [c.pid for c in proc.children(recursive=True)]
@@ -48,10 +51,30 @@ def tree_pids(root: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    """A process (or thread) `pid` exists and is not a zombie: its state in /proc/PID/stat, as
+    psutil's status() reads it, without psutil (~10 ms to import, on a restore's path)."""
+    if pid <= 0:
         return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return bool(state) and state != b"Z"
+
+
+def pid_exists(pid: int) -> bool:
+    """psutil.pid_exists: `pid` names a process (zombies too), not one of its threads."""
+    if pid <= 0:
+        return pid == 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _thread_group(pid) == pid if os.path.exists(f"/proc/{pid}/status") else False
 
 
 def ids_taken(ids: list[int], ours: list[int]) -> list[tuple[int, int]]:
@@ -101,7 +124,7 @@ def wait_gone(pids: list[int], timeout: float, *, reaped: bool = False) -> list[
 
     while True:
         reap()
-        left = [p for p in left if (psutil.pid_exists(p) if reaped else alive(p))]
+        left = [p for p in left if (pid_exists(p) if reaped else alive(p))]
         if not left:
             # The last ones may have exited after that sweep: reap once more, or their zombies
             # would hold the PIDs until this process next waits, which a CLI restore of the

@@ -100,3 +100,55 @@ def test_no_server_and_no_answer_are_http_errors() -> None:
         mute.listen()
         with pytest.raises(localhttp.HTTPError, match="timed out"):
             localhttp.get("127.0.0.1", mute.getsockname()[1], "/health", timeout=0.5)
+
+
+def _one_answer(raw: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A server that reads one request and writes `raw` back, then closes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(raw)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv, t
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\n\r\n",
+         b"hello world"),
+        (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close", b"until the close"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+    ],
+)  # fmt: skip
+def test_chunked_unsized_and_empty_answers_are_read_whole(raw: bytes, body: bytes) -> None:
+    srv, t = _one_answer(raw)
+    try:
+        r = localhttp.get("127.0.0.1", srv.getsockname()[1], "/x", timeout=10.0)
+    finally:
+        t.join(timeout=30)
+        srv.close()
+    assert r.content == body
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", b"HTTP/1.1 200"],
+)
+def test_answers_that_are_not_http_or_cut_short_are_http_errors(raw: bytes) -> None:
+    srv, t = _one_answer(raw)
+    try:
+        with pytest.raises(localhttp.HTTPError):
+            localhttp.get("127.0.0.1", srv.getsockname()[1], "/x", timeout=10.0)
+    finally:
+        t.join(timeout=30)
+        srv.close()

@@ -63,6 +63,20 @@ def test_the_restore_path_imports_no_numpy_and_no_http_client_stack() -> None:
     assert bad == [] and not any(m.startswith("fastvllm.scheduler") for m in mods)
 
 
+def test_a_restore_the_launcher_runs_imports_no_cli_stack_and_no_http_client() -> None:
+    """The launcher's restore (fastvllm/restore_command.py) with --json into a pipe: no typer or
+    click (the CLI's parsing), no rich (nothing is drawn), no http.client/ssl/email (the servers
+    are asked through runtime/localhttp's own socket client), no psutil (runtime/proctree reads
+    /proc), no importlib.metadata (vLLM's version from its .dist-info)."""
+    _, mods = _modules_after(
+        "import fastvllm.launcher, fastvllm.restore_command, fastvllm.api, fastvllm.restore.pipeline\n"
+        "from fastvllm.runtime import proctree, vllm_server\n"
+        "vllm_server.vllm_version(); proctree.alive(1); proctree.pid_exists(1)"
+    )
+    banned = ("typer", "click", "rich", "http.client", "ssl", "email", "psutil", "importlib.metadata")
+    assert sorted(m for m in mods if any(m == b or m.startswith(b + ".") for b in banned)) == []
+
+
 def test_the_launcher_imports_only_the_standard_library() -> None:
     """Itself, the agent's client (called before anything else), the package's light
     __init__ (which makes the `snapshot` and `restore` packages callable), and the modes'
