@@ -20,7 +20,6 @@ import typer
 # for nothing they do not use (tests/test_startup.py keeps it so).
 from fastvllm import ui
 from fastvllm.cluster_cli import cluster_app
-from fastvllm.runtime import signals
 from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.runtime.modes import CriuRestoreMode, LoadMode
 from fastvllm.runtime.timeline import Timeline
@@ -1150,25 +1149,12 @@ def _restore_parsed(opts: dict[str, Any]) -> NoReturn:
 
 def main(parsed_restore: dict[str, Any] | None = None) -> None:
     """The CLI. `parsed_restore`: the options of a `fastvllm restore` the launcher parsed."""
-    # SIGTERM, SIGHUP and SIGINT unwind like Ctrl-C (the pipelines stop what they started and
-    # remove partial output); the exit status is then 128 + the signal's number.
-    signals.install()
-    try:
-        if parsed_restore is None:
-            app()
-        else:
-            _restore_parsed(parsed_restore)
-    except SystemExit as e:
-        # A signal outside a command's guard (click makes that "Aborted!", exit 1) still exits
-        # 128 + its number; a command that took the signal as its cue to finish (prefetch lock)
-        # exits as it chose.
-        if (signum := signals.received()) is not None and e.code not in (0, None):
-            sys.exit(128 + signum)
-        raise
-    except BrokenPipeError:
-        sys.exit(1)
-    except Exception as e:  # a bug: one line for the user, the traceback in a file (ui.internal_error)
-        sys.exit(ui.internal_error(e))
+    from fastvllm import command_exit  # signals, closed pipes and bugs: how the command ends
+
+    if parsed_restore is None:
+        command_exit.run(app)
+    else:
+        command_exit.run(lambda: _restore_parsed(parsed_restore))
 
 
 if __name__ == "__main__":

@@ -160,25 +160,17 @@ def main(opts: dict[str, Any]) -> None:
     """The launcher's `fastvllm restore` with options it parsed: cli.main's handling (signals
     unwind as Ctrl-C and exit 128 + the signal, a bug is one line and a traceback file)
     around run(), without typer. Exits; returns only for options run() does not know."""
-    from fastvllm.runtime import signals
+    from fastvllm import command_exit
 
     kwargs = keywords(opts)
     if kwargs is None:
         return
-    signals.install()
-    try:
+
+    def restore() -> None:
         with exits():
             run(**kwargs)
-    except SystemExit as e:
-        if (signum := signals.received()) is not None and e.code not in (0, None):
-            sys.exit(128 + signum)
-        raise
-    except BrokenPipeError:
-        sys.exit(1)
-    except Exception as e:  # a bug: one line for the user, the traceback in a file
-        from fastvllm import ui
 
-        sys.exit(ui.internal_error(e))
+    command_exit.run(restore)
     sys.exit(0)
 
 

@@ -129,10 +129,13 @@ def criu_started(what: str, criu_pid: int, log: Path) -> None:
         return
     fault, server = got[1], _server.get(point)
 
+    from fastvllm.runtime import proctree
+
     def started() -> bool:
         """CRIU is at work: its log has lines and, for a restore, the tree's root exists."""
         try:
-            return log.stat().st_size > 0 and (server is None or what != "restore" or _exists(server))
+            root_up = server is None or what != "restore" or proctree.pid_exists(server)
+            return log.stat().st_size > 0 and root_up
         except OSError:
             return False
 
@@ -198,13 +201,3 @@ def _wait_dead(pid: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while proctree.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.005)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
