@@ -20,7 +20,9 @@ a cold file.
   shared with every other process mapping the same file, and a write to a tensor copies just
   that page. This is what safetensors does on CPU, but populated eagerly and in parallel.
 - O_DIRECT or not: decided from the file's page-cache residency (`prefetch.residency`) unless
-  the caller says. Cold: O_DIRECT skips the kernel's copy into the page cache. Warm: buffered.
+  the caller says. Cold: O_DIRECT skips the kernel's copy into the page cache, except for the
+  ranges already in it (a restore reads the file's head ahead while the CUDA restore runs):
+  those are read buffered, not again from the disk. Warm: buffered.
 
 Every shape, dtype and name is checked, and the file's size against its index, before the
 first byte is written into a destination: a wrong file never leaves a half-loaded model.
