@@ -24,6 +24,29 @@ from fastvllm.runtime.errors import FastVLLMError, UsageError
 from fastvllm.runtime.modes import CriuRestoreMode, LoadMode
 from fastvllm.runtime.timeline import Timeline
 
+
+def _unset_flags_cost_nothing() -> None:
+    """typer 0.29 coerces every parameter's value through a pydantic TypeAdapter, building it
+    (and importing pydantic, ~90 ms) even for the --help flag every command has, whose value is
+    None when not given. An unset bool flag needs no coercion: it goes straight to its callback,
+    as typer's own code would hand it on. Other parameters are typer's as before; a typer
+    without this class or method is left alone."""
+    param = getattr(getattr(typer, "core", None), "_TyperParameter", None)
+    original = getattr(param, "process_value", None)
+    if param is None or original is None:
+        return
+
+    def process_value(self: Any, ctx: Any, value: Any) -> Any:
+        desc = getattr(self, "type_descriptor", None)
+        if value is None and getattr(desc, "annotation", None) is bool and not self.required:
+            return self.callback(ctx, self, value) if self.callback is not None else value
+        return original(self, ctx, value)
+
+    param.process_value = process_value
+
+
+_unset_flags_cost_nothing()
+
 app = typer.Typer(
     help="Cold start of a vLLM server in about a second: snapshot a warmed-up server with CRIU, "
     "restore it on demand.\n\nTypical use:  fastvllm snapshot tiny --out /srv/snap  then  "
