@@ -216,6 +216,8 @@ def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
     fastvllm.stop(r.server.pid)
     big = sorted(path / rel for rel in pipeline._big_files(m))
     warm.warm(big, method="read")
+    if not pipeline._big_files_cached(path, m):
+        pytest.skip("the page cache did not keep the snapshot's files (memory pressure)")
     r = fastvllm.restore(path)
     restored_cleanup.append(r.server.pid)
     try:

@@ -425,6 +425,8 @@ def test_a_file_counts_as_cached_only_while_nearly_all_of_it_is_in_the_page_cach
     assert residency.is_cached(f)
     with open(f, "rb") as fh:
         os.posix_fadvise(fh.fileno(), 4 << 20, 4 << 20, os.POSIX_FADV_DONTNEED)
+    if residency.resident_fraction(f) == 1.0:
+        pytest.skip("the page cache could not be evicted here (tmpfs-like filesystem)")
     assert not residency.is_cached(f)
     warm.evict([f])
     assert not residency.is_cached(f)
