@@ -345,7 +345,11 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         **_load_figures(r.gpu, phases.get("load_weights"), h2d),
     }
     if variant == "inplace":  # the restored tree put to sleep and checkpointed in place again
-        out["inplace"] = _inplace_cycles(r.server, m.snap)
+        try:
+            out["inplace"] = _inplace_cycles(r.server, m.snap)
+        except BaseException:
+            api.stop(r.server.pid)  # a failed cycle leaves no tree behind
+            raise
     if keep:
         out["server"] = r.server
         return out

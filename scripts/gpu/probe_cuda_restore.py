@@ -160,7 +160,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--vllm-variants", default="default,eager,decode-only")
+    ap.add_argument(
+        "--vllm-variants", default="default,eager", help="of: default, eager, decode-only, few-sizes"
+    )
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {

@@ -28,6 +28,13 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 FASTVLLM_VLLM_PYTHON=python3 HF_HUB_OFFLINE
 [ ! -x .criu-dev/criu.sh ] && [ -x /root/criu-dev/criu.sh ] && export FASTVLLM_CRIU=/root/criu-dev/criu.sh
 OUT=${OUT:-/tmp/out}
 MODEL3B=/var/tmp/fv-model-3b MODEL8B=/var/tmp/fv-model-8b
+# After `stage`'s background unpack: stop if it failed, put vLLM's last part (calls 2 and 3)
+# in place, install this checkout's fastvllm.
+finish_stage() {
+  [ -f /root/site.ok ] || { tail /root/stage-*.log; exit 3; }
+  [ -f $SITE/vllm/_C_stable_libtorch.abi3.so ] || cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
+}
 case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-tests}" in
   stage)
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
@@ -58,18 +65,15 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
   probe)  # what the driver's CUDA restore costs and scales with (scripts/gpu/probe_cuda_restore.py)
     t0=$(date +%s)
     for _ in $(seq 240); do [ -f /root/site.ok ] && [ -f /root/model.ok ] && break; sleep 1; done
-    [ -f /root/site.ok ] || { tail /root/stage-*.log; exit 3; }
-    [ -f $SITE/vllm/_C_stable_libtorch.abi3.so ] || cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
+    finish_stage
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
     timeout $left python3 scripts/gpu/probe_cuda_restore.py --model $MODEL3B --out $OUT/probe \
-      --vllm-variants "${VARIANTS:-default,eager,decode-only}" 2>&1 | tee $OUT/probe.log ;;
+      --vllm-variants "${VARIANTS:-default,eager}" 2>&1 | tee $OUT/probe.log ;;
   faults)  # the failure-injection tests on the GPU (snapshot and restore faults, real vLLM and CRIU)
     # 0.2: a server left by one case (a snapshot killed mid-way) must not starve the next one's
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.2"
     for _ in $(seq 240); do [ -f /root/site.ok ] && break; sleep 1; done
-    [ -f $SITE/vllm/_C_stable_libtorch.abi3.so ] || cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
+    finish_stage
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
       "$OLDPWD/tests/test_faults.py" 2>&1 | tee $OUT/gpu-faults.log) ;;
   issue22)  # 3b and 8b: cold start, (b), (c) warm and cold, in-process and as a user waits (bench_gpu_restore.py)
@@ -78,12 +82,10 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
       [ -f /root/site.ok ] && [ -f /root/model.ok ] && { [ -f /root/model8b.ok ] || [ -f /root/model8b.fail ]; } && break
       sleep 1
     done
-    [ -f /root/site.ok ] || { tail /root/stage-*.log; exit 3; }
     made=3b=$MODEL3B,8b=$MODEL8B  # a model not made yet is made by the bench itself (in its budget)
     for f in model model8b; do [ -f /root/$f.ok ] || tail -3 /root/stage-$f.log; done
     models=${MODELS:-3b,8b}; [ -f /root/model8b.fail ] && [ -z "${MODELS:-}" ] && models=3b
-    [ -f $SITE/vllm/_C_stable_libtorch.abi3.so ] || cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
+    finish_stage
     nvidia-smi > $OUT/nvidia-smi.txt; df -h /var/tmp | tail -1; echo "setup $(( $(date +%s) - t0 )) s"
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
     (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore \
