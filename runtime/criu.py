@@ -2,8 +2,11 @@
 
 Flags are the ones that dumped and restored vLLM's process tree here (DESIGN.md):
 established TCP and external unix sockets, link-remap for unlinked files, file locks.
-The network lock is skipped because hosts without iptables fail with it, and a snapshot
-is taken with no client connection open.
+The network lock is skipped because hosts without iptables fail with it. A snapshot of a
+serving server (`snapshot --pid --leave-running`) is taken with its clients' connections open:
+the dump skips connections still in the listening socket's accept queue (`--skip-in-flight`),
+which the running server keeps and accepts once it is thawed, and which CRIU otherwise refuses
+to dump (the snapshot would fail whenever a client connected during the dump).
 
 Restore modes (how CRIU fills private anonymous memory): `copy` reads every page from the
 pages images (stock CRIU); `mmap` maps the images copy-on-write instead (fastvllm's CRIU
@@ -49,6 +52,8 @@ MIN_VERSION = (4, 2)
 # CRIU leaves /dev/shm/link_remap.N hard links that a restore consumes, so fastvllm keeps copies
 # of them with the snapshot (runtime/shm.py).
 COMMON_FLAGS = ["--tcp-established", "--ext-unix-sk", "--link-remap", "--file-locks", "--ghost-limit", "64M"]
+# The dump's own: see the module docstring for both.
+DUMP_FLAGS = ["--network-lock", "skip", "--skip-in-flight"]
 # scripts/setup.sh installs fastvllm's patched CRIU (stock 4.2.1 + patches/criu) here, beside a
 # stock /usr/local/sbin/criu it leaves alone; it is a superset (copy stays its default), so it
 # comes first.
@@ -411,7 +416,7 @@ def dump(
             hint=f"dump with fastvllm's patched CRIU ({PATCHED_CRIU}, built by scripts/setup.sh)",
         )
     images.mkdir(parents=True, exist_ok=True)
-    args = ["dump", "-t", str(pid), "-D", str(images), *COMMON_FLAGS, "--network-lock", "skip"]
+    args = ["dump", "-t", str(pid), "-D", str(images), *COMMON_FLAGS, *DUMP_FLAGS]
     if leave_running:
         args.append("--leave-running")
     if shell_job:

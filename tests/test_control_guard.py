@@ -688,7 +688,16 @@ class _Client:
         assert not self.thread.is_alive(), "a client hung"
 
 
-def _completion(prompt: str, max_tokens: int, model: str, stream: bool = False):  # type: ignore[no-untyped-def]
+# How a request whose connection the server reset before any answer ends (httpx's names).
+_RESETS = frozenset({"error: ReadError", "error: RemoteProtocolError", "error: WriteError"})
+
+
+def _completion(  # type: ignore[no-untyped-def]
+    prompt: str, max_tokens: int, model: str, stream: bool = False, new_connection: bool = False
+):
+    """A client's request; `new_connection` asks the server to close the connection after the
+    answer (`Connection: close`), so each request connects anew, as many clients do."""
+    headers = {"connection": "close"} if new_connection else None
     body = {
         "model": model,
         "prompt": prompt,
@@ -701,10 +710,10 @@ def _completion(prompt: str, max_tokens: int, model: str, stream: bool = False):
 
     def send(c: httpx.Client, base: str) -> tuple[int, dict[str, Any] | None, str]:
         if not stream:
-            r = c.post(f"{base}/v1/completions", json=body)
+            r = c.post(f"{base}/v1/completions", json=body, headers=headers)
             doc = r.json() if r.status_code == 200 else None
             return r.status_code, doc, r.headers.get("retry-after", "")
-        with c.stream("POST", f"{base}/v1/completions", json=body) as r:
+        with c.stream("POST", f"{base}/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
                 r.read()
                 return r.status_code, None, r.headers.get("retry-after", "")
@@ -827,16 +836,29 @@ def test_snapshot_of_a_serving_server_under_load_never_answers_wrongly(
 ) -> None:
     """`snapshot --pid --leave-running` of a server clients are using: the gate closes after
     their requests in flight, so the release never races one; they get 503 until the weights
-    are back, then right answers again."""
+    are back, then right answers again. Half the clients connect anew for every request, so
+    connections arrive while CRIU dumps the tree (the dump skips those still in the listening
+    socket's queue: the running server accepts them once thawed).
+
+    What is not asserted: that no request's connection is ever reset. The dump freezes the tree
+    with its clients' connections open (the network lock is skipped), and once in the CI
+    suite's history one keep-alive request of the 135 a client sent ended in a reset
+    (`ReadError`) with no answer; a client retries that as it retries a 503 (docs/limitations.md).
+    A reset is allowed once per client (printed with its time against the snapshot's phases); a
+    wrong answer, a hang or a 503 after the snapshot returned never."""
     import fastvllm
     from tests.conftest import PROMPTS
 
     server = restored.server
     name = shared_snapshot.served_model_name
     clients = [
-        _Client(server.base_url, _completion(PROMPTS[i % len(PROMPTS)], 20, name, stream=i % 2 == 1))
-        for i in range(4)
+        _Client(
+            server.base_url,
+            _completion(PROMPTS[i % len(PROMPTS)], 20, name, stream=i % 2 == 1, new_connection=i >= 4),
+        )
+        for i in range(6)
     ]
+    start = time.monotonic()
     for cl in clients:
         cl.start()
     try:
@@ -851,13 +873,17 @@ def test_snapshot_of_a_serving_server_under_load_never_answers_wrongly(
             cl.finish()
         shutil.rmtree(tmp_path / "again", ignore_errors=True)
     assert snap.manifest.server.control_token == restored.manifest.server.control_token
+    phases = {p.name: round(snap.timeline.origin + p.start_s - start, 2) for p in snap.timeline.phases}
     for i, cl in enumerate(clients):
         want = shared_snapshot.before[i % len(PROMPTS)]
-        statuses = {a[2] for a in cl.answers}
         print("answers:", dict(Counter(str(a[2]) for a in cl.answers)))
-        assert statuses <= {200, 503}, statuses
+        resets = [a for a in cl.answers if a[2] in _RESETS]
+        for t0, t1, status, *_ in resets:  # when, against the snapshot's phases (seconds)
+            print(f"client {i}: {status} sent {t0 - start:.2f} s, ended {t1 - start:.2f} s; phases {phases}")
+        assert len(resets) <= 1, f"client {i}: {len(resets)} connections reset"
         for t0, _t1, status, doc, retry in cl.answers:
             if status == 200:
                 assert doc is not None and doc["choices"][0]["token_ids"] == want, "a wrong answer"
-            else:
+            elif status not in _RESETS:
+                assert status == 503, status
                 assert retry == "1" and t0 < done, "a 503 after the snapshot returned"
