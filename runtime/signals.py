@@ -112,15 +112,31 @@ def check() -> None:
 def shielded() -> Iterator[None]:
     """Run a cleanup to its end: a signal that comes during it is recorded, and raised as
     Terminated once the block is done (if the block raises, its exception goes on instead, and
-    the process still exits 128+signum through the CLI)."""
+    the process still exits 128+signum through the CLI).
+
+    Without `install()` (the Python API: the caller's Ctrl-C is Python's own KeyboardInterrupt,
+    which lands anywhere) the outermost block holds SIGINT itself while it runs and raises it
+    after, as KeyboardInterrupt: a Ctrl-C that came between launching a server and registering
+    its undo would otherwise leave the server running, with nothing left to stop it."""
     main = threading.current_thread() is threading.main_thread()
     before = _state.received
+    held = False
     if main:
+        if not _state.shield and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _handler)
+            held = True
         _state.shield += 1
+    done = False
     try:
         yield
+        done = True
     finally:
         if main:
             _state.shield -= 1
+            if held:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                got, _state.received = _state.received, before  # the caller's to keep, not ours
+                if done and got is not None:
+                    raise Terminated(got)
     if main and before is None and _state.received is not None and not _state.shield:
         raise Terminated(_state.received)

@@ -7,8 +7,10 @@ directory, so no partial snapshot and no stray vLLM process is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from fastvllm.snapshot import learn
 from fastvllm.weights import store
 
 LOG_NAME = "server.log"
+REAP_TIMEOUT_S = 60.0  # stop_tree SIGKILLs what outlives its grace: the exit comes well before
 WEIGHTS_FILE = "weights/model.fvw"
 
 
@@ -278,8 +281,11 @@ def _launch(
 
 
 def _reap(server: vllm_server.Server) -> None:
+    """Collect the launched server's exit status once its tree was stopped (no zombie). Bounded:
+    an undo must end even where the server outlived the stop."""
     if server.proc is not None:
-        server.proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.proc.wait(REAP_TIMEOUT_S)
 
 
 def _attach(opts: SnapshotOptions) -> _Served:

@@ -121,6 +121,36 @@ def test_a_signal_during_a_shielded_cleanup_is_raised_after_it() -> None:
     assert p.returncode == 143
 
 
+def test_without_install_a_ctrl_c_during_a_shielded_block_is_raised_after_it() -> None:
+    """The Python API (no `install()`): Python's own KeyboardInterrupt would land anywhere in
+    the block, e.g. between launching a server and registering its undo; the block holds it
+    and raises it once done, then Ctrl-C is the caller's again."""
+    p = _py(
+        """
+        import signal, sys, time
+        from fastvllm.runtime import signals
+        try:
+            with signals.shielded():
+                with signals.shielded():  # nested: only the outermost holds the signal
+                    print("ready", flush=True)
+                    time.sleep(1.0)
+                print("shield done", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted after", flush=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signals.received() is None
+        with signals.shielded():  # nothing came: nothing raised
+            pass
+        sys.exit(3)
+        """
+    )
+    assert _ready(p) == "ready"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert out.split() == ["shield", "done", "interrupted", "after"], (out, err)
+    assert p.returncode == 3, err
+
+
 def test_ctrl_c_at_the_terminal_waits_for_criu_and_does_not_reach_it(tmp_path: Path) -> None:
     """CRIU runs in a process group of its own: a terminal's Ctrl-C (SIGINT to the foreground
     group) reaches fastvllm only, which lets CRIU finish, then raises."""
