@@ -836,7 +836,7 @@ def test_snapshot_of_a_serving_server_under_load_never_answers_wrongly(
 ) -> None:
     """`snapshot --pid --leave-running` of a server clients are using: the gate closes after
     their requests in flight, so the release never races one; they get 503 until the weights
-    are back, then right answers again. Half the clients connect anew for every request, so
+    are back, then right answers again. Two of the six clients connect anew for every request, so
     connections arrive while CRIU dumps the tree (the dump skips those still in the listening
     socket's queue: the running server accepts them once thawed).
 
