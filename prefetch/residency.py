@@ -198,3 +198,31 @@ def is_cold(path: Path | str, below: float = COLD_BELOW, *, if_unreadable: bool 
         return sampled_fraction(path) < below
     except OSError:
         return if_unreadable
+
+
+class Sampled:
+    """`is_cached` and `is_cold` of the files under `root`, each file sampled once: a restore
+    asks about its page images and weight files several times within milliseconds (whether to
+    start the hot-set reader, which files to read ahead, which page images are cold), before
+    CRIU may start."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._got: dict[str, float | None] = {}
+
+    def fraction(self, rel: str) -> float | None:
+        """The sampled share in the page cache of `root/rel`; None where it cannot be mapped."""
+        if rel not in self._got:
+            try:
+                self._got[rel] = sampled_fraction(self.root / rel)
+            except OSError:
+                self._got[rel] = None
+        return self._got[rel]
+
+    def is_cached(self, rel: str) -> bool:
+        f = self.fraction(rel)
+        return f is not None and f >= CACHED_FROM
+
+    def is_cold(self, rel: str) -> bool:
+        f = self.fraction(rel)
+        return f is None or f < COLD_BELOW

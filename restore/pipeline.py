@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastvllm.prefetch import residency, warm
 from fastvllm.restore import hotset, order
@@ -34,6 +35,7 @@ from fastvllm.restore.readahead import HotReader, ReadAhead
 from fastvllm.runtime import (
     affinity,
     bind_ports,
+    config,
     cpu_share,
     criu,
     cuda_checkpoint,
@@ -42,6 +44,7 @@ from fastvllm.runtime import (
     instances,
     journal,
     manifest,
+    prefault,
     proctree,
     ranks,
     restore_lock,
@@ -127,29 +130,35 @@ class _Faults:
 
 
 class _GpuQueries:
-    """What a GPU snapshot's checks ask of this host's GPUs (its identity, its GPU list: one
-    nvidia-smi each, tens of milliseconds), asked side by side in the background as soon as the
-    manifest says the snapshot has GPU state, while the rest of the validation runs. The checks
-    themselves are unchanged; they wait for the answers where they need them."""
+    """What a GPU snapshot's checks ask of this host's GPUs (its identity, its GPU list). The
+    driver's own files answer at once where they can (`devices.driver_gpus`); otherwise, or
+    where their answer would refuse the restore (`exact`), nvidia-smi is asked (tens of
+    milliseconds each), side by side in the background as soon as the manifest says the
+    snapshot has GPU state, while the rest of the validation runs."""
 
     def __init__(self) -> None:
         pool = ThreadPoolExecutor(3, thread_name_prefix="gpu-query")
-        self._identity = pool.submit(cuda_checkpoint.gpu_identity)
-        self._gpus = pool.submit(devices.list_gpus)
         # The driver API loaded and initialised (cuInit) before the CUDA restore needs it: in a
         # fresh process (the command, a container's entrypoint) that is otherwise on its path.
         pool.submit(cuda_checkpoint.prepare)
+        self.fast = devices.driver_gpus()
+        self._identity = pool.submit(cuda_checkpoint.gpu_identity) if self.fast is None else None
+        self._gpus = pool.submit(devices.list_gpus) if self.fast is None else None
         pool.shutdown(wait=False)
 
     @staticmethod
     def start(m: manifest.Manifest) -> _GpuQueries | None:
         return _GpuQueries() if (m.cuda_pids or m.gpu is not None) else None
 
-    def identity(self) -> cuda_checkpoint.GpuIdentity | None:
-        return self._identity.result()
+    def identity(self, *, exact: bool = False) -> cuda_checkpoint.GpuIdentity | None:
+        if self.fast and not exact:
+            return cuda_checkpoint.GpuIdentity(self.fast[0].model, self.fast[0].driver, 0)
+        return self._identity.result() if self._identity is not None else cuda_checkpoint.gpu_identity()
 
-    def gpus(self) -> list[devices.Gpu]:
-        return self._gpus.result()
+    def gpus(self, *, exact: bool = False) -> list[devices.Gpu]:
+        if self.fast is not None and not exact:
+            return self.fast
+        return self._gpus.result() if self._gpus is not None else devices.list_gpus()
 
 
 def _preflight(
@@ -168,12 +177,9 @@ def _preflight(
             hint="restore with the same CRIU, kernel, Python and vLLM, or take a new snapshot here",
         )
     if m.gpu is not None:
-        here = queries.identity() if queries is not None else cuda_checkpoint.gpu_identity()
-        gdiffs = (
-            [f"GPU: snapshot on a {m.gpu['model']}, none here"]
-            if here is None
-            else cuda_checkpoint.GpuIdentity(**m.gpu).differences(here)
-        )
+        gdiffs = _gpu_differences(m.gpu, queries.identity() if queries else cuda_checkpoint.gpu_identity())
+        if gdiffs and queries is not None and queries.fast is not None:  # nvidia-smi decides a refusal
+            gdiffs = _gpu_differences(m.gpu, queries.identity(exact=True))
         if gdiffs:
             raise IdentityMismatchError(
                 "snapshot was taken on a different GPU setup: " + "; ".join(gdiffs),
@@ -202,6 +208,12 @@ def _preflight(
         )
 
 
+def _gpu_differences(recorded: dict[str, Any], here: cuda_checkpoint.GpuIdentity | None) -> list[str]:
+    if here is None:
+        return [f"GPU: snapshot on a {recorded['model']}, none here"]
+    return cuda_checkpoint.GpuIdentity(**recorded).differences(here)
+
+
 def restore_snapshot(
     opts: RestoreOptions,
     timeline: Timeline | None = None,
@@ -221,6 +233,7 @@ def _restore_snapshot(
     path = opts.snapshot.expanduser().absolute()
     proctree.adopt_orphans()
     early: HotReader | None = None
+    resident = residency.Sampled(path)  # each big file's share in the page cache, sampled once
     with tl.phase("validate"):
         system.require_criu_privileges()  # first: without it nothing below can succeed
         m = manifest.load(path)
@@ -247,7 +260,7 @@ def _restore_snapshot(
             gpu_of = m if the_plan.gpu_host_copy_first else None
             # With the page images and weights in the page cache already, so is what the hot
             # set would read: its reader is not started.
-            cached = _big_files_cached(path, m)
+            cached = _big_files_cached(resident, m)
             early = HotReader(
                 path, hot, first, timeline=tl, on_bytes=on_verify_bytes, gpu_of=None if cached else gpu_of
             )
@@ -264,7 +277,9 @@ def _restore_snapshot(
                 early.stop()
             raise
     try:
-        return _restore_checked(opts, tl, path, m, found, the_plan, nice, early, on_verify_bytes, pairs)
+        return _restore_checked(
+            opts, tl, path, m, found, the_plan, nice, early, on_verify_bytes, pairs, resident=resident
+        )
     finally:
         if early is not None:
             early.stop()  # stopped with the read-ahead that adopted it, or here on a failure
@@ -275,15 +290,20 @@ def _check_devices(
 ) -> list[tuple[str, str]]:
     """This host has the devices the snapshot's workers need (runtime.devices), or the restore
     is refused in one line; with --gpus, the (snapshot GPU, target GPU) pairs for the driver."""
-    gpus_here = queries.gpus if queries is not None else devices.list_gpus
+
+    def exact() -> list[devices.Gpu]:  # nvidia-smi's list: what a refusal and --gpus's UUIDs rest on
+        return queries.gpus(exact=True) if queries is not None else devices.list_gpus()
+
     if gpus is None and (snap := devices.Devices.from_dict(m.devices)) is not None:
         if snap.kind is devices.DeviceKind.CPU:
             return []
-        devices.check(snap, gpus_here())
+        if queries is not None and queries.fast is not None and not devices.differences(snap, queries.fast):
+            return []
+        devices.check(snap, exact())
         return []
     if gpus is None:
         return []
-    here = gpus_here()
+    here = exact()
     snap = devices.Devices.from_dict(m.devices)
     pairs = devices.gpu_pairs(snap, gpus, here)
     if snap is not None:  # the model and driver were matched; the count is the pairs'
@@ -307,13 +327,26 @@ def _restore_checked(
     early: HotReader | None,
     on_verify_bytes: Callable[[int], None] | None,
     pairs: list[tuple[str, str]] | None = None,
+    *,
+    resident: residency.Sampled | None = None,
 ) -> RestoreResult:
     """Everything after the checks: the read-ahead, CRIU, health, weights, canary. Each step
     registers its undo on the operation's stack (runtime.journal.Operation): a tree that fails
     any later step is stopped, whatever stopped it (an error, Ctrl-C, SIGTERM, SIGHUP; if this
     process is killed, the next command, through the journal)."""
     trusted = verified.unchanged(path, m.files) if opts.verify and not opts.reverify else set()
-    r = _Restore(opts, tl, path, m, found, the_plan, early, on_verify_bytes, trusted)
+    r = _Restore(
+        opts,
+        tl,
+        path,
+        m,
+        found,
+        the_plan,
+        early,
+        on_verify_bytes,
+        trusted,
+        resident or residency.Sampled(path),
+    )
     r.gpu_pairs = pairs or []
     with journal.Operation("restore", path) as op:
         _read_ahead(op, r)
@@ -363,6 +396,7 @@ class _Restore:
     early: HotReader | None
     on_bytes: Callable[[int], None] | None
     trusted: set[str]  # files this host checked before, unchanged since
+    resident: residency.Sampled  # which of its files are in the page cache (sampled once)
     ahead: ReadAhead | None = None
     # Whether the tree faults its page images in itself, each fault reading its own page only
     # (CRIU's --mmap-pages-random), and so whether it may learn its hot set from them.
@@ -397,7 +431,7 @@ def _read_ahead(op: journal.Operation, r: _Restore) -> None:
         trusted=r.trusted,
         hot=r.early,
     )
-    if r.m.weights_file and residency.is_cold(r.path / r.m.weights_file):
+    if r.m.weights_file and r.resident.is_cold(r.m.weights_file):
         # From disk, reading the weight file beside CRIU's page images slows CRIU (3.3 s
         # instead of 2.4 s on the GPU machine); from the page cache, checking it during
         # CRIU is what saves the loader a checksum pass (0.25 s load instead of 2.8 s).
@@ -426,10 +460,10 @@ def _big_files(m: manifest.Manifest) -> set[str]:
     return {f.path for f in m.files if order.is_page_image(f.path)} | set(m.all_weight_files())
 
 
-def _big_files_cached(path: Path, m: manifest.Manifest) -> bool:
+def _big_files_cached(resident: residency.Sampled, m: manifest.Manifest) -> bool:
     """Whether every page image and weight file of the snapshot is in the page cache."""
     big = _big_files(m)
-    return bool(big) and all(residency.is_cached(path / rel) for rel in big)
+    return bool(big) and all(resident.is_cached(rel) for rel in big)
 
 
 def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, bool]]:
@@ -442,13 +476,13 @@ def _plan_read_ahead(r: _Restore) -> tuple[list[manifest.FileEntry], dict[str, b
     ordered = [
         e
         for e in order.restore_order(r.path, r.m)
-        if not (e.path in big and e.path in r.trusted and residency.is_cached(r.path / e.path))
+        if not (e.path in big and e.path in r.trusted and r.resident.is_cached(e.path))
     ]
     if r.plan.mode is not CriuRestoreMode.MMAP:
         return ordered, {}
     hot = r.early.hot if r.early is not None else None
     random_ok = criu.supports_mmap_random(r.found)
-    cold = {e.path: residency.is_cold(r.path / e.path) for e in ordered if order.is_page_image(e.path)}
+    cold = {e.path: r.resident.is_cold(e.path) for e in ordered if order.is_page_image(e.path)}
     # A page image with nothing to check is only read where the tree will touch it:
     # its hot ranges (0.23 of 1.4 GB for the tiny model), or nothing once cached. With
     # random faults, not even on the restore that learns the hot set: the tree's own
@@ -542,8 +576,21 @@ def _after_criu(r: _Restore, nice: int) -> None:
     )
     r.cpu_move.start()
     if r.m.cuda_pids:  # CRIU gave the processes back checkpointed and locked
-        with r.tl.phase("cuda_restore"):
+        with r.tl.phase("cuda_restore"), _prefaulting(r) as mapping:
             r.gpu_info["cuda"] = cuda_checkpoint.resume(r.m.cuda_pids, pairs=r.gpu_pairs)
+        if mapping is not None:
+            r.gpu_info["prefault"] = mapping.as_dict()
+
+
+def _prefaulting(r: _Restore) -> contextlib.AbstractContextManager[prefault.Populating | None]:
+    """In mmap mode the host copy of device memory is a private mapping of the page images,
+    which the driver's CUDA restore would fault in page by page: threads map it in from
+    outside while the driver restores (runtime/prefault.py), until it is done."""
+    threads = config.GPU_PREFAULT_THREADS.get()
+    targets = {p: x for p, x in cuda_checkpoint.recorded_host_copy(r.m.gpu_state, r.m.cuda_pids).items() if x}
+    if not (r.plan.prefault_host_copy and threads and targets):
+        return contextlib.nullcontext()
+    return prefault.Populating(targets, threads)
 
 
 def _wait_healthy(r: _Restore, server: vllm_server.Server, steps: list[hotset.Capture] | None) -> None:

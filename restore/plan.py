@@ -34,6 +34,9 @@ class RestorePlan:
     # the CUDA checkpoint's host copy of device memory is read whole right after CRIU's first
     # reads (mmap mode would fault it in from the page images page by page)
     gpu_host_copy_first: bool
+    # mmap mode: the host copy is mapped in from outside while the driver restores it
+    # (runtime/prefault.py), instead of the driver faulting it in page by page
+    prefault_host_copy: bool
     weights: WeightsBack
     wake_weights_first: bool  # sleep level 2: the weights' memory is woken before they load
     wake_kv_cache: bool  # sleep level 2: the KV cache is woken after the weights
@@ -44,6 +47,7 @@ class RestorePlan:
             "gpu": self.gpu,
             "early_reads": self.early_reads,
             "gpu_host_copy_first": self.gpu_host_copy_first,
+            "prefault_host_copy": self.prefault_host_copy,
             "weights": self.weights.value,
             "wake_weights_first": self.wake_weights_first,
             "wake_kv_cache": self.wake_kv_cache,
@@ -65,6 +69,7 @@ def make(
         gpu=gpu,
         early_reads=prefetch,
         gpu_host_copy_first=prefetch and gpu and mode is CriuRestoreMode.MMAP,
+        prefault_host_copy=gpu and mode is CriuRestoreMode.MMAP,
         weights=weights_back(m.sleep_level, bool(m.weights_file), reloader),
         wake_weights_first=m.sleep_level == 2 and bool(m.weights_file),
         wake_kv_cache=m.sleep_level == 2 and bool(m.weights_file),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fastvllm.prefetch import warm
 from fastvllm.restore import hotset
-from fastvllm.runtime import criu_images, manifest
+from fastvllm.runtime import criu_images, cuda_checkpoint, manifest
 from fastvllm.runtime.errors import FastVLLMError, IntegrityError
 from fastvllm.runtime.timeline import Timeline
 
@@ -167,7 +167,7 @@ def gpu_host_copy(root: Path, m: manifest.Manifest) -> list[hotset.HotFile]:
     each checkpointed process's device memory, from the address ranges the snapshot recorded
     (`runtime.cuda_checkpoint.suspend`) and the processes' pagemaps. A snapshot that recorded
     none (taken before they were) has its checkpointed processes' page images read whole."""
-    recorded = m.gpu_state.get("processes", {}) if isinstance(m.gpu_state, dict) else {}
+    recorded = cuda_checkpoint.recorded_host_copy(m.gpu_state, m.cuda_pids)
     pagemaps = criu_images.load_pagemaps(root / "criu")
     out = []
     for pid in m.cuda_pids:
@@ -179,11 +179,8 @@ def gpu_host_copy(root: Path, m: manifest.Manifest) -> list[hotset.HotFile]:
             size = (root / rel).stat().st_size
         except OSError:
             continue
-        got = recorded.get(str(pid))
-        if isinstance(got, dict) and "host_copy_ranges" in got:
-            ranges = criu_images.file_ranges(pm, [tuple(r) for r in got["host_copy_ranges"]])
-        else:
-            ranges = [(0, size)]
+        got = recorded.get(pid)
+        ranges = criu_images.file_ranges(pm, got) if got is not None else [(0, size)]
         if ranges:
             out.append(hotset.HotFile(rel, size, 0, ranges, hotset.STAGE_CRIU))
     return out

@@ -236,6 +236,29 @@ PIN = _declare(
         "huge-page mapping registered with CUDA (measured slower; docs/decisions/pinned-pool.md).",
     )
 )
+GPU_PREFAULT_THREADS = _declare(
+    Var[int](
+        "FASTVLLM_GPU_PREFAULT_THREADS",
+        _int_in(0, 64, "a thread count"),
+        lambda: 4,
+        "an integer 0-64",
+        "4",
+        "Threads that map the CUDA checkpoint's host copy of device memory in while the driver "
+        "restores it (GPU snapshots restored in mmap mode; runtime/prefault.py); 0: none, the "
+        "driver faults it in itself.",
+    )
+)
+CRIU_LOG_LEVEL = _declare(
+    Var[int](
+        "FASTVLLM_CRIU_LOG_LEVEL",
+        _int_in(0, 4, "a CRIU log level"),
+        lambda: 4,
+        "an integer 0-4",
+        "4",
+        "CRIU's `-v` level for the logs every dump and restore writes under the snapshot's "
+        "`logs/` (4: everything, one write per line; 2: errors and warnings).",
+    )
+)
 IMAGE_ID = _declare(
     Var[str](
         "FASTVLLM_IMAGE_ID",

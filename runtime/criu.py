@@ -352,7 +352,7 @@ def _run(
     env = dict(os.environ)
     if preload is not None:
         env["LD_PRELOAD"] = f"{preload} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(preload)
-    cmd = [criu.path, *args, *faults.criu_args(what), "-v4", "-o", str(log)]
+    cmd = [criu.path, *args, *faults.criu_args(what), f"-v{config.CRIU_LOG_LEVEL.get()}", "-o", str(log)]
     with tempfile.TemporaryFile() as output:
         with signals.shielded():  # a signal now is raised once CRIU is done
             proc = subprocess.Popen(

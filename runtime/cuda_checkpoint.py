@@ -151,6 +151,19 @@ def suspend(pids: list[int], lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> 
     return out
 
 
+def recorded_host_copy(gpu_state: object, pids: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """Per checkpointed PID, the address ranges its host copy of device memory fills, as
+    `suspend` recorded them in the manifest's `gpu_state` ([] for a process that has none; no
+    key for one it recorded nothing of: a snapshot taken before they were recorded)."""
+    recorded = gpu_state.get("processes", {}) if isinstance(gpu_state, dict) else {}
+    out: dict[int, list[tuple[int, int]]] = {}
+    for pid in pids:
+        got = recorded.get(str(pid)) if isinstance(recorded, dict) else None
+        if isinstance(got, dict) and "host_copy_ranges" in got:
+            out[pid] = [(int(a), int(b)) for a, b in got["host_copy_ranges"]]
+    return out
+
+
 def release_worker_cache(server: Any) -> list[dict[str, Any]]:
     """Before the checkpoint of a sleeping vLLM server: each worker gives the driver back the
     free blocks of torch's caching allocator (weights.extension `fastvllm_gpu_release`), and

@@ -8,16 +8,19 @@ fewer GPUs is refused with one line naming the difference.
 
 `--gpus` restores onto other GPUs of the host than the snapshotted ones (the driver's restore
 takes old-UUID -> new-UUID pairs from driver 580 on, CUDA 13's "GPU migration"); this module
-turns the option into those pairs. Everything here but `list_gpus` is pure logic.
+turns the option into those pairs. Everything here but `list_gpus` and `driver_gpus` is pure
+logic.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastvllm.runtime.errors import IdentityMismatchError, UsageError
@@ -96,6 +99,34 @@ def list_gpus() -> list[Gpu]:
     """This host's GPUs, from nvidia-smi; [] without one."""
     out = nvidia_smi("--query-gpu=index,uuid,name,driver_version")
     return parse_gpu_list(out) if out is not None else []
+
+
+DRIVER_PROC = Path("/proc/driver/nvidia")
+DRIVER_VERSION = Path("/sys/module/nvidia/version")
+_UUID = re.compile(r"^GPU-[0-9a-fA-F-]+$")
+
+
+def driver_gpus(proc: Path = DRIVER_PROC, version: Path = DRIVER_VERSION) -> list[Gpu] | None:
+    """This host's GPUs from the driver's own files (`information` per GPU, in PCI bus order:
+    nvidia-smi's order), without starting nvidia-smi (tens of milliseconds of a restore's
+    checks in a fresh process). None where they cannot say all of it: no such files (a
+    container may lack them), a field missing, or a UUID the driver shows unknown ("GPU-????",
+    before anything opened the GPU). The names come from the same driver as nvidia-smi's; a
+    check that finds them different asks nvidia-smi before it refuses (restore.pipeline)."""
+    try:
+        drv = version.read_text().strip()
+        dirs = sorted(d for d in (proc / "gpus").iterdir() if d.is_dir())
+        out = []
+        for i, d in enumerate(dirs):
+            lines = (d / "information").read_text().splitlines()
+            info = {k.strip(): v.strip() for k, sep, v in (x.partition(":") for x in lines) if sep}
+            model, uuid = info.get("Model", ""), info.get("GPU UUID", "")
+            if not (model and _UUID.match(uuid)):
+                return None
+            out.append(Gpu(i, uuid, model, drv))
+    except OSError:
+        return None
+    return out if out and re.match(r"^\d+\.\d+", drv) else None
 
 
 def parse_gpu_list(text: str) -> list[Gpu]:

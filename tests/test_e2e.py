@@ -206,7 +206,7 @@ def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
     """With every page image and weight file in the page cache and checked before on this host,
     a restore reads none of them again and starts no hot-set reader (reading cached pages only
     competes with CRIU and the CUDA restore), and still answers token for token."""
-    from fastvllm.prefetch import warm
+    from fastvllm.prefetch import residency, warm
     from fastvllm.restore import pipeline
 
     path = shared_snapshot.path
@@ -216,7 +216,7 @@ def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
     fastvllm.stop(r.server.pid)
     big = sorted(path / rel for rel in pipeline._big_files(m))
     warm.warm(big, method="read")
-    if not pipeline._big_files_cached(path, m):
+    if not pipeline._big_files_cached(residency.Sampled(path), m):
         pytest.skip("the page cache did not keep the snapshot's files (memory pressure)")
     r = fastvllm.restore(path)
     restored_cleanup.append(r.server.pid)

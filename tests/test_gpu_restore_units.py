@@ -614,7 +614,96 @@ def test_a_gpu_snapshots_host_queries_run_side_by_side(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(cuda_checkpoint, "gpu_identity", identity)
     monkeypatch.setattr(devices, "list_gpus", gpus)
+    monkeypatch.setattr(devices, "driver_gpus", lambda: None)  # the driver's files cannot say
     assert pipeline._GpuQueries.start(cast(Any, SimpleNamespace(cuda_pids=[], gpu=None))) is None  # CPU
     q = pipeline._GpuQueries.start(cast(Any, SimpleNamespace(cuda_pids=[7], gpu={"model": "x"})))
     assert q is not None
     assert q.identity() == ident and q.gpus() == [gpu]
+
+
+def _driver_files(
+    root: Path, gpus: dict[str, tuple[str, str]], version: str = "580.159.04"
+) -> tuple[Path, Path]:
+    """A fake /proc/driver/nvidia and /sys/module/nvidia/version: bus id -> (model, UUID)."""
+    for bus, (model, uuid) in gpus.items():
+        d = root / "proc" / "gpus" / bus
+        d.mkdir(parents=True)
+        (d / "information").write_text(
+            f"Model: \t\t {model}\nIRQ:   \t\t 42\nGPU UUID: \t {uuid}\nBus Location: \t {bus}\n"
+        )
+    (root / "version").write_text(version + "\n")
+    return root / "proc", root / "version"
+
+
+def test_the_driver_files_list_the_gpus_in_bus_order(tmp_path: Path) -> None:
+    from fastvllm.runtime import devices
+
+    proc, ver = _driver_files(
+        tmp_path,
+        {
+            "0000:b3:00.0": ("NVIDIA H100 80GB HBM3", "GPU-bbbb-1"),
+            "0000:19:00.0": ("NVIDIA H100 80GB HBM3", "GPU-aaaa-0"),
+        },
+    )
+    got = devices.driver_gpus(proc, ver)
+    assert got == [
+        devices.Gpu(0, "GPU-aaaa-0", "NVIDIA H100 80GB HBM3", "580.159.04"),
+        devices.Gpu(1, "GPU-bbbb-1", "NVIDIA H100 80GB HBM3", "580.159.04"),
+    ]
+
+
+@pytest.mark.parametrize("case", ["unknown uuid", "no files", "no model", "no version"])
+def test_the_driver_files_say_nothing_unless_they_say_everything(tmp_path: Path, case: str) -> None:
+    from fastvllm.runtime import devices
+
+    uuid = "GPU-????????-????-????-????-????????????" if case == "unknown uuid" else "GPU-aaaa"
+    model = "" if case == "no model" else "NVIDIA H100 80GB HBM3"
+    proc, ver = _driver_files(tmp_path, {} if case == "no files" else {"0000:19:00.0": (model, uuid)})
+    if case == "no version":
+        ver.unlink()
+    assert devices.driver_gpus(proc, ver) is None
+
+
+def test_a_restore_refused_on_the_driver_files_asks_nvidia_smi_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's files answer the checks at once; where their answer would refuse the
+    restore (a name spelled otherwise than nvidia-smi's, which the snapshot recorded),
+    nvidia-smi decides."""
+    from fastvllm.restore import pipeline
+    from fastvllm.runtime import devices
+
+    smi = devices.Gpu(0, "GPU-a", "NVIDIA H100 80GB HBM3", "580.159.04")
+    asked: list[str] = []
+    monkeypatch.setattr(devices, "list_gpus", lambda: asked.append("gpus") or [smi])
+    monkeypatch.setattr(
+        cuda_checkpoint,
+        "gpu_identity",
+        lambda: asked.append("identity") or cuda_checkpoint.GpuIdentity(smi.model, smi.driver, 1),
+    )
+    snap = devices.Devices(devices.DeviceKind.CUDA, smi.model, smi.driver, 1, [smi.uuid], 1)
+    m = cast(
+        Any,
+        SimpleNamespace(
+            cuda_pids=[7],
+            gpu={"model": smi.model, "driver": smi.driver, "memory_used_mib": 1},
+            devices=snap.as_dict(),
+        ),
+    )
+
+    monkeypatch.setattr(devices, "driver_gpus", lambda: [smi])  # the same answer: nvidia-smi is not run
+    q = pipeline._GpuQueries.start(m)
+    assert q is not None and q.identity() == cuda_checkpoint.GpuIdentity(smi.model, smi.driver, 0)
+    assert pipeline._check_devices(m, None, q) == [] and asked == []
+
+    other = devices.Gpu(0, "GPU-a", "H100 80GB HBM3", "580.159.04")  # spelled otherwise
+    monkeypatch.setattr(devices, "driver_gpus", lambda: [other])
+    q = pipeline._GpuQueries.start(m)
+    assert q is not None
+    assert pipeline._check_devices(m, None, q) == [] and asked == ["gpus"]
+    assert pipeline._gpu_differences(m.gpu, q.identity()) != []
+    assert pipeline._gpu_differences(m.gpu, q.identity(exact=True)) == [] and asked == ["gpus", "identity"]
+
+
+def test_the_recorded_host_copy_tells_none_from_not_recorded() -> None:
+    state = {"processes": {"7": {"host_copy_ranges": [[4096, 8192]]}, "8": {"host_copy_ranges": []}, "9": {}}}
+    assert cuda_checkpoint.recorded_host_copy(state, [7, 8, 9, 10]) == {7: [(4096, 8192)], 8: []}
+    assert cuda_checkpoint.recorded_host_copy(None, [7]) == {}

@@ -50,5 +50,7 @@ def test_the_gpu_host_copy_is_read_first_only_where_mmap_would_fault_it_in(
     assert p.gpu is gpu
     assert p.early_reads is prefetch
     assert p.gpu_host_copy_first is (gpu and prefetch and mode is CriuRestoreMode.MMAP)
+    # mapped in from outside during the CUDA restore whenever the pages are mapped, read ahead or not
+    assert p.prefault_host_copy is (gpu and mode is CriuRestoreMode.MMAP)
     assert p.mode is mode
     assert p.as_dict()["mode"] == mode.value
