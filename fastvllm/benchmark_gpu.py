@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -56,11 +58,23 @@ from typing import Any
 # room for a KV cache. CUDA graphs on, as vLLM serves by default (`--eager` turns them off).
 BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
-VARIANTS = "prime,cli,agent,c,b,sweep,cli-copy,copy,mmap-old,noahead,inplace"
+VARIANTS = (
+    "prime,cli,agent,c,b,c-noprefault,c-v2,c-readers,c-readers14,sweep,cli-copy,copy,mmap-old,noahead,inplace"
+)
+# (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
+# host copy left to the driver's own faults, CRIU's log at warnings, the loader's copies
+# issued by its readers (10 threads, its default, or 14).
+VARIANT_ENV = {
+    "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
+    "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
+    "c-readers": {"FASTVLLM_LOAD_COPIES": "readers"},
+    "c-readers14": {"FASTVLLM_LOAD_COPIES": "readers", "FASTVLLM_LOAD_THREADS": "14"},
+}
 PROMPT = "A separate client asks the restored server:"
-# (threads, chunk MiB) reloaded in a restored server by the `sweep` step; buffers: the default
-SWEEP_GRID = [(t, c) for c in (8, 4, 16) for t in (10, 6, 8, 12, 14)]
-SWEEP_REPS = 2
+# (threads, chunk MiB, who copies) reloaded in a restored server by the `sweep` step, with the
+# staging buffers kept in its image
+SWEEP_GRID = [(10, 8, "main"), (10, 8, "readers"), (12, 8, "readers"), (14, 8, "readers"), (14, 8, "main")]
+SWEEP_REPS = 3
 
 _H2D = r"""
 import json, time, torch
@@ -125,6 +139,7 @@ def plan(
     # the prime: a host's first restore, cold (the snapshot learned its hot set already)
     prime = [StepKind.PRIME] if "prime" in want else []
     steps += [Step(first, StepKind.SNAPSHOT), Step(first, StepKind.BOUNDS), *(Step(first, k) for k in prime)]
+    ab = [v for v in VARIANT_ENV if v in want]  # each beside (c), in turn
     restore(first, "cli", "warm")
     restore(first, "cli", "cold")
     restore(first, "c", "warm")
@@ -137,16 +152,22 @@ def plan(
         restore(m, "c", "warm")
         restore(m, "b", "warm")
         restore(m, "cli", "cold")
+    for m in models:  # one setting changed at a time, right after (c) ran
+        for v in ab:
+            restore(m, v, "warm")
     for rep in range(2, reps + 1):  # the warm waits are the figures asked for: their medians next
         for m in models:
             for v in ("cli", "agent"):
+                restore(m, v, "warm", rep)
+        for m in models:
+            for v in ("c", *ab):
                 restore(m, v, "warm", rep)
     for m in models:
         restore(m, "b", "cold")
         restore(m, "c", "cold")
     for rep in range(2, reps + 1):
         for m in models:
-            for v, c in (("cli", "cold"), ("c", "warm"), ("b", "warm")):
+            for v, c in (("cli", "cold"), ("b", "warm")):
                 restore(m, v, c, rep)
     if "sweep" in want:
         steps += [Step(m, StepKind.SWEEP) for m in models]
@@ -319,6 +340,9 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         opts.prefetch = opts.verify = False
         opts.reloader = Reloader.VLLM
     undo: list[Callable[[], None]] = []
+    for key, value in VARIANT_ENV.get(variant, {}).items():  # read by the restore when it runs
+        undo.append(functools.partial(_restore_env, key, os.environ.get(key)))
+        os.environ[key] = value
     if variant == "mmap-old":  # no read-ahead of the host copy: what the restore did before
         saved = readahead.gpu_host_copy
         readahead.gpu_host_copy = lambda _root, _m: []  # type: ignore[assignment]  # for this run (undone)
@@ -355,6 +379,13 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         return out
     api.stop(r.server.pid)
     return out
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _inplace_cycles(server: Any, snap: Path, reps: int = 2) -> list[dict[str, Any]]:
@@ -437,17 +468,22 @@ def _sweep(m: Model, h2d: float | None) -> dict[str, Any]:
     weights = str(m.snap / str(manifest.load(m.snap).weights_file))
     rows = []
     try:
-        for threads, chunk in SWEEP_GRID:
+        for threads, chunk, copies in SWEEP_GRID:
             got = []
             for _ in range(SWEEP_REPS):
-                args = worker_rpc.ReloadArgs(weights, threads=threads, chunk_mib=chunk)
+                args = worker_rpc.ReloadArgs(weights, threads=threads, chunk_mib=chunk, copies=copies)
                 got.append(min(x.gbps for x in worker_rpc.reload(server, args)))
             best = max(got)
-            row = {"threads": threads, "chunk_mib": chunk, "gbps": [round(g, 2) for g in got]}
+            row = {
+                "threads": threads,
+                "chunk_mib": chunk,
+                "copies": copies,
+                "gbps": [round(g, 2) for g in got],
+            }
             if h2d:
                 row["best_pct_of_pinned_bound"] = round(100 * best / h2d, 1)
             rows.append(row)
-            _say(f"  sweep {m.name} threads {threads} chunk {chunk} MiB: {row['gbps']} GB/s")
+            _say(f"  sweep {m.name} threads {threads} chunk {chunk} MiB copies {copies}: {row['gbps']} GB/s")
     finally:
         api.stop(server.pid)
     return {"restore": first, "rows": rows}
@@ -455,7 +491,19 @@ def _sweep(m: Model, h2d: float | None) -> dict[str, Any]:
 
 def _snapshot(m: Model, work: Path, port: int, extra_args: list[str]) -> None:
     from fastvllm import api
+    from fastvllm.runtime import manifest
 
+    kept = work / f"{m.name}-sleep2"
+    if (kept / "manifest.json").is_file():  # --snapshots: taken by an earlier run on this machine
+        mf = manifest.load(kept)
+        m.snap, m.served = kept, mf.server.served_model_name
+        m.doc["reused_snapshot"] = str(kept)
+        m.doc["cold_start_s"] = mf.timings.get("cold_start_to_first_completion_s")
+        m.doc["vllm_args"] = list(mf.server.vllm_args)
+        m.doc["breakdown"] = _gpu_breakdown(kept)
+        m.sizes.image_gb = mf.image_bytes / 1e9
+        _say(f"{m.name}: the snapshot in {kept} (cold start {m.doc['cold_start_s']} s when it was taken)")
+        return
     s2 = api.snapshot(
         str(m.model_dir), work / f"{m.name}-sleep2", vllm_args=_vllm_args(m.name, extra_args), port=port
     )
@@ -554,7 +602,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from fastvllm.runtime import criu, cuda_checkpoint, vllm_server
 
     t_start = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="fastvllm-gpu-restore-", dir="/var/tmp"))
+    if a.snapshots is not None:  # kept for a later run on the same machine (and reused from one)
+        work = a.snapshots
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="fastvllm-gpu-restore-", dir="/var/tmp"))
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
@@ -756,6 +808,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vllm-args", default=None, help="vLLM's arguments instead of the GPU ones")
     ap.add_argument("--eager", action="store_true", help="--enforce-eager (no CUDA graphs)")
     ap.add_argument("--chart-from", type=Path, help="only (re)draw the chart of a results JSON, beside it")
+    ap.add_argument(
+        "--snapshots",
+        type=Path,
+        help="keep the snapshots in this directory, and restore those an earlier run left there "
+        "instead of taking them again (no cold start then: its figure is the earlier one)",
+    )
     a = ap.parse_args(argv)
     if a.chart_from:  # e.g. a run cut off by its call's limit before it drew its chart
         doc = json.loads(a.chart_from.read_text())

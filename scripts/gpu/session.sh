@@ -12,6 +12,8 @@
 #   call 2, carry .gpu/p2:  cp .gpu/p2/* /root/parts/ && bash scripts/gpu/session.sh staged
 #   call 3, carry .gpu/p3:  cp .gpu/p3/* /root/parts/ && bash scripts/gpu/session.sh issue22
 #   call 4:  bash scripts/gpu/session.sh issue22-tests
+# (session 20: call 3 with SNAPSHOTS=/var/tmp/fv-snaps keeps the snapshots; then
+#  `SNAPSHOTS=/var/tmp/fv-snaps bash scripts/gpu/session.sh issue22-ab` reuses the 3b's, then faults)
 # (.gpu/p2 also holds the packed CRIU: `tar -cJf .gpu/p2/criu-dev.tar.xz .criu-dev` after pack_criu.sh.)
 # `stage` unpacks what it can, installs fastvllm and makes the 3b and 8b models in the background
 # (setsid: they outlive the call) while the next parts travel. `issue22` runs both models in one
@@ -35,7 +37,13 @@ finish_stage() {
   [ -f $SITE/vllm/_C_stable_libtorch.abi3.so ] || cat /root/parts/C.0* | xz -dc -T0 > $SITE/vllm/_C_stable_libtorch.abi3.so
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
 }
-case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-tests}" in
+# The newest CRIU restore logs of the kept 3b snapshot (where its time goes, line by line).
+keep_criu_logs() {
+  local d=${SNAPSHOTS:-}/3b-sleep2/logs
+  [ -n "${SNAPSHOTS:-}" ] && [ -d "$d" ] || return 0
+  (cd "$d" && ls -t criu-restore-*.log 2>/dev/null | head -4 | xargs -r tar -cJf $OUT/criu-restore-logs.tar.xz) || true
+}
+case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-ab|issue22-tests}" in
   stage)
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
     setsid nohup bash -c "set -e; mkdir -p $SITE; tar -xJf /root/parts/rest.tar.xz -C $SITE; \
@@ -91,7 +99,18 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore \
       --model "$models" --model-dir "$made" --reps "${REPS:-2}" --budget-s "${BUDGET_S:-$(( left - 40 ))}" \
       ${VARIANTS:+--variants "$VARIANTS"} ${CONDITIONS:+--conditions "$CONDITIONS"} \
-      --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) ;;
+      ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"} --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log)
+    keep_criu_logs ;;
+  issue22-ab)  # the 3b snapshot `issue22` kept in $SNAPSHOTS restored again: (c) beside one setting
+    # changed at a time, and the loader sweep (no cold start: the snapshot is reused)
+    t0=$(date +%s); finish_stage
+    rm -rf "${SNAPSHOTS:?}/8b-sleep2"
+    left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
+    (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore --model 3b --model-dir $MODEL3B \
+      --reps "${REPS:-3}" --budget-s $(( left - 40 )) --conditions warm --snapshots "$SNAPSHOTS" \
+      --variants "${VARIANTS:-c,c-noprefault,c-v2,c-readers,c-readers14,agent,sweep}" \
+      --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log)
+    keep_criu_logs; rm -rf "$SNAPSHOTS" ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
