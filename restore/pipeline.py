@@ -549,6 +549,7 @@ def _criu_restore(op: journal.Operation, r: _Restore) -> vllm_server.Server:
                 inherit={m.server.log_path_at_dump.lstrip("/"): fd},
                 mode=r.plan.mode,
                 random_faults=r.paging.random,
+                own_cgroups=False,  # the tree joins the servers' cgroup right after (_after_criu)
             )
         finally:
             os.close(fd)
@@ -568,7 +569,7 @@ def _after_criu(r: _Restore, nice: int) -> None:
         r.ahead.release()
     if r.opts.keep_affinity:  # CRIU restores TIDs, not the cores vLLM bound them to
         affinity.apply(r.m.affinity)
-    # CRIU gave the tree its dumped PIDs and put it back in the cgroup it was dumped in; the
+    # CRIU gave the tree its dumped PIDs, in this process's cgroups (own_cgroups=False); the
     # move into the servers' group (migrating every thread of the tree, ~9 ms on 2 cores) runs
     # beside the steps up to the health check, which waits for it (_wait_healthy)
     r.cpu_move = threading.Thread(

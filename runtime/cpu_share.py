@@ -22,7 +22,8 @@ of the streaming one never stalled.
 
 The weight is `FASTVLLM_SERVER_NICE` (0-19, default 10) read as a nice value through the
 kernel's nice-to-weight table (nice 10 is 110 against 1024); 0 makes fastvllm move nothing
-(CRIU still restores a tree into the cgroup it was dumped in, creating it if needed). Where no
+(a restored tree then stays in the cgroups of the command that restored it: the restore asks
+CRIU to leave cgroups alone, see runtime.criu.restore). Where no
 cgroup can be made (a container with a read-only cgroupfs), servers stay put: in a
 container's cgroup autogroup does not apply anyway.
 """

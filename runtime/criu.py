@@ -444,6 +444,7 @@ def restore(
     shell_job: bool = False,
     mode: CriuRestoreMode = CriuRestoreMode.COPY,
     random_faults: bool = False,
+    own_cgroups: bool = True,
 ) -> int:
     """Restore detached; returns the root PID. `inherit` maps a path recorded in the image
     (without its leading '/') to an open descriptor that replaces it: the server's log, which
@@ -451,8 +452,13 @@ def restore(
     RESTORE_MODES (see resolve_mode); with `mmap` the restored tree keeps the page images
     mapped, so they must stay in place and unchanged while it runs. `random_faults` (mmap mode,
     where this CRIU can) makes a fault on the mapped page images read only its own page:
-    right where a read-ahead already brought in what the tree will touch."""
+    right where a read-ahead already brought in what the tree will touch. Without `own_cgroups`
+    the tree is restored into this process's cgroups instead of the ones it was dumped in (the
+    caller moves it where it belongs): CRIU then mounts no cgroup yard, 10-25 ms of every
+    restore (docs/benchmarks/gpu-restore.md)."""
     args = ["restore", "-D", str(images), *COMMON_FLAGS, "--restore-detached"]
+    if not own_cgroups:
+        args.append("--manage-cgroups=ignore")
     if shell_job:
         args.append("--shell-job")
     for key, fd in inherit.items():

@@ -25,6 +25,7 @@ from fastvllm.runtime import (
     criu,
     cuda_checkpoint,
     devices,
+    discard,
     faults,
     instances,
     journal,
@@ -480,9 +481,22 @@ def _cuda_checkpoint(
     with tl.phase("cuda_checkpoint"), signals.shielded():
         rel.gpu_state["processes"] = cuda_checkpoint.suspend(d.cuda_pids, opts.lock_timeout_s)
         undo = op.undo("give_back_gpu", local=lambda: _give_back(d.cuda_pids, rel), pids=d.cuda_pids)
+        rel.gpu_state["staging_discarded_bytes"] = _discard_staging(rel.gpu_state.get("worker"))
     _require_workers(rel, "after the CUDA checkpoint, before the CRIU dump")
     proctree.require_alive(d.tree, "after the CUDA checkpoint, before the CRIU dump")
     return undo
+
+
+def _discard_staging(workers: object) -> int:
+    """The loader's kept staging buffers, emptied in every worker that kept them: their bytes
+    never matter, and CRIU would copy them back into memfds on every restore
+    (runtime/discard.py). Returns the bytes dropped."""
+    total = 0
+    for w in workers if isinstance(workers, list) else []:
+        pool = w.get("pinned_pool") if isinstance(w, dict) else None
+        if isinstance(pool, dict) and pool.get("kept") and pool.get("pid") and pool.get("ranges"):
+            total += discard.memfd_ranges(int(pool["pid"]), [(int(a), int(n)) for a, n in pool["ranges"]])
+    return total
 
 
 def _require_workers(rel: _Released, when: str) -> None:

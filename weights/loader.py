@@ -608,7 +608,7 @@ def keep_pool(
     with _kept_lock:
         if _kept is not None and _kept.chunk == chunk and len(_kept.buffers) >= n:
             have = len(_kept.buffers)
-            return {"kept": True, "buffers": have, "bytes": have * chunk, "seconds": 0.0}
+            return {"kept": True, "buffers": have, "bytes": have * chunk, "seconds": 0.0, **_where(_kept)}
         if _kept_busy:
             return {"kept": False, "reason": "a load is using the kept buffers"}
         old, pool = _kept, _PinnedPool(chunk, n)
@@ -617,7 +617,13 @@ def keep_pool(
         _kept = pool
     if old is not None:
         old.close()
-    return {"kept": True, "buffers": n, "bytes": n * chunk, "seconds": round(pool.seconds, 4)}
+    return {"kept": True, "buffers": n, "bytes": n * chunk, "seconds": round(pool.seconds, 4), **_where(pool)}
+
+
+def _where(pool: _PinnedPool) -> dict[str, Any]:
+    """Where the kept buffers are: their contents never matter, so the snapshot drops them from
+    the image after the CUDA checkpoint (runtime.discard)."""
+    return {"pid": os.getpid(), "ranges": [[b.data_ptr(), pool.chunk] for b in pool.buffers]}
 
 
 def _acquire_pool(chunk: int, nbuf: int, device: Any) -> tuple[_PinnedPool, str]:
