@@ -58,23 +58,18 @@ from typing import Any
 # room for a KV cache. CUDA graphs on, as vLLM serves by default (`--eager` turns them off).
 BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
-VARIANTS = (
-    "prime,cli,agent,c,b,c-noprefault,c-v2,c-readers,c-readers14,sweep,cli-copy,copy,mmap-old,noahead,inplace"
-)
+VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
-# host copy left to the driver's own faults, CRIU's log at warnings, the loader's copies
-# issued by its readers (10 threads, its default, or 14).
+# host copy left to the driver's own faults, CRIU's log at warnings.
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
-    "c-readers": {"FASTVLLM_LOAD_COPIES": "readers"},
-    "c-readers14": {"FASTVLLM_LOAD_COPIES": "readers", "FASTVLLM_LOAD_THREADS": "14"},
 }
 PROMPT = "A separate client asks the restored server:"
-# (threads, chunk MiB, who copies) reloaded in a restored server by the `sweep` step, with the
-# staging buffers kept in its image
-SWEEP_GRID = [(10, 8, "main"), (10, 8, "readers"), (12, 8, "readers"), (14, 8, "readers"), (14, 8, "main")]
-SWEEP_REPS = 3
+# (threads, chunk MiB) reloaded in a restored server by the `sweep` step, with the staging
+# buffers kept in its image (a load with more readers than kept buffers uses those)
+SWEEP_GRID = [(t, c) for c in (8, 16) for t in (10, 12, 14, 16)]
+SWEEP_REPS = 2
 
 _H2D = r"""
 import json, time, torch
@@ -468,22 +463,17 @@ def _sweep(m: Model, h2d: float | None) -> dict[str, Any]:
     weights = str(m.snap / str(manifest.load(m.snap).weights_file))
     rows = []
     try:
-        for threads, chunk, copies in SWEEP_GRID:
+        for threads, chunk in SWEEP_GRID:
             got = []
             for _ in range(SWEEP_REPS):
-                args = worker_rpc.ReloadArgs(weights, threads=threads, chunk_mib=chunk, copies=copies)
+                args = worker_rpc.ReloadArgs(weights, threads=threads, chunk_mib=chunk)
                 got.append(min(x.gbps for x in worker_rpc.reload(server, args)))
             best = max(got)
-            row = {
-                "threads": threads,
-                "chunk_mib": chunk,
-                "copies": copies,
-                "gbps": [round(g, 2) for g in got],
-            }
+            row = {"threads": threads, "chunk_mib": chunk, "gbps": [round(g, 2) for g in got]}
             if h2d:
                 row["best_pct_of_pinned_bound"] = round(100 * best / h2d, 1)
             rows.append(row)
-            _say(f"  sweep {m.name} threads {threads} chunk {chunk} MiB copies {copies}: {row['gbps']} GB/s")
+            _say(f"  sweep {m.name} threads {threads} chunk {chunk} MiB: {row['gbps']} GB/s")
     finally:
         api.stop(server.pid)
     return {"restore": first, "rows": rows}

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from fastvllm.runtime.errors import UsageError
-from fastvllm.runtime.modes import GpuCopies
 
 T = TypeVar("T")
 
@@ -123,13 +122,6 @@ def _pin(raw: str) -> PinMode:
         return PinMode(raw.strip().lower())
     except ValueError:
         raise ValueError("is not one of: " + ", ".join(m.value for m in PinMode)) from None
-
-
-def _copies(raw: str) -> GpuCopies:
-    try:
-        return GpuCopies(raw.strip().lower())
-    except ValueError:
-        raise ValueError("is not one of: " + ", ".join(m.value for m in GpuCopies)) from None
 
 
 def _run_dir() -> Path:
@@ -265,28 +257,6 @@ CRIU_LOG_LEVEL = _declare(
         "4",
         "CRIU's `-v` level for the logs every dump and restore writes under the snapshot's "
         "`logs/` (4: everything, one write per line; 2: errors and warnings).",
-    )
-)
-LOAD_COPIES = _declare(
-    Var[GpuCopies | None](
-        "FASTVLLM_LOAD_COPIES",
-        _copies,
-        lambda: None,
-        "`main` or `readers`",
-        "the loader's own (`main`)",
-        "Which threads of a restore's GPU weight load issue the host-to-device copies: the "
-        "loader's one copy thread, or each reader thread for what it read (weights/loader.py).",
-    )
-)
-LOAD_THREADS = _declare(
-    Var[int](
-        "FASTVLLM_LOAD_THREADS",
-        _int_in(0, 64, "a thread count"),
-        lambda: 0,
-        "an integer 0-64",
-        "0 (the loader's own, 10)",
-        "Reader threads of a restore's GPU weight load; it uses the staging buffers pinned "
-        "before the snapshot, however many it asks for.",
     )
 )
 IMAGE_ID = _declare(

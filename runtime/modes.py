@@ -31,16 +31,6 @@ class LoadMode(StrEnum):
     COPY = "copy"
 
 
-class GpuCopies(StrEnum):
-    """Which threads of the GPU weight loader issue its host-to-device copies (weights.loader):
-    MAIN, the calling thread, each span as a reader hands it over; READERS, each reader thread
-    right after its own read, on a CUDA stream of its own (no single thread every copy waits
-    for)."""
-
-    MAIN = "main"
-    READERS = "readers"
-
-
 class Reloader(StrEnum):
     """What refills a GPU sleep-2 snapshot's weights on restore: FASTVLLM is the snapshot's own
     weight file through fastvllm's loader; VLLM is vLLM's `reload_weights` from the model

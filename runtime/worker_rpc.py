@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from fastvllm.runtime.errors import ServerError
-from fastvllm.runtime.modes import GpuCopies
 
 if TYPE_CHECKING:  # the workers import this module too: they need no HTTP client
     from fastvllm.runtime import vllm_server
@@ -140,7 +139,6 @@ class ReloadArgs:
     threads: int = 0
     chunk_mib: int = 0
     buffers: int = 0
-    copies: str = ""  # runtime.modes.GpuCopies' value ("": the loader's default)
 
     def as_kwargs(self) -> dict[str, str]:
         """Only what differs from the defaults: a worker restored from an older snapshot knows
@@ -148,22 +146,16 @@ class ReloadArgs:
         out = {"path": self.path}
         if self.verify:
             out["verify"] = "1"
-        for key in ("threads", "chunk_mib", "buffers", "copies"):
+        for key in ("threads", "chunk_mib", "buffers"):
             if getattr(self, key):
                 out[key] = str(getattr(self, key))
         return out
 
     @classmethod
     def from_kwargs(
-        cls,
-        path: str,
-        threads: str = "0",
-        verify: str = "0",
-        chunk_mib: str = "0",
-        buffers: str = "0",
-        copies: str = "",
+        cls, path: str, threads: str = "0", verify: str = "0", chunk_mib: str = "0", buffers: str = "0"
     ) -> ReloadArgs:
-        return cls(path, verify == "1", int(threads), int(chunk_mib), int(buffers), copies)
+        return cls(path, verify == "1", int(threads), int(chunk_mib), int(buffers))
 
     def loader_kwargs(self) -> dict[str, Any]:
         """weights.loader.load_into's keyword arguments (the defaults left out)."""
@@ -174,8 +166,6 @@ class ReloadArgs:
             kw["chunk"] = self.chunk_mib << 20
         if self.buffers > 0:
             kw["buffers"] = self.buffers
-        if self.copies:
-            kw["copies"] = GpuCopies(self.copies)
         return kw
 
 

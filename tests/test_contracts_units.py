@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastvllm.runtime import manifest, worker_rpc
 from fastvllm.runtime.errors import NotASnapshotError, ServerError, UsageError
-from fastvllm.runtime.modes import CriuRestoreMode, GpuCopies, LoadMode, SnapshotKind
+from fastvllm.runtime.modes import CriuRestoreMode, LoadMode, SnapshotKind
 from fastvllm.scheduler.router import CatchUpRound, Migration, MigrationOutcome, Stream
 
 
@@ -90,10 +90,6 @@ def test_reload_arguments_cross_as_the_strings_the_worker_takes() -> None:
     assert set(sent) <= set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == args
     assert args.loader_kwargs() == {"verify": True, "threads": 4, "chunk": 16 << 20}
-    readers = worker_rpc.ReloadArgs("/s/w.fvw", copies="readers")
-    assert worker_rpc.ReloadArgs.from_kwargs(**readers.as_kwargs()) == readers
-    assert set(readers.as_kwargs()) <= set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
-    assert readers.loader_kwargs()["copies"] is GpuCopies.READERS
     for method in worker_rpc.Method:
         if method is not worker_rpc.Method.VLLM_RELOAD_WEIGHTS:
             assert callable(getattr(WorkerExtension, method.value)), method

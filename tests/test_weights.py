@@ -210,28 +210,6 @@ def test_gpu_round_trip_double_buffered(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(_same(dst[k], src[k]) for k in src)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the pinned double-buffer path)"
-)
-@pytest.mark.parametrize("threads,buffers", [(1, 1), (3, 2), (6, 10)])
-def test_gpu_load_with_each_reader_copying_what_it_read(tmp_path: Path, threads: int, buffers: int) -> None:
-    """GpuCopies.READERS: every reader issues its own span's copies on a stream of its own;
-    the tensors come out whole, with fewer buffers than readers too."""
-    from fastvllm.runtime.modes import GpuCopies
-
-    src = _model(torch.Generator().manual_seed(8))
-    path = tmp_path / "w"
-    fileformat.write(path, src)
-    dst = {k: v.cuda() for k, v in _blank_like(src).items()}
-    dst["lm_head"] = dst["embed"]
-    st = loader.load_into(
-        path, dst, threads=threads, chunk=64 << 10, buffers=buffers, copies=GpuCopies.READERS
-    )
-    torch.cuda.synchronize()
-    assert st.bytes > 0 and all(_same(dst[k], src[k]) for k in src)
-
-
 def test_store_shares_one_file_per_model(tmp_path: Path) -> None:
     from fastvllm.weights import store
 

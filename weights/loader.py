@@ -55,7 +55,7 @@ from fastvllm.runtime.memory import (
     advise,
     advise_interior,
 )
-from fastvllm.runtime.modes import GpuCopies, LoadMode
+from fastvllm.runtime.modes import LoadMode
 from fastvllm.weights import fileformat
 
 # 8 MiB reads: smaller ones cost a request each, larger ones leave the copies idle longer.
@@ -65,7 +65,6 @@ from fastvllm.weights import fileformat
 DEFAULT_THREADS = min(10, os.cpu_count() or 4)
 DEFAULT_CHUNK = 8 << 20
 EXTRA_BUFFERS = 4  # pinned buffers beyond one per reader thread
-DEFAULT_COPIES = GpuCopies.MAIN  # who issues a GPU load's copies (see GpuCopies)
 # Pinned buffers allocated before the first read; the rest are allocated while reads run
 # (cudaHostAlloc costs about as much as copying the bytes it pins).
 _FIRST_BUFFERS = 2
@@ -359,11 +358,9 @@ def load_into(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    copies: GpuCopies = DEFAULT_COPIES,
     _idx: fileformat.Index | None = None,
 ) -> LoadStats:
-    """Fill `targets` (name -> tensor, all on one device) from the file at `path`. On a GPU,
-    `copies` says which threads issue the host-to-device copies."""
+    """Fill `targets` (name -> tensor, all on one device) from the file at `path`."""
     path = Path(path)
     if chunk <= 0 or chunk % _DIRECT_ALIGN:
         raise UsageError(f"chunk size {chunk} is not a positive multiple of 4096", hint="use e.g. 16 MiB")
@@ -378,7 +375,7 @@ def load_into(
     how = ""
     if on_gpu:
         nbuf = pool_size(threads, buffers)
-        total, pin_s, how = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes, copies)
+        total, pin_s, how = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
     else:
         total = _load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes)
     _fill_aliases(idx, targets)
@@ -637,7 +634,7 @@ def _acquire_pool(chunk: int, nbuf: int, device: Any) -> tuple[_PinnedPool, str]
         elif _kept_busy:
             why = "the kept buffers are in use"
         elif pool.chunk != chunk or len(pool.buffers) < min(nbuf, 2):
-            # fewer kept buffers than asked for still beat pinning new ones (about 2.5 GB/s)
+            # fewer kept buffers than asked for (more readers) still beat pinning new ones
             why = f"the kept buffers are {len(pool.buffers)} x {pool.chunk >> 20} MiB"
         else:
             why = ""
@@ -691,7 +688,6 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
-    copies: GpuCopies = DEFAULT_COPIES,
 ) -> tuple[int, float, str]:
     import torch
 
@@ -710,9 +706,7 @@ def _load_gpu(
     if not spans:
         return 0, 0.0, ""
     device = next(iter(flat.values())).device
-    total, pin_s, how = _stream_to_gpu(
-        path, spans, device, threads, chunk, nbuf, use_direct, on_bytes, copies=copies
-    )
+    total, pin_s, how = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
     for dst, tmp in staged:
         dst.copy_(tmp)
     return total, pin_s, how
@@ -738,15 +732,12 @@ def _stream_to_gpu(
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
     before_copies: Callable[[], None] | None = None,
-    *,
-    copies: GpuCopies = DEFAULT_COPIES,
 ) -> tuple[int, float, str]:
-    """Reader threads fill pinned buffers with spans; the copies to the GPU go on a side stream
-    from this thread (`GpuCopies.MAIN`) or from each reader on a stream of its own (`READERS`).
-    `before_copies` runs once the readers are going (it allocates the destination in `load`,
-    so cudaMalloc overlaps the first reads). The buffers are the kept ones (`keep_pool`) where
-    they fit and pass the probe, else pinned here. Returns the bytes, the seconds spent
-    pinning and which pool it was ("kept", or "fresh" and why)."""
+    """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
+    side stream. `before_copies` runs once the readers are going (it allocates the destination
+    in `load`, so cudaMalloc overlaps the first reads). The buffers are the kept ones
+    (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
+    seconds spent pinning and which pool it was ("kept", or "fresh" and why)."""
     import torch
 
     nbuf = max(1, min(nbuf, len(spans)))
@@ -762,23 +753,14 @@ def _stream_to_gpu(
         free.put(i)
     for _ in range(0 if kept else min(nbuf, _FIRST_BUFFERS)):
         free.put(pool.add())
-    # (span, buffer) read and waiting for its copy; or bytes a reader copied itself; or what failed
-    ready: queue.Queue[tuple[int, int] | int | BaseException] = queue.Queue()
+    ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
     todo: queue.Queue[int] = queue.Queue()
     for i in range(len(spans)):
         todo.put(i)
     stop = threading.Event()
-    releases: queue.Queue[tuple[Any, int] | None] = queue.Queue()
-    streams: list[Any] = []  # the readers' own streams (GpuCopies.READERS)
-    allocated = threading.Event()  # `before_copies` has run: the destinations exist
 
     def reader() -> None:
         try:
-            own = None
-            if copies is GpuCopies.READERS:
-                torch.cuda.set_device(device)  # the current device is per thread
-                own = torch.cuda.Stream(device=device)
-                streams.append(own)
             while not stop.is_set():
                 try:
                     si = todo.get_nowait()
@@ -789,22 +771,12 @@ def _stream_to_gpu(
                     return
                 s = spans[si]
                 _read_exact(src(s.file_off, s.length), pool.views[bi][: s.length], s.file_off, path)
-                if own is None:
-                    ready.put((si, bi))
-                    continue
-                while not allocated.wait(0.05):
-                    if stop.is_set():
-                        return
-                with torch.cuda.stream(own):
-                    n = _copy_span(s, pool.buffers[bi])
-                    ev = torch.cuda.Event()
-                    ev.record(own)
-                releases.put((ev, bi))
-                ready.put(n)
+                ready.put((si, bi))
         except BaseException as exc:
             ready.put(exc)
 
     stream = torch.cuda.Stream(device=device)
+    releases: queue.Queue[tuple[Any, int] | None] = queue.Queue()
 
     def releaser() -> None:
         try:
@@ -826,28 +798,26 @@ def _stream_to_gpu(
             w.start()
         if before_copies is not None:
             before_copies()
-        allocated.set()
         with torch.cuda.stream(stream):
             for _ in range(len(spans)):
                 got = ready.get()
                 if isinstance(got, BaseException):
                     raise got
-                if isinstance(got, int):  # a reader copied it
-                    n_span = got
-                else:
-                    si, bi = got
-                    n_span = _copy_span(spans[si], pool.buffers[bi])
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                    releases.put((ev, bi))
+                si, bi = got
+                buf = pool.buffers[bi]
+                n_span = 0
+                for p in spans[si].pieces:
+                    p.dst[p.dst_off : p.dst_off + p.n].copy_(
+                        buf[p.span_off : p.span_off + p.n], non_blocking=True
+                    )
+                    n_span += p.n
                 total += n_span
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                releases.put((ev, bi))
                 if on_bytes:
                     on_bytes(n_span)
         stream.synchronize()
-        for w in workers:  # every span is copied: the readers are leaving
-            w.join()
-        for s in streams:
-            s.synchronize()
     finally:
         stop.set()
         releases.put(None)
@@ -861,8 +831,6 @@ def _stream_to_gpu(
             os.close(dfd)
         with contextlib.suppress(Exception):
             stream.synchronize()  # no copy may still read a buffer when it is unpinned
-            for s in streams:
-                s.synchronize()
         if kept:
             _release_kept()
         else:
@@ -870,13 +838,3 @@ def _stream_to_gpu(
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
     return total, (0.0 if kept else pool.seconds), how
-
-
-def _copy_span(span: _Span, buf: Any) -> int:
-    """Issue the host-to-device copies of one span's pieces from pinned `buf` on the current
-    stream; returns the bytes."""
-    n = 0
-    for p in span.pieces:
-        p.dst[p.dst_off : p.dst_off + p.n].copy_(buf[p.span_off : p.span_off + p.n], non_blocking=True)
-        n += p.n
-    return n

@@ -108,7 +108,7 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
     (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore --model 3b --model-dir $MODEL3B \
       --reps "${REPS:-3}" --budget-s $(( left - 40 )) --conditions warm --snapshots "$SNAPSHOTS" \
-      --variants "${VARIANTS:-c,c-noprefault,c-v2,c-readers,c-readers14,agent,sweep}" \
+      --variants "${VARIANTS:-c,c-noprefault,c-v2,agent,sweep}" \
       --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log)
     keep_criu_logs; rm -rf "$SNAPSHOTS" ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
