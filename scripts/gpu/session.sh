@@ -43,7 +43,7 @@ keep_criu_logs() {
   [ -n "${SNAPSHOTS:-}" ] && [ -d "$d" ] || return 0
   (cd "$d" && ls -t criu-restore-*.log 2>/dev/null | head -4 | xargs -r tar -cJf $OUT/criu-restore-logs.tar.xz) || true
 }
-case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-ab|issue22-tests}" in
+case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-ab|issue22-final|issue22-tests}" in
   stage)
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
     setsid nohup bash -c "set -e; mkdir -p $SITE; tar -xJf /root/parts/rest.tar.xz -C $SITE; \
@@ -111,6 +111,20 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
       --variants "${VARIANTS:-c,c-noprefault,c-v2,agent,sweep}" \
       --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log)
     keep_criu_logs; rm -rf "$SNAPSHOTS" ;;
+  issue22-final)  # session 20's last call: the GPU tests on the final code, what their snapshot's
+    # CRIU restores did (logs, manifest), then the 3b bench in the time left (JSON after each step)
+    t0=$(date +%s); finish_stage
+    export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
+    (cd /tmp && timeout ${TESTS_S:-200} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
+      "$OLDPWD/tests/test_gpu_restore_units.py" "$OLDPWD/tests/test_weights.py" "$OLDPWD/tests/test_e2e.py" \
+      2>&1 | tee $OUT/gpu-e2e.log) || true
+    m=$(ls -t /tmp/pytest-of-root/*/*/*/manifest.json /tmp/pytest-of-root/*/*/manifest.json 2>/dev/null | head -1)
+    if [ -n "$m" ]; then d=$(dirname "$m"); (cd "$d" && tar -cJf $OUT/e2e-snapshot-logs.tar.xz manifest.json \
+      $(cd "$d" && ls -t logs/criu-restore-*.log 2>/dev/null | head -2)) || true; fi
+    left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
+    (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore --model 3b --model-dir $MODEL3B \
+      --reps 2 --budget-s $(( left - 15 )) --conditions warm --variants "${VARIANTS:-c,agent}" \
+      --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) || true ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
