@@ -124,7 +124,8 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
     (cd /tmp && timeout $left python3 -m fastvllm.scripts.bench_gpu_restore --model 3b --model-dir $MODEL3B \
       --reps 2 --budget-s $(( left - 15 )) --conditions warm --variants "${VARIANTS:-c,agent}" \
-      --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) || true ;;
+      ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"} --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) || true
+    keep_criu_logs ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
