@@ -73,6 +73,13 @@ def test_restore_is_token_identical_and_resnapshot_restores(
         assert flags and all("rr" in f for f in flags), flags
     if cpu_share.group_path() is not None:  # the restored tree yields to other work (runtime.cpu_share)
         assert {cpu_share.group_of(p) for p in proctree.session_pids(res["pid"])} == {"/" + cpu_share.CGROUP}
+    # on a GPU: the staging buffers kept in the image (emptied after the CUDA checkpoint,
+    # runtime/discard.py) passed the loader's probe, and the CUDA restore's host copy was mapped
+    # in from outside (runtime/prefault.py)
+    for load in (res.get("gpu") or {}).get("load", []):
+        assert load["pool"] == "kept", load
+    if (res.get("gpu") or {}).get("prefault") is not None:
+        assert all(p["reads"] > 0 for p in res["gpu"]["prefault"].values()), res["gpu"]
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
     listening = {
         c.laddr.port
