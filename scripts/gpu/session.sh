@@ -118,7 +118,8 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     (cd /tmp && timeout ${TESTS_S:-200} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
       "$OLDPWD/tests/test_gpu_restore_units.py" "$OLDPWD/tests/test_weights.py" "$OLDPWD/tests/test_e2e.py" \
       2>&1 | tee $OUT/gpu-e2e.log) || true
-    m=$(ls -t /tmp/pytest-of-root/*/*/*/manifest.json /tmp/pytest-of-root/*/*/manifest.json 2>/dev/null | head -1)
+    # (|| true: under pipefail an unmatched glob would end the call here)
+    m=$(ls -t /tmp/pytest-of-root/*/*/*/manifest.json /tmp/pytest-of-root/*/*/manifest.json 2>/dev/null | head -1 || true)
     if [ -n "$m" ]; then d=$(dirname "$m"); (cd "$d" && tar -cJf $OUT/e2e-snapshot-logs.tar.xz manifest.json \
       $(cd "$d" && ls -t logs/criu-restore-*.log 2>/dev/null | head -2)) || true; fi
     left=$(( ${CALL_S:-575} - ($(date +%s) - t0) ))
