@@ -77,7 +77,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     # runtime/discard.py) passed the loader's probe, and the CUDA restore's host copy was mapped
     # in from outside (runtime/prefault.py)
     for load in (res.get("gpu") or {}).get("load", []):
-        assert load["pool"] == "kept", load
+        assert load["pool"] in ("", "kept"), load  # "": a CPU load stages nothing
     if (res.get("gpu") or {}).get("prefault") is not None:
         assert all(p["reads"] > 0 for p in res["gpu"]["prefault"].values()), res["gpu"]
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
