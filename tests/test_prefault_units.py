@@ -92,3 +92,26 @@ def test_the_block_stops_what_is_left(mapped_child) -> None:
     with prefault.Populating({pid: [(addr, addr + size)]}, threads=2) as p:
         pass
     assert p.as_dict()[str(pid)]["failed"] == 0
+
+
+def test_a_restore_prefaults_only_a_mapped_host_copy(monkeypatch) -> None:
+    """restore.pipeline._prefaulting: threads only where the plan maps the host copy (a GPU
+    snapshot in mmap mode), the setting allows them, and the snapshot recorded ranges."""
+    import contextlib
+    from types import SimpleNamespace
+    from typing import Any
+
+    from fastvllm.restore import pipeline
+
+    state = {"processes": {"7": {"host_copy_ranges": [[4096, 8192]]}, "8": {"host_copy_ranges": []}}}
+
+    def restore(prefault_host_copy: bool, gpu_state: object = state) -> Any:
+        plan = SimpleNamespace(prefault_host_copy=prefault_host_copy)
+        return SimpleNamespace(plan=plan, m=SimpleNamespace(gpu_state=gpu_state, cuda_pids=[7, 8]))
+
+    got = pipeline._prefaulting(restore(True))
+    assert isinstance(got, prefault.Populating) and [r.name for r in got._runners] == ["prefault-7"]
+    assert isinstance(pipeline._prefaulting(restore(False)), contextlib.nullcontext)
+    assert isinstance(pipeline._prefaulting(restore(True, {})), contextlib.nullcontext)
+    monkeypatch.setenv("FASTVLLM_GPU_PREFAULT_THREADS", "0")
+    assert isinstance(pipeline._prefaulting(restore(True)), contextlib.nullcontext)
