@@ -328,7 +328,7 @@ def _restore_checked(
     on_verify_bytes: Callable[[int], None] | None,
     pairs: list[tuple[str, str]] | None = None,
     *,
-    resident: residency.Sampled | None = None,
+    resident: residency.Sampled,
 ) -> RestoreResult:
     """Everything after the checks: the read-ahead, CRIU, health, weights, canary. Each step
     registers its undo on the operation's stack (runtime.journal.Operation): a tree that fails
@@ -345,7 +345,7 @@ def _restore_checked(
         early,
         on_verify_bytes,
         trusted,
-        resident or residency.Sampled(path),
+        resident,
     )
     r.gpu_pairs = pairs or []
     with journal.Operation("restore", path) as op:
@@ -588,8 +588,8 @@ def _prefaulting(r: _Restore) -> contextlib.AbstractContextManager[prefault.Popu
     which the driver's CUDA restore would fault in page by page: threads map it in from
     outside while the driver restores (runtime/prefault.py), until it is done."""
     threads = config.GPU_PREFAULT_THREADS.get()
-    targets = {p: x for p, x in cuda_checkpoint.recorded_host_copy(r.m.gpu_state, r.m.cuda_pids).items() if x}
-    if not (r.plan.prefault_host_copy and threads and targets):
+    targets = cuda_checkpoint.recorded_host_copy(r.m.gpu_state, r.m.cuda_pids)
+    if not (r.plan.prefault_host_copy and threads and any(targets.values())):
         return contextlib.nullcontext()
     return prefault.Populating(targets, threads)
 
