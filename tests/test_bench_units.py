@@ -191,3 +191,15 @@ def test_a_failed_command_ends_the_wait_for_its_first_answer() -> None:
     p.wait()
     assert a.at is None and not client.is_alive()
     assert time.monotonic() - t0 < benchmark.CLIENT_DEADLINE_S / 2  # a hang guard, not a timing claim
+
+
+def test_the_client_asks_more_tokens_than_the_canary_and_checks_its_start() -> None:
+    """The client's request is USER_REQUEST_TOKENS long whatever the canary's length (the
+    user-wait figures stay comparable); its answer must begin with the canary's text, a canary
+    cut inside a character included."""
+    t = _target(1, " the canary")
+    long = benchmark.Answer(at=1.0, text=" the canary and more", status=200)
+    assert t.check(long, "test")
+    cut = benchmark.Target(Path("/nonexistent"), "127.0.0.1", 1, "m", "p", 4, " caf\ufffd")
+    assert cut.check(benchmark.Answer(at=1.0, text=" café au lait", status=200), "test")
+    assert not t.check(benchmark.Answer(at=1.0, text=" another", status=200), "test", exact=False)
