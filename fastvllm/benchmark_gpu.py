@@ -60,10 +60,11 @@ BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
 VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
-# host copy left to the driver's own faults, CRIU's log at warnings.
+# host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers.
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
+    **{f"c-r{n}": {"FASTVLLM_LOADER_THREADS": str(n)} for n in (12, 14, 16)},
 }
 PROMPT = "A separate client asks the restored server:"
 # (threads, chunk MiB) reloaded in a restored server by the `sweep` step, with the staging

@@ -626,7 +626,11 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
             worker_rpc.vllm_reload_weights(server)
     elif how is WeightsBack.LOADER:
         with r.tl.phase("load_weights"):
-            args = worker_rpc.ReloadArgs(str(r.path / str(m.weights_file)), verify=_loader_verifies(r))
+            args = worker_rpc.ReloadArgs(
+                str(r.path / str(m.weights_file)),
+                verify=_loader_verifies(r),
+                threads=config.LOADER_THREADS.get(),
+            )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:
         with r.tl.phase("wake_kv_cache"):

@@ -248,6 +248,18 @@ GPU_PREFAULT_THREADS = _declare(
         "driver faults it in itself.",
     )
 )
+LOADER_THREADS = _declare(
+    Var[int](
+        "FASTVLLM_LOADER_THREADS",
+        _int_in(0, 64, "a thread count"),
+        lambda: 0,
+        "an integer 0-64",
+        "0",
+        "Reader threads of the weight loader in a restore (0: the loader's default, 10 or the "
+        "host's core count if fewer); more readers than the 14 staging buffers kept in a GPU "
+        "snapshot share those.",
+    )
+)
 CRIU_LOG_LEVEL = _declare(
     Var[int](
         "FASTVLLM_CRIU_LOG_LEVEL",
