@@ -2,16 +2,19 @@
 
 The GPU loader's staging buffers are pinned before a snapshot and kept in its image, so a
 restored worker loads without pinning anything (weights.loader `keep_pool`). The CUDA driver
-backs pinned host memory with memfd files, and CRIU restores a memfd by writing every page
-it dumped back into a new one: for the 14 x 8 MiB of buffers (124 MiB of memfds in all) that
-was 85 ms of CRIU's 0.23 s in a 3B server's warm restore (the engine's restore is the tree's
-longest), and the bytes are whatever the last load left there. Punching holes in those
-ranges of the memfds after the CUDA checkpoint (the driver holds no pin on them then) leaves
-CRIU nothing to dump or write back; the restored buffers are empty pages the driver pins again
-on its restore, and the loader's probe (`_probe`) still checks each one before a load uses it.
+maps pinned host memory shared: anonymous shared memory in a process it started in
+(`/dev/zero (deleted)` in /proc/PID/maps), memfds in a process CRIU restored (CRIU restores
+shared memory into memfds). CRIU restores either by writing every page it dumped back into
+a new memfd: for the 14 x 8 MiB of buffers that was 60-85 ms of CRIU's 0.15-0.23 s in a 3B
+or 8B server's warm restore (the engine's restore is the tree's longest), and the bytes are
+whatever the last load left there. Punching holes in those ranges after the CUDA checkpoint
+(the driver holds no pin on them then) leaves CRIU nothing to dump or write back; the
+restored buffers are empty pages the driver pins again on its restore, and the loader's
+probe (`_probe`) still checks each one before a load uses it.
 
 The holes are punched through `/proc/PID/map_files/`, which opens the very file a mapping maps
-(root only), with `fallocate(PUNCH_HOLE)`; only shared mappings of memfds are touched.
+(root only; for anonymous shared memory, its shmem file), with `fallocate(PUNCH_HOLE)`; only
+shared mappings of memfds and anonymous shared memory are touched.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ class Mapping:
     def is_memfd(self) -> bool:
         return self.path.startswith("/memfd:")
 
+    @property
+    def is_shmem(self) -> bool:
+        """Backed by a shmem file whose pages a hole drops: a memfd, or anonymous shared
+        memory (`/dev/zero (deleted)`: the kernel names its shmem file so)."""
+        return self.is_memfd or self.path == "/dev/zero (deleted)"
+
 
 def parse_maps(text: str) -> list[Mapping]:
     out = []
@@ -58,14 +67,14 @@ def parse_maps(text: str) -> list[Mapping]:
     return out
 
 
-def memfd_ranges(pid: int, ranges: Sequence[tuple[int, int]]) -> int:
-    """Punch holes in the memfds that `pid` maps shared over `ranges` ((address, bytes) pairs),
-    so their pages are gone from the files. Returns the bytes punched; 0 where nothing could be
-    (the process is gone, the ranges map something else, no permission): a dump then just
-    carries those pages, as before."""
+def shmem_ranges(pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+    """Punch holes in the shared memory (memfds, anonymous shared memory) that `pid` maps
+    shared over `ranges` ((address, bytes) pairs), so their pages are gone from the files.
+    Returns the bytes punched; 0 where nothing could be (the process is gone, the ranges map
+    something else, no permission): a dump then just carries those pages, as before."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            maps = [m for m in parse_maps(f.read()) if m.shared and m.is_memfd]
+            maps = [m for m in parse_maps(f.read()) if m.shared and m.is_shmem]
     except OSError:
         return 0
     punched = 0

@@ -495,7 +495,7 @@ def _discard_staging(workers: object) -> int:
     for w in workers if isinstance(workers, list) else []:
         pool = w.get("pinned_pool") if isinstance(w, dict) else None
         if isinstance(pool, dict) and pool.get("kept") and pool.get("pid") and pool.get("ranges"):
-            total += discard.memfd_ranges(int(pool["pid"]), [(int(a), int(n)) for a, n in pool["ranges"]])
+            total += discard.shmem_ranges(int(pool["pid"]), [(int(a), int(n)) for a, n in pool["ranges"]])
     return total
 
 

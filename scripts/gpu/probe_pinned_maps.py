@@ -1,12 +1,13 @@
 """What backs the GPU loader's pinned staging buffers in /proc/PID/maps (runtime/discard.py
 punches holes in their memfds before a dump): one line per buffer, the memfd mappings, and
-what `discard.memfd_ranges` punches. Run on the GPU machine with torch; prints JSON."""
+what `discard.shmem_ranges` punches. Run on the GPU machine with torch; prints JSON."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import sys
 
 import torch
 
@@ -14,6 +15,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("discard", "runtime/discard.py")
 assert _spec is not None and _spec.loader is not None
 discard = importlib.util.module_from_spec(_spec)
+sys.modules["discard"] = discard  # dataclasses look their module up
 _spec.loader.exec_module(discard)
 
 torch.zeros(1, device="cuda")
@@ -28,6 +30,6 @@ for a, n in ranges:
     hit = [m for m in maps if m.start < a + n and a < m.end]
     over.append([(hex(a), hex(m.start), hex(m.end), m.shared, m.path, hex(m.offset)) for m in hit])
 memfds = [(hex(m.start), hex(m.end), m.shared, m.path, hex(m.offset)) for m in maps if "memfd" in m.path]
-punched = discard.memfd_ranges(os.getpid(), ranges)
+punched = discard.shmem_ranges(os.getpid(), ranges)
 doc = {"torch": torch.__version__, "over": over, "memfds": memfds[:40], "punched": punched}
 print(json.dumps(doc, indent=1))
