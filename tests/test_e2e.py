@@ -78,6 +78,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     # in from outside (runtime/prefault.py)
     for load in (res.get("gpu") or {}).get("load", []):
         assert load["pool"] in ("", "kept"), load  # "": a CPU load stages nothing
+    _assert_staging_emptied(manifest.load(shared_snapshot.path))
     if (res.get("gpu") or {}).get("prefault") is not None:
         assert all(p["reads"] > 0 for p in res["gpu"]["prefault"].values()), res["gpu"]
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
@@ -103,6 +104,11 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     again = fastvllm.restore(snap2.path, prefetch=False)
     restored_cleanup.append(again.server.pid)
     assert again.canary_ok
+    # the second generation's buffers are memfds (CRIU restored them so), the first's were
+    # anonymous shared memory: both are emptied, and both restore as the loader's kept pool
+    _assert_staging_emptied(snap2.manifest)
+    for load in (again.gpu or {}).get("load", []):
+        assert isinstance(load, dict) and load["pool"] in ("", "kept"), load
     assert "verify_checksums" in again.timeline.durations() and "readahead" not in again.timeline.durations()
     assert (
         completions(again.server.base_url, shared_snapshot.served_model_name, PROMPTS)
@@ -111,6 +117,16 @@ def test_restore_is_token_identical_and_resnapshot_restores(
 
     fastvllm.stop(again.server.pid)
     assert not servers_on_port(TEST_PORT)
+
+
+def _assert_staging_emptied(m: manifest.Manifest) -> None:
+    """On a GPU snapshot whose workers kept their staging buffers, every kept byte was punched
+    out of the image (runtime/discard.py); nothing to check on the CPU."""
+    state = m.gpu_state or {}
+    pools = [w.get("pinned_pool") or {} for w in state.get("worker") or [] if isinstance(w, dict)]
+    kept = sum(int(p["bytes"]) for p in pools if p.get("kept"))
+    if kept:
+        assert state.get("staging_discarded_bytes") == kept, state
 
 
 def test_restore_order_of_a_real_snapshot(shared_snapshot: SharedSnapshot) -> None:
