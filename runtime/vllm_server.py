@@ -35,7 +35,7 @@ CANARY_PROMPT = "The history of the lighthouse keeper begins on a cold morning w
 # Eight greedy tokens: the canary runs the prefill and seven decode steps, its sequence crosses
 # a KV-cache block (16 tokens; the prompt is 25 tokens with the test models' vocabulary, 14 with
 # Llama's), and a weight or cache block that came back wrong changes its first tokens. Each
-# further token is one more decode step every restore waits for (3.5-6 ms on an H100 for a 3B
+# further token is one more decode step every restore waits for (3.5-7 ms on an H100 for a 3B
 # to 8B model). Snapshots taken with 24 keep them: a restore asks what the manifest recorded.
 CANARY_MAX_TOKENS = 8
 WARMUP_PROMPTS = (
