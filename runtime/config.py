@@ -48,6 +48,13 @@ class PinMode(enum.Enum):
     REGISTER = "register"  # one huge-page mapping, cudaHostRegister'ed buffer by buffer
 
 
+class GraphMemory(enum.Enum):
+    """What a sleeping GPU snapshot does with the CUDA graphs' memory (weights/graph_memory.py)."""
+
+    RELEASE = "release"  # unmapped with the KV cache, mapped back with the weights: not in the image
+    KEEP = "keep"  # vLLM's own: resident, copied into the image by the CUDA checkpoint
+
+
 @dataclass(frozen=True)
 class Var(Generic[T]):
     """One environment variable: `parse` turns its text into a T (ValueError: not valid),
@@ -122,6 +129,13 @@ def _pin(raw: str) -> PinMode:
         return PinMode(raw.strip().lower())
     except ValueError:
         raise ValueError("is not one of: " + ", ".join(m.value for m in PinMode)) from None
+
+
+def _graph_memory(raw: str) -> GraphMemory:
+    try:
+        return GraphMemory(raw.strip().lower())
+    except ValueError:
+        raise ValueError("is not one of: " + ", ".join(m.value for m in GraphMemory)) from None
 
 
 def _run_dir() -> Path:
@@ -246,6 +260,19 @@ GPU_PREFAULT_THREADS = _declare(
         "Threads that map the CUDA checkpoint's host copy of device memory in while the driver "
         "restores it (GPU snapshots restored in mmap mode; runtime/prefault.py); 0: none, the "
         "driver faults it in itself.",
+    )
+)
+GPU_GRAPH_MEMORY = _declare(
+    Var[GraphMemory](
+        "FASTVLLM_GPU_GRAPH_MEMORY",
+        _graph_memory,
+        lambda: GraphMemory.RELEASE,
+        "`release` or `keep`",
+        "`release`",
+        "The CUDA graphs' memory of a GPU server launched for a sleeping snapshot: `release` "
+        "allocates it through vLLM's sleep-mode allocator, so sleep unmaps it and the snapshot "
+        "leaves it out (its contents are scratch); `keep` leaves it resident, as vLLM does, and "
+        "the CUDA checkpoint copies it into the image. Read by the server at launch.",
     )
 )
 LOADER_THREADS = _declare(

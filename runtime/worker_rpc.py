@@ -117,6 +117,7 @@ class GpuReleased(_Reply):
     before: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
     pinned_pool: dict[str, Any] | None = None  # the loader's staging buffers, kept for the image
+    graph_memory: dict[str, Any] | None = None  # the CUDA graphs' pool: released or kept, and why
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
 # Imported with the worker, before any snapshot, not on the first reload: a restored tree would
 # otherwise import it on its critical path (path lookups and reads from a cold cache, and a
 # compile where no bytecode is cached; docs/decisions/pinned-pool.md).
-from fastvllm.weights import fileformat, loader
+from fastvllm.weights import fileformat, graph_memory, loader
 
 PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<closure variable>
 
@@ -57,6 +57,8 @@ def _prefer_sgl_kernels() -> None:
 
 
 _prefer_sgl_kernels()
+# Before vLLM builds the model and its CUDA graph wrappers (they take the graph pool then).
+graph_memory.install()
 
 
 def packed_tensors(model: Any) -> tuple[dict[str, Any], int]:
@@ -103,13 +105,18 @@ def gpu_memory_stats() -> dict[str, Any]:
         from vllm.device_allocator.cumem import CuMemAllocator
 
         sleep_pool = set(CuMemAllocator.get_instance().pointer_to_data)
+    graph_pool = graph_memory.pool_id()  # the graphs' pool when it is the sleep-mode allocator's
     pools: dict[str, int] = {}
     free_in_graphs = 0
     with contextlib.suppress(Exception):  # the segment listing is a detail; the totals stand
         for seg in torch.cuda.memory_snapshot():
             size = int(seg.get("total_size", 0))
-            if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0):
+            pool = tuple(seg.get("segment_pool_id", (0, 0)))
+            if pool == (0, 0):
                 key = "default"
+            elif pool == graph_pool:
+                key = "graphs"  # unmapped while asleep (graph_memory), counted all the same
+                free_in_graphs += size - int(seg.get("allocated_size", 0))
             elif int(seg.get("address", -1)) in sleep_pool:
                 key = "sleep_mode"
             else:
@@ -241,7 +248,7 @@ class WorkerExtension:
             pool: dict[str, Any] = loader.keep_pool()
         except Exception as e:
             pool = {"kept": False, "reason": f"{e!r:.200}"}
-        return rpc.GpuReleased(before, gpu_memory_stats(), pool).as_dict()
+        return rpc.GpuReleased(before, gpu_memory_stats(), pool, graph_memory.state()).as_dict()
 
     def fastvllm_reload(
         self, path: str, threads: str = "0", verify: str = "0", chunk_mib: str = "0", buffers: str = "0"

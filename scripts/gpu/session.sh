@@ -43,7 +43,7 @@ keep_criu_logs() {
   [ -n "${SNAPSHOTS:-}" ] && [ -d "$d" ] || return 0
   (cd "$d" && ls -t criu-restore-*.log 2>/dev/null | head -4 | xargs -r tar -cJf $OUT/criu-restore-logs.tar.xz) || true
 }
-case "${1:?probe|faults|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-ab|issue22-final|issue22-tests}" in
+case "${1:?probe|faults|issue22-graphs|setup|tests|reload|weights|sweep|e2e|restore|criu-modes|criu-tests|prefetch|stage|staged|issue22|issue22-ab|issue22-final|issue22-tests}" in
   stage)
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $FV .
     setsid nohup bash -c "set -e; mkdir -p $SITE; tar -xJf /root/parts/rest.tar.xz -C $SITE; \
@@ -127,6 +127,29 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
       --reps 2 --budget-s $(( left - 15 )) --conditions warm --variants "${VARIANTS:-c,agent}" \
       ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"} --out $OUT/gpu-restore 2>&1 | tee $OUT/gpu-restore.log) || true
     keep_criu_logs ;;
+  issue22-graphs)  # session 22: the CUDA graphs' memory released from sleeping snapshots
+    # (weights/graph_memory.py). The GPU tests with it first; then the 3b with it (when they
+    # passed) and without it (FASTVLLM_GPU_GRAPH_MEMORY=keep), each its own cold start and
+    # snapshot, in the same call: the before and after on one host.
+    t0=$(date +%s)
+    for _ in $(seq 240); do [ -f /root/site.ok ] && [ -f /root/model.ok ] && break; sleep 1; done
+    finish_stage
+    nvidia-smi > $OUT/nvidia-smi.txt
+    ok=1
+    (export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
+     cd /tmp && timeout ${TESTS_S:-180} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
+      "$OLDPWD/tests/test_graph_memory.py" "$OLDPWD/tests/test_e2e.py" 2>&1 | tee $OUT/gpu-e2e.log) || ok=0
+    m=$(ls -t /tmp/pytest-of-root/*/*/*/manifest.json /tmp/pytest-of-root/*/*/manifest.json 2>/dev/null | head -1 || true)
+    [ -n "$m" ] && cp "$m" $OUT/e2e-manifest.json || true
+    bench() {  # $1: release|keep, $2: seconds, $3: variants
+      (cd /tmp && env FASTVLLM_GPU_GRAPH_MEMORY=$1 timeout $2 python3 -m fastvllm.scripts.bench_gpu_restore \
+        --model 3b --model-dir $MODEL3B --reps 2 --budget-s $(( $2 - 25 )) --conditions "${CONDITIONS:-warm}" \
+        --variants "$3" --out $OUT/gpu-restore-$1 2>&1 | tee $OUT/gpu-restore-$1.log) || true
+    }
+    left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
+    if [ $ok = 1 ]; then bench release $(( left * 11 / 20 )) "${VARIANTS:-cli,agent,c,b}"; fi
+    left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
+    bench keep $(( left - 10 )) "${KEEP_VARIANTS:-cli,c}" ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \

@@ -1,0 +1,155 @@
+"""The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`).
+
+Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool (0.53 GB of
+a 3b's 1.75 GB on an H100, 0.50 GB of it free blocks), and the driver's CUDA checkpoint copies
+all of it into the image; the restore copies it back at about 6 GB/s, the slowest step of a
+warm restore (docs/benchmarks/gpu-restore.md). Its contents are scratch: a graph's replay
+writes each intermediate before it reads it, and everything a replay reads first (inputs,
+weights, the KV cache, attention metadata) lives outside the pool. So the pool need not be
+saved, only its addresses kept.
+
+How: vLLM's sleep-mode allocator (`CuMemAllocator`) already maps and unmaps memory at fixed
+virtual addresses for the weights and the KV cache. Imported in the worker before the model
+is built (weights/extension.py), `install` makes vLLM's global graph pool a torch `MemPool`
+backed by that allocator, so graph capture allocates through it. Its allocations carry the
+allocator's default tag (nothing else of vLLM's allocates outside a tagged context), which
+`sleep` unmaps with the KV cache (level 2 offloads only "weights"), and `install` makes every
+wake-up of the weights map the default tag back first, at the same addresses, before any
+forward pass can replay a graph. Newer vLLM (0.32, `--sleep-mode-offload-cudagraph`) does the
+same routing but copies the pool to host memory and back; a snapshot has no use for the copy.
+
+vLLM-specific: written against vLLM 0.24's `Platform.get_global_graph_pool` and
+`CuMemAllocator` (tested on the GPU machine with 0.24.0). Where either is missing or differs,
+`install` leaves vLLM as it is and says why (`state()`): the graphs' memory then stays in the
+image, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+from fastvllm.runtime import config
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"mode": "keep", "installed": False, "reason": "not installed"}
+_pool: Any = None  # the MemPool the graphs allocate from (kept alive: torch frees it otherwise)
+_pluggable: Any = None  # its allocator, kept alive with it (as vLLM keeps its own pools')
+
+
+def state() -> dict[str, Any]:
+    """What `install` did: the mode, whether the graphs allocate from the sleep-mode allocator,
+    and, when not, why."""
+    return dict(_state)
+
+
+def pool_id() -> tuple[int, int] | None:
+    """The graphs' pool id once made (None before the first capture set-up or when not
+    installed)."""
+    return tuple(_pool.id) if _pool is not None else None
+
+
+def install() -> dict[str, Any]:
+    """Route vLLM's CUDA graph pool through its sleep-mode allocator (see the module docstring).
+    Idempotent; a no-op without CUDA, with `FASTVLLM_GPU_GRAPH_MEMORY=keep`, or with a vLLM
+    whose internals differ. Never raises: the graphs' memory then stays in the image."""
+    with _lock:
+        if _state["installed"]:
+            return state()
+        mode = config.GPU_GRAPH_MEMORY.get()
+        _state["mode"] = mode.value
+        if mode is config.GraphMemory.KEEP:
+            _state["reason"] = "FASTVLLM_GPU_GRAPH_MEMORY=keep"
+            return state()
+        try:
+            _patch()
+        except Exception as e:  # a vLLM without these internals: leave it as it is
+            _state["reason"] = f"vLLM's graph pool left as it is: {e!r:.200}"
+            return state()
+        _state.update(installed=True, reason="")
+        return state()
+
+
+def _patch() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA")
+    from vllm.device_allocator import cumem
+    from vllm.platforms import current_platform
+
+    allocator_cls = cumem.CuMemAllocator
+    if not getattr(cumem, "cumem_available", False):
+        raise RuntimeError("vLLM's cumem allocator is not available")
+    for name in ("get_pluggable_allocator", "default_tag", "wake_up", "get_instance"):
+        if not hasattr(cumem, name) and not hasattr(allocator_cls, name):
+            raise RuntimeError(f"vllm.device_allocator.cumem has no {name}")
+    platform_cls = type(current_platform)
+    if not hasattr(platform_cls, "get_global_graph_pool") or not hasattr(platform_cls, "_global_graph_pool"):
+        raise RuntimeError("vLLM's platform has no global graph pool")
+    if platform_cls._global_graph_pool is not None:
+        raise RuntimeError("vLLM made its graph pool before fastvllm's worker extension loaded")
+
+    def get_global_graph_pool(self: Any) -> Any:
+        # Made on first use (model construction), when the worker's device is set.
+        global _pool, _pluggable
+        cls = self.__class__
+        if cls._global_graph_pool is None and not _sleep_mode():
+            cls._global_graph_pool = self.graph_pool_handle()  # no sleep: vLLM's own pool
+            _state.update(installed=False, reason="the server runs without --enable-sleep-mode")
+        if cls._global_graph_pool is None:
+            alloc = allocator_cls.get_instance()
+            # the allocator's own callbacks: its C extension holds one pair for every pool
+            _pluggable = cumem.get_pluggable_allocator(
+                alloc.python_malloc_callback, alloc.python_free_callback
+            )
+            _pool = torch.cuda.memory.MemPool(_pluggable._allocator)
+            cls._global_graph_pool = _pool.id
+        return cls._global_graph_pool
+
+    wake_up = allocator_cls.wake_up
+
+    def wake_up_with_graphs(self: Any, tags: list[str] | None = None) -> None:
+        wake_up(self, wake_tags(tags, allocator_cls.default_tag))
+
+    setattr(platform_cls, "get_global_graph_pool", get_global_graph_pool)  # noqa: B010 (a method)
+    setattr(allocator_cls, "wake_up", wake_up_with_graphs)  # noqa: B010
+
+
+def wake_tags(tags: list[str] | None, graphs_tag: str) -> list[str] | None:
+    """The tags a wake-up maps back: the graphs' memory comes back with the weights (first), as
+    no forward pass runs before the weights are back; None (everything) stays None."""
+    if tags is None or "weights" not in tags or graphs_tag in tags:
+        return tags
+    return [graphs_tag, *tags]
+
+
+def _sleep_mode() -> bool:
+    """Whether the server being built runs with vLLM's sleep mode (the only case in which its
+    allocator unmaps and maps memory); True when the config cannot be read (the patch then
+    behaves as with sleep mode, which is harmless: the memory is simply never unmapped)."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        cfg = get_current_vllm_config_or_none()
+    except Exception:
+        return True
+    model_config = getattr(cfg, "model_config", None)
+    return bool(getattr(model_config, "enable_sleep_mode", True)) if cfg is not None else True
+
+
+def graph_segments() -> set[int]:
+    """Addresses of the segments torch's allocator holds in the graphs' pool (empty when not
+    installed or not made yet)."""
+    pid = pool_id()
+    if pid is None:
+        return set()
+    import torch
+
+    out: set[int] = set()
+    with contextlib.suppress(Exception):
+        for seg in torch.cuda.memory_snapshot():
+            if tuple(seg.get("segment_pool_id", (0, 0))) == pid:
+                out.add(int(seg.get("address", -1)))
+    return out
