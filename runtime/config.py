@@ -282,9 +282,9 @@ LOADER_THREADS = _declare(
         lambda: 0,
         "an integer 0-64",
         "0",
-        "Reader threads of the weight loader in a restore (0: the loader's default, 10 or the "
-        "host's core count if fewer); more readers than the 14 staging buffers kept in a GPU "
-        "snapshot share those.",
+        "Reader threads of the weight loader in a restore (0: the loader's default, 14 or the "
+        "host's core count if fewer); a GPU snapshot keeps as many staging buffers as the "
+        "default's readers plus 4, and more readers share those.",
     )
 )
 CRIU_LOG_LEVEL = _declare(
