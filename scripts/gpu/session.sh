@@ -146,10 +146,12 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
         --model 3b --model-dir $MODEL3B --reps 2 --budget-s $(( $2 - 25 )) --conditions "${CONDITIONS:-warm}" \
         --variants "$3" --out $OUT/gpu-restore-$1 2>&1 | tee $OUT/gpu-restore-$1.log) || true
     }
+    # (KEEP_VARIANTS=none: no keep run, the release run gets the whole call)
     left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
-    if [ $ok = 1 ]; then bench release $(( left * 11 / 20 )) "${VARIANTS:-cli,agent,c,b}"; fi
+    share=$([ "${KEEP_VARIANTS:-}" = none ] && echo 20 || echo 11)
+    if [ $ok = 1 ]; then bench release $(( left * share / 20 - 10 )) "${VARIANTS:-cli,agent,c,b}"; fi
     left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
-    bench keep $(( left - 10 )) "${KEEP_VARIANTS:-cli,c}" ;;
+    [ "${KEEP_VARIANTS:-}" = none ] || bench keep $(( left - 10 )) "${KEEP_VARIANTS:-cli,c}" ;;
   issue22-tests)  # the units first (the kept pinned pool and the loader on the GPU: seconds), then the e2e
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
