@@ -1,4 +1,5 @@
-"""The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`).
+"""The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`;
+the default stays `keep` until a GPU run has shown it correct and faster: docs/limitations.md).
 
 Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool (0.53 GB of
 a 3b's 1.75 GB on an H100, 0.50 GB of it free blocks), and the driver's CUDA checkpoint copies
@@ -19,9 +20,8 @@ forward pass can replay a graph. Newer vLLM (0.32, `--sleep-mode-offload-cudagra
 same routing but copies the pool to host memory and back; a snapshot has no use for the copy.
 
 vLLM-specific: written against vLLM 0.24's `Platform.get_global_graph_pool` and
-`CuMemAllocator` (tested on the GPU machine with 0.24.0). Where either is missing or differs,
-`install` leaves vLLM as it is and says why (`state()`): the graphs' memory then stays in the
-image, as before.
+`CuMemAllocator`. Where either is missing or differs, `install` leaves vLLM as it is and says
+why (`state()`): the graphs' memory then stays in the image, as before.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     finish_stage
     nvidia-smi > $OUT/nvidia-smi.txt
     ok=1
-    (export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
+    (export FASTVLLM_GPU_GRAPH_MEMORY=release FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.5"
      cd /tmp && timeout ${TESTS_S:-180} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
       "$OLDPWD/tests/test_graph_memory.py" "$OLDPWD/tests/test_e2e.py" 2>&1 | tee $OUT/gpu-e2e.log) || ok=0
     m=$(ls -t /tmp/pytest-of-root/*/*/*/manifest.json /tmp/pytest-of-root/*/*/manifest.json 2>/dev/null | head -1 || true)
