@@ -21,6 +21,7 @@ from typing import Any
 from fastvllm.runtime import (
     affinity,
     atomic,
+    config,
     credentials,
     criu,
     cuda_checkpoint,
@@ -117,6 +118,7 @@ def _preflight(opts: SnapshotOptions) -> criu.Criu:
         )
     if opts.sleep_level not in (0, 1, 2):
         raise UsageError(f"--sleep-level {opts.sleep_level} is not 0, 1 or 2", hint="use 2 (the default)")
+    config.GPU_GRAPH_MEMORY.get()  # the server's worker reads it at launch: a bad value fails here
     if opts.model is not None:
         opts.model = tiny_model.resolve_model(opts.model)
         vllm_server.validate_model_dir(opts.model)

@@ -68,6 +68,19 @@ def test_port_in_use(tmp_path: Path, tiny_model: Path) -> None:
 
 
 @needs_criu
+def test_snapshot_bad_graph_memory_setting(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's worker reads it at launch; `snapshot` checks it before starting anything."""
+    monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "drop")
+    r = run_cli("snapshot", str(tiny_model), "--out", str(tmp_path / "s"), "--port", str(TEST_PORT))
+    assert r.returncode == 2
+    assert "FASTVLLM_GPU_GRAPH_MEMORY='drop' is not one of: keep, release" in r.stderr
+    assert not (tmp_path / "s").exists()
+    _no_leftovers(tmp_path)
+
+
+@needs_criu
 def test_restore_missing_directory(tmp_path: Path) -> None:
     r = run_cli("restore", str(tmp_path / "nothing"))
     assert r.returncode == 2

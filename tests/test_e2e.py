@@ -129,7 +129,7 @@ def _assert_staging_emptied(m: manifest.Manifest) -> None:
     for w in state.get("worker") or []:
         g = w.get("graph_memory") if isinstance(w, dict) else None
         if g and g.get("mode") == "release":
-            assert g.get("installed"), g
+            assert g.get("installed") and g.get("graph_bytes", 0) > 0, g
     pools = [w.get("pinned_pool") or {} for w in state.get("worker") or [] if isinstance(w, dict)]
     kept = sum(int(p["bytes"]) for p in pools if p.get("kept"))
     if kept:

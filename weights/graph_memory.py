@@ -19,14 +19,20 @@ wake-up of the weights map the default tag back first, at the same addresses, be
 forward pass can replay a graph. Newer vLLM (0.32, `--sleep-mode-offload-cudagraph`) does the
 same routing but copies the pool to host memory and back; a snapshot has no use for the copy.
 
+Where it does not apply, vLLM's own pool is kept and `state()` says why: tensor or pipeline
+parallel servers (custom all-reduce and NCCL register the graphs' buffers for IPC, which cuMem
+memory does not allow), `expandable_segments:True` (a MemPool refuses it), no sleep mode.
+
 vLLM-specific: written against vLLM 0.24's `Platform.get_global_graph_pool` and
 `CuMemAllocator`. Where either is missing or differs, `install` leaves vLLM as it is and says
-why (`state()`): the graphs' memory then stays in the image, as before.
+why: the graphs' memory then stays in the image, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import threading
 from typing import Any
 
@@ -40,8 +46,24 @@ _pluggable: Any = None  # its allocator, kept alive with it (as vLLM keeps its o
 
 def state() -> dict[str, Any]:
     """What `install` did: the mode, whether the graphs allocate from the sleep-mode allocator,
-    and, when not, why."""
-    return dict(_state)
+    and, when not, why; once the graphs are captured, the bytes they hold there (`graph_bytes`:
+    what sleep leaves out of the image)."""
+    out = dict(_state)
+    if _pool is not None:
+        out["graph_bytes"] = _graph_bytes()
+    return out
+
+
+def _graph_bytes() -> int:
+    """Bytes the sleep-mode allocator holds under its default tag: the graphs' segments."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        alloc = CuMemAllocator.get_instance()
+        tag = CuMemAllocator.default_tag
+        return sum(int(d.handle[1]) for d in alloc.pointer_to_data.values() if d.tag == tag)
+    except Exception:
+        return -1
 
 
 def pool_id() -> tuple[int, int] | None:
@@ -57,7 +79,11 @@ def install() -> dict[str, Any]:
     with _lock:
         if _state["installed"]:
             return state()
-        mode = config.GPU_GRAPH_MEMORY.get()
+        try:
+            mode = config.GPU_GRAPH_MEMORY.get()
+        except Exception as e:  # raising here would kill the worker; `snapshot` checks it first
+            _state.update(mode="keep", reason=str(e))
+            return state()
         _state["mode"] = mode.value
         if mode is config.GraphMemory.KEEP:
             _state["reason"] = "FASTVLLM_GPU_GRAPH_MEMORY=keep"
@@ -95,9 +121,9 @@ def _patch() -> None:
         # Made on first use (model construction), when the worker's device is set.
         global _pool, _pluggable
         cls = self.__class__
-        if cls._global_graph_pool is None and not _sleep_mode():
-            cls._global_graph_pool = self.graph_pool_handle()  # no sleep: vLLM's own pool
-            _state.update(installed=False, reason="the server runs without --enable-sleep-mode")
+        if cls._global_graph_pool is None and (why := _not_applicable()):
+            cls._global_graph_pool = self.graph_pool_handle()  # vLLM's own pool
+            _state.update(installed=False, reason=why)
         if cls._global_graph_pool is None:
             alloc = allocator_cls.get_instance()
             # the allocator's own callbacks: its C extension holds one pair for every pool
@@ -105,6 +131,10 @@ def _patch() -> None:
                 alloc.python_malloc_callback, alloc.python_free_callback
             )
             _pool = torch.cuda.memory.MemPool(_pluggable._allocator)
+            # Never freed: at interpreter exit torch would free the segments through the
+            # allocator (unmapped ones too) and assert that no graph still uses the pool.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pool))
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pluggable))
             cls._global_graph_pool = _pool.id
         return cls._global_graph_pool
 
@@ -123,6 +153,26 @@ def wake_tags(tags: list[str] | None, graphs_tag: str) -> list[str] | None:
     if tags is None or "weights" not in tags or graphs_tag in tags:
         return tags
     return [graphs_tag, *tags]
+
+
+def _not_applicable() -> str:
+    """Why the server being built keeps vLLM's own graph pool ("" when the routing applies)."""
+    if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+        return "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which a MemPool refuses"
+    if not _sleep_mode():
+        return "the server runs without --enable-sleep-mode"
+    try:
+        from vllm.distributed import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pp_group().world_size
+    except Exception as e:  # the groups are set up before the model: unknown means keep
+        return f"the parallel layout is unknown ({e!r:.100})"
+    if tp > 1 or pp > 1:
+        # custom all-reduce and NCCL register the graphs' buffers for IPC; cuMem memory is not
+        # registrable that way (vLLM 0.32 says so for its own routing)
+        return f"a parallel server (tensor {tp}, pipeline {pp}): its graphs' buffers are registered for IPC"
+    return ""
 
 
 def _sleep_mode() -> bool:
