@@ -273,6 +273,21 @@ def fastvllm_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "fastvllm.cli"]
 
 
+def split_user_wait(spawned: float, answered: float, doc: dict[str, Any]) -> dict[str, float]:
+    """Where a user's wait went, from the command's JSON: `command_start_s` from the spawn to
+    the restore's first phase (the interpreter, imports, or the agent's hand-over), then the
+    restore's own time to its first completion, then `after_gate_s` until the client's answer
+    (its own completion). Both clocks are the host's monotonic one; {} for a command too old
+    to say."""
+    origin, ttfc = doc.get("timeline_origin_s"), doc.get("time_to_first_completion_s")
+    if not isinstance(origin, (int, float)) or not isinstance(ttfc, (int, float)):
+        return {}
+    return {
+        "command_start_s": round(origin - spawned, 4),
+        "after_gate_s": round(answered - origin - ttfc, 4),
+    }
+
+
 def command_once(
     t: Target,
     cold: bool,
@@ -312,6 +327,7 @@ def command_once(
             "page_cache_dropped": dropped,
             "command_exited_s": round(exited, 4),
             "in_process_s": doc.get("time_to_first_completion_s"),
+            **split_user_wait(t0, a.at, doc),
             "answer_is_canary": same,
             **({"result": doc} if keep_result else {}),
             "refused_connections": a.refused_connections,

@@ -671,6 +671,12 @@ def summarise(doc: dict[str, Any]) -> None:
             }
         md["median_s"] = med
         md["median_phases_s"] = phases
+        # as a user waits: the command's start-up, the restore, the client's own answer
+        md["user_wait_split_s"] = {
+            k: {f: _median(v, f) for f in ("command_start_s", "ttfc_s", "after_gate_s")}
+            for k, v in md.get("runs", {}).items()
+            if k.startswith(("cli", "agent"))
+        }
         bd = md.get("breakdown", {})
         if b.get("disk_cold_read_gbps") and bd:
             # a cold restore must read at least the image and the weights once

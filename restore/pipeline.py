@@ -108,6 +108,10 @@ class RestoreResult:
             "listen": self.server.listen_url,  # the address it binds (0.0.0.0: every address)
             "log": str(self.server.log_path),
             "time_to_first_completion_s": round(self.time_to_first_completion_s, 4),
+            # the phases' origin on the host's monotonic clock (time.perf_counter: the same
+            # clock in every process of a host), so a caller that spawned the command can tell
+            # the command's start-up from the restore
+            "timeline_origin_s": round(self.timeline.origin, 6),
             "canary_ok": self.canary_ok,
             "criu_restore": self.criu_restore,
             "readahead": self.readahead,

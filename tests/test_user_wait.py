@@ -169,3 +169,9 @@ def test_columns_are_picked_by_name_group_or_page_cache_state() -> None:
     plan = benchmark.Plan(columns=benchmark.select_columns("agent"))
     assert benchmark.wanted(plan, "agent_cold") and not benchmark.wanted(plan, "command_cold")
     assert benchmark.wanted(benchmark.Plan(), "container_warm")
+
+
+def test_a_users_wait_splits_into_start_up_restore_and_the_clients_answer() -> None:
+    doc = {"timeline_origin_s": 100.25, "time_to_first_completion_s": 1.0}
+    assert benchmark.split_user_wait(100.0, 101.5, doc) == {"command_start_s": 0.25, "after_gate_s": 0.25}
+    assert benchmark.split_user_wait(100.0, 101.5, {"time_to_first_completion_s": 1.0}) == {}
