@@ -66,6 +66,11 @@ from fastvllm.runtime.errors import (
 from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
 
+# The loader's readers in a restored worker (FASTVLLM_LOADER_THREADS unset): 14, sharing the 14
+# staging buffers its snapshot kept, beat the fresh-process default of 10 in restored 3B servers
+# on the H100 (docs/decisions/pinned-pool.md).
+RELOAD_THREADS = min(14, os.cpu_count() or 4)
+
 
 @dataclass
 class RestoreOptions:
@@ -108,9 +113,9 @@ class RestoreResult:
             "listen": self.server.listen_url,  # the address it binds (0.0.0.0: every address)
             "log": str(self.server.log_path),
             "time_to_first_completion_s": round(self.time_to_first_completion_s, 4),
-            # the phases' origin on the host's monotonic clock (time.perf_counter: the same
-            # clock in every process of a host), so a caller that spawned the command can tell
-            # the command's start-up from the restore
+            # the phases' origin on the host's monotonic clock (time.perf_counter, which CPython
+            # reads from CLOCK_MONOTONIC on Linux: one clock for every process of a host), so a
+            # caller that spawned the command can tell the command's start-up from the restore
             "timeline_origin_s": round(self.timeline.origin, 6),
             "canary_ok": self.canary_ok,
             "criu_restore": self.criu_restore,
@@ -633,7 +638,7 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
             args = worker_rpc.ReloadArgs(
                 str(r.path / str(m.weights_file)),
                 verify=_loader_verifies(r),
-                threads=config.LOADER_THREADS.get(),
+                threads=config.LOADER_THREADS.get() or RELOAD_THREADS,
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:

@@ -124,18 +124,19 @@ def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-def _pin(raw: str) -> PinMode:
-    try:
-        return PinMode(raw.strip().lower())
-    except ValueError:
-        raise ValueError("is not one of: " + ", ".join(m.value for m in PinMode)) from None
+E = TypeVar("E", bound=enum.Enum)
 
 
-def _graph_memory(raw: str) -> GraphMemory:
-    try:
-        return GraphMemory(raw.strip().lower())
-    except ValueError:
-        raise ValueError("is not one of: " + ", ".join(m.value for m in GraphMemory)) from None
+def _one_of(kind: type[E]) -> Callable[[str], E]:
+    """A parser for an enum setting: its values, case and spaces ignored."""
+
+    def parse(raw: str) -> E:
+        try:
+            return kind(raw.strip().lower())
+        except ValueError:
+            raise ValueError("is not one of: " + ", ".join(str(m.value) for m in kind)) from None
+
+    return parse
 
 
 def _run_dir() -> Path:
@@ -242,7 +243,7 @@ CPU_ONEDNN = _declare(
 PIN = _declare(
     Var[PinMode](
         "FASTVLLM_PIN",
-        _pin,
+        _one_of(PinMode),
         lambda: PinMode.TORCH,
         "`torch` or `register`",
         "`torch`",
@@ -265,7 +266,7 @@ GPU_PREFAULT_THREADS = _declare(
 GPU_GRAPH_MEMORY = _declare(
     Var[GraphMemory](
         "FASTVLLM_GPU_GRAPH_MEMORY",
-        _graph_memory,
+        _one_of(GraphMemory),
         lambda: GraphMemory.KEEP,
         "`release` or `keep`",
         "`keep`",
@@ -283,9 +284,8 @@ LOADER_THREADS = _declare(
         lambda: 0,
         "an integer 0-64",
         "0",
-        "Reader threads of the weight loader in a restore (0: the loader's default, 14 or the "
-        "host's core count if fewer); a GPU snapshot keeps as many staging buffers as the "
-        "default's readers plus 4, and more readers share those.",
+        "Reader threads of the weight loader in a restore (0: 14, or the host's core count if "
+        "fewer); they share the 14 staging buffers a GPU snapshot keeps.",
     )
 )
 CRIU_LOG_LEVEL = _declare(

@@ -48,8 +48,8 @@ def restoring(snapshot: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            by = f"pid {holder}" if holder.isdigit() else "another fastvllm process"
+            holder = _holder(fd)
+            by = f"pid {holder}" if holder else "another fastvllm process"
             raise SnapshotBusyError(
                 f"snapshot {snapshot} is being restored by {by} on this host",
                 hint="wait for that restore to finish (a second copy of one snapshot on one host "
@@ -60,6 +60,17 @@ def restoring(snapshot: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _holder(fd: int, wait_s: float = 0.2) -> str:
+    """The PID the lock's holder wrote, waiting briefly: a holder that has just taken the lock
+    writes it a moment later ("" if it has not by then)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder.isdigit() or time.monotonic() >= deadline:
+            return holder if holder.isdigit() else ""
+        time.sleep(0.005)
 
 
 CRIU_WAIT_S = 300.0  # a CRIU dump or restore takes seconds; one that holds the lock longer is stuck

@@ -44,15 +44,18 @@ def test_without_cuda_vllm_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> 
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check: on a GPU, install() routes the pool (tests/test_e2e.py)")
-    monkeypatch.setattr(graph_memory, "_state", {"mode": "keep", "installed": False, "reason": ""})
+    monkeypatch.setattr(
+        graph_memory, "_state", {"mode": "keep", "patched": False, "installed": False, "reason": ""}
+    )
     monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "release")
     got = graph_memory.install()
-    assert got["mode"] == "release" and not got["installed"]
+    assert got["mode"] == "release" and not got["patched"] and not got["installed"]
     assert "no CUDA" in got["reason"]
-    assert graph_memory.pool_id() is None and graph_memory.graph_segments() == set()
+    assert graph_memory.pool_id() is None and "graph_bytes" not in got
     monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "keep")
     assert graph_memory.install() == {
         "mode": "keep",
+        "patched": False,
         "installed": False,
         "reason": "FASTVLLM_GPU_GRAPH_MEMORY=keep",
     }

@@ -390,3 +390,21 @@ def test_criu_restores_take_turns_on_a_host(tmp_path: Path, monkeypatch: pytest.
         order.append("second in")
     t.join(30)
     assert order == ["first in", "first out", "second in"]
+
+
+def test_a_busy_restore_names_a_holder_that_writes_its_pid_a_moment_late(tmp_path: Path) -> None:
+    """The holder takes the lock, then writes its PID: a second restore in between waits a moment
+    for it rather than saying "another fastvllm process"."""
+    import threading
+
+    from fastvllm.runtime import restore_lock
+
+    f = tmp_path / "lock"
+    f.write_bytes(b"")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert restore_lock._holder(fd, wait_s=0.05) == ""  # never written: no PID to name
+        threading.Timer(0.05, lambda: f.write_bytes(b"4321\n")).start()
+        assert restore_lock._holder(fd, wait_s=5.0) == "4321"
+    finally:
+        os.close(fd)

@@ -115,8 +115,7 @@ def gpu_memory_stats() -> dict[str, Any]:
             if pool == (0, 0):
                 key = "default"
             elif pool == graph_pool:
-                key = "graphs"  # unmapped while asleep (graph_memory), counted all the same
-                free_in_graphs += size - int(seg.get("allocated_size", 0))
+                key = "graphs_released"  # unmapped while asleep: not in the image (graph_memory)
             elif int(seg.get("address", -1)) in sleep_pool:
                 key = "sleep_mode"
             else:
@@ -127,6 +126,8 @@ def gpu_memory_stats() -> dict[str, Any]:
     out["reserved_graph_pools_bytes"] = pools.get("graphs", 0)  # private pools: CUDA graphs
     out["free_in_graph_pools_bytes"] = free_in_graphs
     out["sleep_mode_pool_bytes"] = pools.get("sleep_mode", 0)  # mapped only while awake
+    if graph_pool is not None:  # FASTVLLM_GPU_GRAPH_MEMORY=release: mapped only while awake
+        out["released_graph_pool_bytes"] = pools.get("graphs_released", 0)
     return out
 
 
@@ -231,8 +232,9 @@ class WorkerExtension:
         vLLM's sleep already empties the cache once, but a request or a collective_rpc after it
         can leave blocks behind. What stays: allocated blocks (vLLM's persistent input and
         sampler buffers, cuBLAS workspaces), the CUDA graphs' private pools (the captured
-        graphs replay on those addresses) and the context's own memory (modules, local memory),
-        which no allocator call can free."""
+        graphs replay on those addresses; with FASTVLLM_GPU_GRAPH_MEMORY=release sleep has
+        unmapped them: weights/graph_memory.py) and the context's own memory (modules, local
+        memory), which no allocator call can free."""
         import gc
 
         import torch

@@ -1,10 +1,10 @@
 """The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`;
 the default stays `keep` until a GPU run has shown it correct and faster: docs/limitations.md).
 
-Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool (0.53 GB of
-a 3b's 1.75 GB on an H100, 0.50 GB of it free blocks), and the driver's CUDA checkpoint copies
-all of it into the image; the restore copies it back at about 6 GB/s, the slowest step of a
-warm restore (docs/benchmarks/gpu-restore.md). Its contents are scratch: a graph's replay
+Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool, a third of
+what the driver's CUDA checkpoint copies into the image, and the restore copies it back from
+pageable memory, the slowest step of a warm restore (docs/benchmarks/gpu-restore.md, "Where the
+CUDA restore's time goes"). Its contents are scratch: a graph's replay
 writes each intermediate before it reads it, and everything a replay reads first (inputs,
 weights, the KV cache, attention metadata) lives outside the pool. So the pool need not be
 saved, only its addresses kept.
@@ -14,7 +14,7 @@ virtual addresses for the weights and the KV cache. Imported in the worker befor
 is built (weights/extension.py), `install` makes vLLM's global graph pool a torch `MemPool`
 backed by that allocator, so graph capture allocates through it. Its allocations carry the
 allocator's default tag (nothing else of vLLM's allocates outside a tagged context), which
-`sleep` unmaps with the KV cache (level 2 offloads only "weights"), and `install` makes every
+`sleep` unmaps without a copy (level 1 offloads only "weights", level 2 nothing), and `install` makes every
 wake-up of the weights map the default tag back first, at the same addresses, before any
 forward pass can replay a graph. Newer vLLM (0.32, `--sleep-mode-offload-cudagraph`) does the
 same routing but copies the pool to host memory and back; a snapshot has no use for the copy.
@@ -30,7 +30,6 @@ why: the graphs' memory then stays in the image, as before.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -39,15 +38,18 @@ from typing import Any
 from fastvllm.runtime import config
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"mode": "keep", "installed": False, "reason": "not installed"}
+# mode: the setting; patched: vLLM's graph pool getter and wake-up are fastvllm's; installed:
+# the graphs' pool was made through the sleep-mode allocator (False until the model is built,
+# and where it does not apply: reason)
+_state: dict[str, Any] = {"mode": "keep", "patched": False, "installed": False, "reason": "not installed"}
 _pool: Any = None  # the MemPool the graphs allocate from (kept alive: torch frees it otherwise)
 _pluggable: Any = None  # its allocator, kept alive with it (as vLLM keeps its own pools')
 
 
 def state() -> dict[str, Any]:
-    """What `install` did: the mode, whether the graphs allocate from the sleep-mode allocator,
-    and, when not, why; once the graphs are captured, the bytes they hold there (`graph_bytes`:
-    what sleep leaves out of the image)."""
+    """What `install` did (mode, patched, installed, reason: see `_state`); once the graphs'
+    pool is made, the bytes the graphs hold there (`graph_bytes`: what sleep leaves out of the
+    image)."""
     out = dict(_state)
     if _pool is not None:
         out["graph_bytes"] = _graph_bytes()
@@ -77,7 +79,7 @@ def install() -> dict[str, Any]:
     Idempotent; a no-op without CUDA, with `FASTVLLM_GPU_GRAPH_MEMORY=keep`, or with a vLLM
     whose internals differ. Never raises: the graphs' memory then stays in the image."""
     with _lock:
-        if _state["installed"]:
+        if _state["patched"]:
             return state()
         try:
             mode = config.GPU_GRAPH_MEMORY.get()
@@ -93,7 +95,7 @@ def install() -> dict[str, Any]:
         except Exception as e:  # a vLLM without these internals: leave it as it is
             _state["reason"] = f"vLLM's graph pool left as it is: {e!r:.200}"
             return state()
-        _state.update(installed=True, reason="")
+        _state.update(patched=True, reason="the graphs' pool is made with the model")
         return state()
 
 
@@ -136,6 +138,7 @@ def _patch() -> None:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pool))
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pluggable))
             cls._global_graph_pool = _pool.id
+            _state.update(installed=True, reason="")
         return cls._global_graph_pool
 
     wake_up = allocator_cls.wake_up
@@ -187,19 +190,3 @@ def _sleep_mode() -> bool:
         return True
     model_config = getattr(cfg, "model_config", None)
     return bool(getattr(model_config, "enable_sleep_mode", True)) if cfg is not None else True
-
-
-def graph_segments() -> set[int]:
-    """Addresses of the segments torch's allocator holds in the graphs' pool (empty when not
-    installed or not made yet)."""
-    pid = pool_id()
-    if pid is None:
-        return set()
-    import torch
-
-    out: set[int] = set()
-    with contextlib.suppress(Exception):
-        for seg in torch.cuda.memory_snapshot():
-            if tuple(seg.get("segment_pool_id", (0, 0))) == pid:
-                out.add(int(seg.get("address", -1)))
-    return out

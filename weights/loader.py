@@ -59,11 +59,11 @@ from fastvllm.runtime.modes import LoadMode
 from fastvllm.weights import fileformat
 
 # 8 MiB reads: smaller ones cost a request each, larger ones leave the copies idle longer.
-# At most 14 threads: on the 16-core GPU hosts 14 readers copy from the page cache faster than
-# 10 or 12, and 16 starve the thread that issues the host-to-device copies of a core. Threads
-# + 4 pinned buffers, not more: pinning costs about as much as copying the bytes it pins. The
-# sweeps behind these are in docs/decisions/pinned-pool.md and docs/benchmarks/gpu-restore.md.
-DEFAULT_THREADS = min(14, os.cpu_count() or 4)
+# At most 10 threads in a fresh process: more readers starve the thread that issues the
+# host-to-device copies of a core (a restore's reload asks for its own count: restore/pipeline.py).
+# Threads + 4 pinned buffers, not more: pinning costs about as much as copying the bytes it
+# pins. The sweeps behind these are in docs/decisions/pinned-pool.md.
+DEFAULT_THREADS = min(10, os.cpu_count() or 4)
 DEFAULT_CHUNK = 8 << 20
 EXTRA_BUFFERS = 4  # pinned buffers beyond one per reader thread
 # Pinned buffers allocated before the first read; the rest are allocated while reads run
