@@ -66,9 +66,9 @@ from fastvllm.runtime.errors import (
 from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
 
-# The loader's readers in a restored worker (FASTVLLM_LOADER_THREADS unset): 14, sharing the 14
-# staging buffers its snapshot kept, beat the fresh-process default of 10 in restored 3B servers
-# on the H100 (docs/decisions/pinned-pool.md).
+# The loader's readers in a restored GPU worker (FASTVLLM_LOADER_THREADS unset): 14, sharing the
+# 14 staging buffers its snapshot kept, beat the fresh-process default of 10 in restored 3B
+# servers on the H100 (docs/decisions/pinned-pool.md); a CPU restore keeps the loader's own.
 RELOAD_THREADS = min(14, os.cpu_count() or 4)
 
 
@@ -638,7 +638,7 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
             args = worker_rpc.ReloadArgs(
                 str(r.path / str(m.weights_file)),
                 verify=_loader_verifies(r),
-                threads=config.LOADER_THREADS.get() or RELOAD_THREADS,
+                threads=config.LOADER_THREADS.get() or (RELOAD_THREADS if m.cuda_pids else 0),
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:
