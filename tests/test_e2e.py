@@ -79,7 +79,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     # in from outside (runtime/prefault.py)
     for load in (res.get("gpu") or {}).get("load", []):
         assert load["pool"] in ("", "kept"), load  # "": a CPU load stages nothing
-    _assert_staging_emptied(manifest.load(shared_snapshot.path))
+    _assert_left_out_of_the_image(manifest.load(shared_snapshot.path))
     if (res.get("gpu") or {}).get("prefault") is not None:
         assert all(p["reads"] > 0 for p in res["gpu"]["prefault"].values()), res["gpu"]
     # the tree's own listening sockets sit below the ephemeral ports (runtime/native/bind_ports.c)
@@ -107,7 +107,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     assert again.canary_ok
     # the second generation's buffers are memfds (CRIU restored them so), the first's were
     # anonymous shared memory: both are emptied, and both restore as the loader's kept pool
-    _assert_staging_emptied(snap2.manifest)
+    _assert_left_out_of_the_image(snap2.manifest)
     for load in (again.gpu or {}).get("load", []):
         assert isinstance(load, dict) and load["pool"] in ("", "kept"), load
     assert "verify_checksums" in again.timeline.durations() and "readahead" not in again.timeline.durations()
@@ -120,7 +120,7 @@ def test_restore_is_token_identical_and_resnapshot_restores(
     assert not servers_on_port(TEST_PORT)
 
 
-def _assert_staging_emptied(m: manifest.Manifest) -> None:
+def _assert_left_out_of_the_image(m: manifest.Manifest) -> None:
     """On a GPU snapshot whose workers kept their staging buffers, every kept byte was punched
     out of the image (runtime/discard.py), and, with FASTVLLM_GPU_GRAPH_MEMORY=release and
     CUDA graphs on, every worker's graphs allocate from vLLM's sleep-mode allocator, so their

@@ -4,17 +4,17 @@ the default stays `keep` until a GPU run has shown it correct and faster: docs/l
 Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool, a third of
 what the driver's CUDA checkpoint copies into the image, and the restore copies it back from
 pageable memory, the slowest step of a warm restore (docs/benchmarks/gpu-restore.md, "Where the
-CUDA restore's time goes"). Its contents are scratch: a graph's replay
-writes each intermediate before it reads it, and everything a replay reads first (inputs,
-weights, the KV cache, attention metadata) lives outside the pool. So the pool need not be
-saved, only its addresses kept.
+CUDA restore's time goes"). Its contents are scratch: a graph's replay writes each intermediate
+before it reads it, and everything a replay reads first (inputs, weights, the KV cache,
+attention metadata) lives outside the pool. So the pool need not be saved, only its addresses
+kept.
 
 How: vLLM's sleep-mode allocator (`CuMemAllocator`) already maps and unmaps memory at fixed
-virtual addresses for the weights and the KV cache. Imported in the worker before the model
-is built (weights/extension.py), `install` makes vLLM's global graph pool a torch `MemPool`
-backed by that allocator, so graph capture allocates through it. Its allocations carry the
-allocator's default tag (nothing else of vLLM's allocates outside a tagged context), which
-`sleep` unmaps without a copy (level 1 offloads only "weights", level 2 nothing), and `install` makes every
+virtual addresses for the weights and the KV cache. Imported in the worker before the model is
+built (weights/extension.py), `install` makes vLLM's global graph pool a torch `MemPool` backed
+by that allocator, so graph capture allocates through it. Its allocations carry the allocator's
+default tag (nothing else of vLLM's allocates outside a tagged context), which `sleep` unmaps
+without a copy (level 1 offloads only "weights", level 2 nothing), and `install` makes every
 wake-up of the weights map the default tag back first, at the same addresses, before any
 forward pass can replay a graph. Newer vLLM (0.32, `--sleep-mode-offload-cudagraph`) does the
 same routing but copies the pool to host memory and back; a snapshot has no use for the copy.
