@@ -81,12 +81,13 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     timeout $left python3 scripts/gpu/probe_cuda_restore.py --model $MODEL3B --out $OUT/probe \
       --vllm-variants "${VARIANTS:-default,eager}" 2>&1 | tee $OUT/probe.log ;;
   faults)  # the failure-injection tests on the GPU (snapshot and restore faults, real vLLM and CRIU)
+    # (FAULTS_ARGS: more pytest arguments, e.g. -k to run the cases a cut-off call did not reach)
     # 0.2: a server left by one case (a snapshot killed mid-way) must not starve the next one's
     export FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN --max-model-len 512 --gpu-memory-utilization 0.2"
     for _ in $(seq 240); do [ -f /root/site.ok ] && break; sleep 1; done
     finish_stage
     (cd /tmp && timeout ${CALL_S:-570} python3 -m pytest -v -p no:cacheprovider --import-mode=importlib \
-      "$OLDPWD/tests/test_faults.py" 2>&1 | tee $OUT/gpu-faults.log) ;;
+      "$OLDPWD/tests/test_faults.py" ${FAULTS_ARGS:-} 2>&1 | tee $OUT/gpu-faults.log) ;;
   issue22)  # 3b and 8b: cold start, (b), (c) warm and cold, in-process and as a user waits (bench_gpu_restore.py)
     t0=$(date +%s)
     for _ in $(seq 240); do
