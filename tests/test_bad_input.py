@@ -75,7 +75,7 @@ def test_snapshot_bad_graph_memory_setting(
     monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "drop")
     r = run_cli("snapshot", str(tiny_model), "--out", str(tmp_path / "s"), "--port", str(TEST_PORT))
     assert r.returncode == 2
-    assert "FASTVLLM_GPU_GRAPH_MEMORY='drop' is not one of: keep, release" in r.stderr
+    assert "FASTVLLM_GPU_GRAPH_MEMORY='drop' is not one of: release, keep" in r.stderr
     assert not (tmp_path / "s").exists()
     _no_leftovers(tmp_path)
 

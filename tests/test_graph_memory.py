@@ -14,13 +14,13 @@ from fastvllm.runtime.errors import UsageError
 from fastvllm.weights import graph_memory
 
 
-def test_the_setting_keeps_the_graphs_memory_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_setting_releases_the_graphs_memory_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FASTVLLM_GPU_GRAPH_MEMORY", raising=False)
-    assert config.GPU_GRAPH_MEMORY.get() is config.GraphMemory.KEEP  # until measured on a GPU
-    monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", " RELEASE ")
     assert config.GPU_GRAPH_MEMORY.get() is config.GraphMemory.RELEASE
+    monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", " KEEP ")
+    assert config.GPU_GRAPH_MEMORY.get() is config.GraphMemory.KEEP
     monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "drop")
-    with pytest.raises(UsageError, match=r"FASTVLLM_GPU_GRAPH_MEMORY.*keep, release"):
+    with pytest.raises(UsageError, match=r"FASTVLLM_GPU_GRAPH_MEMORY.*release, keep"):
         config.GPU_GRAPH_MEMORY.get()
 
 
@@ -45,7 +45,7 @@ def test_without_cuda_vllm_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> 
     if torch.cuda.is_available():
         pytest.skip("a CPU-only check: on a GPU, install() routes the pool (tests/test_e2e.py)")
     monkeypatch.setattr(
-        graph_memory, "_state", {"mode": "keep", "patched": False, "installed": False, "reason": ""}
+        graph_memory, "_state", {"mode": "", "patched": False, "installed": False, "reason": ""}
     )
     monkeypatch.setenv("FASTVLLM_GPU_GRAPH_MEMORY", "release")
     got = graph_memory.install()

@@ -1,5 +1,5 @@
-"""The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`;
-the default stays `keep` until a GPU run has shown it correct and faster: docs/limitations.md).
+"""The CUDA graphs' memory out of a sleeping GPU snapshot (`FASTVLLM_GPU_GRAPH_MEMORY=release`,
+the default; `keep` leaves vLLM's own pool, and the graphs' memory in the image).
 
 Why: after `sleep(level=2)` a vLLM worker still holds its CUDA graphs' private pool, a third of
 what the driver's CUDA checkpoint copies into the image, and the restore copies it back from
@@ -41,7 +41,7 @@ _lock = threading.Lock()
 # mode: the setting; patched: vLLM's graph pool getter and wake-up are fastvllm's; installed:
 # the graphs' pool was made through the sleep-mode allocator (False until the model is built,
 # and where it does not apply: reason)
-_state: dict[str, Any] = {"mode": "keep", "patched": False, "installed": False, "reason": "not installed"}
+_state: dict[str, Any] = {"mode": "", "patched": False, "installed": False, "reason": "not installed"}
 _pool: Any = None  # the MemPool the graphs allocate from (kept alive: torch frees it otherwise)
 _pluggable: Any = None  # its allocator, kept alive with it (as vLLM keeps its own pools')
 
