@@ -12,8 +12,9 @@
 #   call 2, carry .gpu/p2:  cp .gpu/p2/* /root/parts/ && bash scripts/gpu/session.sh staged
 #   call 3, carry .gpu/p3:  cp .gpu/p3/* /root/parts/ && bash scripts/gpu/session.sh issue22
 #   call 4:  bash scripts/gpu/session.sh issue22-tests
-# (session 22: call 3 `bash scripts/gpu/session.sh issue22-graphs` instead: the GPU tests with
-#  FASTVLLM_GPU_GRAPH_MEMORY=release, then the 3b with release and with keep, one host)
+# (session 23: stage with MAKE_8B=0, call 3 `bash scripts/gpu/session.sh issue22-graphs` instead:
+#  the GPU tests with FASTVLLM_GPU_GRAPH_MEMORY=release, then the 3b with release and with keep,
+#  one host; then `FASTVLLM_GPU_GRAPH_MEMORY=release bash scripts/gpu/session.sh faults`)
 # (session 20: call 3 with SNAPSHOTS=/var/tmp/fv-snaps keeps the snapshots; then
 #  `SNAPSHOTS=/var/tmp/fv-snaps bash scripts/gpu/session.sh issue22-ab` reuses the 3b's, then faults)
 # (.gpu/p2 also holds the packed CRIU: `tar -cJf .gpu/p2/criu-dev.tar.xz .criu-dev` after pack_criu.sh.)
