@@ -64,7 +64,7 @@ VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,n
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
-    **{f"c-r{n}": {"FASTVLLM_LOADER_THREADS": str(n)} for n in (12, 14, 16)},
+    **{f"c-r{n}": {"FASTVLLM_LOADER_THREADS": str(n)} for n in (10, 12, 14, 16)},
 }
 PROMPT = "A separate client asks the restored server:"
 # (threads, chunk MiB) reloaded in a restored server by the `sweep` step, with the staging
