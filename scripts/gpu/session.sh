@@ -154,8 +154,8 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
     # (KEEP_VARIANTS=none: no keep run, the release run gets the whole call)
     left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
     share=$([ "${KEEP_VARIANTS:-}" = none ] && echo 20 || echo 11)
-    # (prime: the bounds step drops the page cache, dentries and inodes too; without it the first
-    # timed restore reads them back, 0.4 s more in session 23's run)
+    # (prime: the bounds step drops the page cache, dentries and inodes too, which the first timed
+    # restore would otherwise read back: docs/benchmarks/gpu-restore.md, seventh step)
     if [ $ok = 1 ]; then bench release $(( left * share / 20 - 10 )) "${VARIANTS:-prime,cli,agent,c,b}"; fi
     left=$(( ${CALL_S:-580} - ($(date +%s) - t0) ))
     [ "${KEEP_VARIANTS:-}" = none ] || bench keep $(( left - 10 )) "${KEEP_VARIANTS:-prime,cli,c}" ;;
