@@ -138,6 +138,24 @@ def restored_cleanup() -> Iterator[list[int]]:
         proctree.wait_gone(tree, 30, reaped=True)
 
 
+@pytest.fixture
+def willneed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """The WILLNEED hints this test's code gives, as (path, offset, length), each passed on to
+    the real posix_fadvise. Tests check the hints, not what the kernel then reads: WILLNEED is
+    advice the kernel may drop (its page allocations give up under memory pressure; a full
+    suite on CI, with gigabytes of snapshot images written, once left a file unread for 60 s)."""
+    seen: list[tuple[str, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            seen.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    return seen
+
+
 def page_image_vm_flags(pids: list[int]) -> list[set[str]]:
     """The VmFlags of every mapping of a CRIU page image among `pids` (/proc/PID/smaps): a tree
     restored in mmap mode maps its page images, and CRIU's advice shows there ("rr": random)."""

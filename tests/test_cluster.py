@@ -263,19 +263,20 @@ def _seen(rc: RayCluster) -> dict[str, Any]:
 
 def test_placement_picks_the_resident_snapshot_and_restores_there(rc: RayCluster, snaps: Snaps) -> None:
     # A in the page cache, B dropped from it: node0 restores first
-    pwarm.warm(_files(snaps.a))
+    # The resident one is held in the page cache (mlock) while placement measures it: a busy
+    # host's reclaim could otherwise take some of its pages, and the choice with them.
     pwarm.evict(_files(snaps.b))
-    d = rc.ctl.call("place", snaps.model)
+    with pwarm.lock(_files(snaps.a)):
+        d = rc.ctl.call("place", snaps.model)
     assert d["best"]["host"] == "node0", (d, _seen(rc))
     assert {o["host"] for o in d["options"]} == {"node0", "node1"}  # node2 holds no snapshot
     # the other way round: node1
     pwarm.evict(_files(snaps.a))
-    pwarm.warm(_files(snaps.b))
-    d = rc.ctl.call("place", snaps.model)
-    assert d["best"]["host"] == "node1", (d, _seen(rc))
-    print("\nplacement options:", [(o["host"], round(o["seconds"], 3)) for o in d["options"]])
-
-    inst = rc.ctl.call("start", snaps.model)  # restores on node1, through its agent actor
+    with pwarm.lock(_files(snaps.b)):
+        d = rc.ctl.call("place", snaps.model)
+        assert d["best"]["host"] == "node1", (d, _seen(rc))
+        print("\nplacement options:", [(o["host"], round(o["seconds"], 3)) for o in d["options"]])
+        inst = rc.ctl.call("start", snaps.model)  # restores on node1, through its agent actor
     rc.pids.append(inst["pid"])
     assert inst["host"] == "node1" and inst["url"].endswith(f":{PORT_B}")
     m = manifest.load(snaps.b)
@@ -416,11 +417,18 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
                     (r.status_code, r.json()["choices"][0]["token_ids"] if r.is_success else r.text)
                 )
 
+    # node1's server, found before its stream starts: the kill comes right after the stream's
+    # first token, with no walk of /proc between
+    victim = insts["node1"]["pid"]
+    tree = proctree.session_pids(victim)
+    leftovers = shm.files_of(tree)
     t = threading.Thread(target=client)
     t.start()
     streams = ThreadPoolExecutor(2)
     try:
+        deadline = time.monotonic() + 120
         while len(results) < 4:
+            assert t.is_alive() and time.monotonic() < deadline, "the client got no answers"
             time.sleep(0.02)
         # two streams, one on each instance (fewest streams first): node1's must go on from node0
         futs = [streams.submit(_stream, router.url, long) for _ in range(2)]
@@ -429,9 +437,6 @@ def test_removing_a_node_leaves_requests_served_by_the_others(
         _running(router.url, 1, at_least=1, backend=insts["node1"]["url"])
         # node1 dies: the server it ran (killed first, while its stream runs), its raylet and
         # its agent (remove_node)
-        victim = insts["node1"]["pid"]
-        tree = proctree.session_pids(victim)
-        leftovers = shm.files_of(tree)
         for pid in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -4,13 +4,16 @@ restored server and restore that."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from fastvllm.runtime import bind_ports, cpu_share, criu, manifest, proctree
+from fastvllm.runtime.errors import FastVLLMError
 
 import fastvllm
 
@@ -189,6 +192,20 @@ def test_damaged_page_image_fails_the_restore(shared_snapshot: SharedSnapshot, t
     assert not any(proctree.alive(p) for p in m.server.tree_pids)
 
 
+@contextlib.contextmanager
+def _held(files: list[Path]) -> Iterator[None]:
+    """`files` read in and locked in RAM (mlock) for the block, so that a restore inside it
+    finds them cached, as on a host that is not busy; a skip where they cannot be locked."""
+    from fastvllm.prefetch import warm
+
+    try:
+        locked = warm.lock(files)
+    except FastVLLMError as e:
+        pytest.skip(f"the snapshot's files could not be held in the page cache: {e}")
+    with locked:
+        yield
+
+
 def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
     shared_snapshot: SharedSnapshot, restored_cleanup: list[int]
 ) -> None:
@@ -210,7 +227,10 @@ def test_a_restore_trusts_what_this_host_checked_and_reads_the_hot_set(
     got = []
     for reverify in (False, False, True):
         if exact and not got:
-            r = fastvllm.restore(path)  # warm: the snapshot was just written, or restored
+            # warm: the page images held in the page cache for this restore (a long suite's
+            # reclaim may have taken some since the snapshot was written)
+            with _held(images):
+                r = fastvllm.restore(path)
             restored_cleanup.append(r.server.pid)
             fastvllm.stop(r.server.pid)
             assert r.criu_restore != "mmap" or not hotset.path_of(path).exists()
@@ -239,7 +259,7 @@ def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
     """With every page image and weight file in the page cache and checked before on this host,
     a restore reads none of them again and starts no hot-set reader (reading cached pages only
     competes with CRIU and the CUDA restore), and still answers token for token."""
-    from fastvllm.prefetch import residency, warm
+    from fastvllm.prefetch import residency
     from fastvllm.restore import pipeline
 
     path = shared_snapshot.path
@@ -248,10 +268,9 @@ def test_a_warm_restore_reads_nothing_ahead_that_is_cached_and_trusted(
     restored_cleanup.append(r.server.pid)
     fastvllm.stop(r.server.pid)
     big = sorted(path / rel for rel in pipeline._big_files(m))
-    warm.warm(big, method="read")
-    if not pipeline._big_files_cached(residency.Sampled(path), m):
-        pytest.skip("the page cache did not keep the snapshot's files (memory pressure)")
-    r = fastvllm.restore(path)
+    with _held(big):  # in the page cache for the whole restore, whatever else the host reads
+        assert pipeline._big_files_cached(residency.Sampled(path), m)
+        r = fastvllm.restore(path)
     restored_cleanup.append(r.server.pid)
     try:
         assert r.canary_ok and r.readahead is not None

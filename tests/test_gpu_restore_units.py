@@ -176,10 +176,13 @@ def test_the_hot_reader_reads_the_host_copy_between_criu_and_the_tree(
 
 
 class _FakeDriver:
-    """cuCheckpointProcessRestore/Unlock that take a while, and may fail for one PID."""
+    """cuCheckpointProcessRestore/Unlock that take a while, and may fail for one PID. With
+    `meet` > 1, each restore waits inside the driver until `meet` of them are there: side by
+    side is then proven by their meeting, not by two sleeps that overlap on a busy host."""
 
-    def __init__(self, fail: int | None = None) -> None:
+    def __init__(self, fail: int | None = None, meet: int = 0) -> None:
         self.fail = fail
+        self._meet = threading.Barrier(meet, timeout=60) if meet > 1 else None
         self.calls: list[tuple[str, int]] = []
         self.inside = 0
         self.most_inside = 0
@@ -190,7 +193,11 @@ class _FakeDriver:
             self.calls.append((what, pid))
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
-        time.sleep(0.2)
+        if self._meet is not None and what == "restore":
+            self._meet.wait()
+            time.sleep(0.01)  # each call takes a measurable while (its timing is rounded)
+        else:
+            time.sleep(0.2)
         with self._lock:
             self.inside -= 1
         return (1 if pid == self.fail and what == "restore" else 0,)
@@ -206,7 +213,7 @@ class _FakeDriver:
 
 
 def test_resume_restores_the_processes_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
-    drv = _FakeDriver()
+    drv = _FakeDriver(meet=2)
     monkeypatch.setattr(cuda_checkpoint, "_driver", lambda: drv)
     monkeypatch.setattr(cuda_checkpoint, "state", lambda _pid: "checkpointed")
     times = cuda_checkpoint.resume([11, 22])

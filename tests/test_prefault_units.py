@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fastvllm.prefetch import warm
 from fastvllm.runtime import prefault
 
 _CHILD = r"""
@@ -37,7 +38,10 @@ def _resident_pages(pid: int, lo: int, hi: int) -> int:
 @pytest.fixture
 def mapped_child(tmp_path: Path):
     data = tmp_path / "pages.img"
-    data.write_bytes(bytes(range(256)) * (64 << 12))  # 16 MiB, in the page cache once written
+    data.write_bytes(bytes(range(256)) * (64 << 12))  # 16 MiB
+    # Held in the page cache (locked by this process, so not mapped in the child): fault-around
+    # maps only pages that are cached, and a busy host's reclaim could take some.
+    held = warm.lock([data])
     p = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -48,6 +52,7 @@ def mapped_child(tmp_path: Path):
     finally:
         p.kill()
         p.wait()
+        held.close()
 
 
 def test_populate_maps_every_page_of_the_range(mapped_child) -> None:

@@ -84,10 +84,11 @@ def test_what_no_mapping_covers_is_what_criu_copied() -> None:
     assert hotset._complement([(0, 4 * PAGE)], 3 * PAGE) == []
 
 
-def test_a_hot_set_skips_files_that_changed(tmp_path: Path) -> None:
+def test_a_hot_set_skips_files_that_changed(tmp_path: Path, willneed: list[tuple[str, int, int]]) -> None:
     """A page image of another size is dropped when the set is loaded (the manifest says its
     size); a library that changed or went since is skipped when the set is read, its ranges
-    left unread, while an unchanged one is read."""
+    left unread, while an unchanged one is read (asked for: conftest's `willneed` says why
+    the hints are checked, not the pages that arrive)."""
     snap, files = _snapshot(tmp_path)
     libs = [tmp_path / "libfoo.so", tmp_path / "libbar.so"]
     for lib in libs:
@@ -109,7 +110,9 @@ def test_a_hot_set_skips_files_that_changed(tmp_path: Path) -> None:
     for p in [snap / "criu" / "pages-1.img", *libs]:
         _drop(p)
     assert hotset.read(snap, got, order=lambda f: (0, f.path)) == 3 * PAGE + 8 * PAGE
-    assert residency.resident_pages(libs[0])[0] >= 8
+    image = str(snap / "criu" / "pages-1.img")
+    asked = [(image, 0, PAGE), (image, 8 * PAGE, 2 * PAGE), (str(libs[0]), PAGE, 8 * PAGE)]
+    assert sorted(willneed) == sorted(asked)
     assert residency.resident_pages(libs[1])[0] <= 1  # its first page at most: looked up, not read
     got = hotset.load(snap, sizes | {"criu/pages-1.img": 1})  # not the image it was learned on
     assert got is not None and "criu/pages-1.img" not in [f.path for f in got.files]
@@ -117,16 +120,17 @@ def test_a_hot_set_skips_files_that_changed(tmp_path: Path) -> None:
     assert hotset.load(snap, sizes) is None
 
 
-def test_advising_files_brings_them_in_without_waiting(tmp_path: Path) -> None:
-    """The small images are queued whole before the hot set (a missing one is skipped)."""
+def test_advising_files_asks_for_them_whole_without_waiting(
+    tmp_path: Path, willneed: list[tuple[str, int, int]]
+) -> None:
+    """The small images are queued whole, in chunks the kernel does not cut, before the hot
+    set; a missing one is skipped. The hints are checked (conftest's `willneed` says why)."""
     f = tmp_path / "criu-like"
     f.write_bytes(os.urandom(600 * PAGE))
-    _drop(f)
     hotset.advise([str(tmp_path / "missing"), str(f)])
-    deadline = time.monotonic() + 10
-    while residency.resident_pages(f)[0] < 600 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert residency.resident_pages(f)[0] == 600
+    size = 600 * PAGE
+    chunks = [(at, min(hotset.WILLNEED_CHUNK, size - at)) for at in range(0, size, hotset.WILLNEED_CHUNK)]
+    assert sorted(willneed) == [(str(f), at, n) for at, n in chunks]
 
 
 def test_learning_finds_the_pages_a_process_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,15 +237,17 @@ def test_learning_stages_pages_by_the_step_that_first_needed_them(tmp_path: Path
     assert hotset.STAGE_CRIU < hotset.STAGE_LIBRARY < hotset.STAGE_TREE < hotset.tree_stage(1, library=True)
 
 
-def test_reading_a_hot_set_brings_its_ranges_in(tmp_path: Path) -> None:
+def test_reading_a_hot_set_asks_for_its_ranges(tmp_path: Path, willneed: list[tuple[str, int, int]]) -> None:
+    """The hot range is asked for, and only it (conftest's `willneed` says why the hints are
+    checked, not the pages that arrive)."""
     snap, _ = _snapshot(tmp_path)
     target = snap / "criu" / "pages-1.img"
     _drop(target)
     before, total = residency.resident_pages(target)
     hot = hotset.HotSet([hotset.HotFile("criu/pages-1.img", 512 * PAGE, 0, [(8 * PAGE, 4 * PAGE)])])
     assert hotset.read(snap, hot, order=lambda f: (0, f.path)) == 4 * PAGE
-    after, _ = residency.resident_pages(target)
-    assert total == 512 and before < 4 <= after
+    assert willneed == [(str(target), 8 * PAGE, 4 * PAGE)]
+    assert total == 512 and before < 4
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs to bind a thread to one")

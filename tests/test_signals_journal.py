@@ -40,6 +40,7 @@ def _wait_for(cond, what: str, timeout: float = 30.0) -> None:  # type: ignore[n
 def _py(code: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [PY, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,7 +70,7 @@ def test_a_signal_unwinds_like_ctrl_c_and_a_second_one_does_not_cut_the_cleanup(
             time.sleep(60)
         except KeyboardInterrupt as e:
             print("cleanup", flush=True)
-            time.sleep(1.0)  # a second signal lands here
+            sys.stdin.readline()  # a second signal lands here: the test's line comes after it
             print("cleanup done", type(e).__name__, flush=True)
             sys.exit(e.exit_code)
         """
@@ -78,7 +79,7 @@ def test_a_signal_unwinds_like_ctrl_c_and_a_second_one_does_not_cut_the_cleanup(
     p.send_signal(sig)
     assert _ready(p) == "cleanup"
     p.send_signal(sig)
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate("go\n", timeout=30)
     assert "cleanup done Terminated" in out, err
     assert p.returncode == 128 + sig
 
@@ -108,7 +109,7 @@ def test_a_signal_during_a_shielded_cleanup_is_raised_after_it() -> None:
         try:
             with signals.shielded():
                 print("ready", flush=True)
-                time.sleep(1.0)
+                sys.stdin.readline()  # the test's line comes after its signal
                 print("shield done", flush=True)
         except signals.Terminated as e:
             sys.exit(e.exit_code)
@@ -116,7 +117,7 @@ def test_a_signal_during_a_shielded_cleanup_is_raised_after_it() -> None:
     )
     assert _ready(p) == "ready"
     p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=30)
+    out, _ = p.communicate("go\n", timeout=30)
     assert "shield done" in out
     assert p.returncode == 143
 
@@ -133,7 +134,7 @@ def test_without_install_a_ctrl_c_during_a_shielded_block_is_raised_after_it() -
             with signals.shielded():
                 with signals.shielded():  # nested: only the outermost holds the signal
                     print("ready", flush=True)
-                    time.sleep(1.0)
+                    sys.stdin.readline()  # the test's line comes after its signal
                 print("shield done", flush=True)
         except KeyboardInterrupt:
             print("interrupted after", flush=True)
@@ -146,7 +147,7 @@ def test_without_install_a_ctrl_c_during_a_shielded_block_is_raised_after_it() -
     )
     assert _ready(p) == "ready"
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate("go\n", timeout=30)
     assert out.split() == ["shield", "done", "interrupted", "after"], (out, err)
     assert p.returncode == 3, err
 
@@ -155,8 +156,9 @@ def test_ctrl_c_at_the_terminal_waits_for_criu_and_does_not_reach_it(tmp_path: P
     """CRIU runs in a process group of its own: a terminal's Ctrl-C (SIGINT to the foreground
     group) reaches fastvllm only, which lets CRIU finish, then raises."""
     fake = tmp_path / "criu"
-    started, marker = tmp_path / "started", tmp_path / "finished"
-    fake.write_text(f"#!/bin/sh\ntouch {started}\nsleep 1.5\ntouch {marker}\n")
+    started, go, marker = tmp_path / "started", tmp_path / "go", tmp_path / "finished"
+    # It finishes only once the test has sent its Ctrl-C ("go"), however late that comes.
+    fake.write_text(f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.05; done\ntouch {marker}\n")
     fake.chmod(0o755)
     p = _py(
         f"""
@@ -176,6 +178,7 @@ def test_ctrl_c_at_the_terminal_waits_for_criu_and_does_not_reach_it(tmp_path: P
     assert _ready(p) == "ready"
     _wait_for(started.exists, "the fake CRIU to start")
     os.killpg(p.pid, signal.SIGINT)
+    go.touch()
     out, err = p.communicate(timeout=30)
     assert out.split()[-1] == "finished", err
     assert p.returncode == 130
