@@ -3,6 +3,7 @@ vLLM takes 30-50 s to start on a 2-core machine, everything else is seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -95,20 +96,30 @@ class SharedSnapshot:
 def shared_snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SharedSnapshot]:
     """One real vLLM launch, snapshotted with --leave-running so the original server can answer
     the prompts the restored ones must reproduce; then the original is stopped."""
+    with snapshot_for_tests(tmp_path_factory.mktemp("snapshots"), tiny_model, TEST_PORT) as snap:
+        yield snap
+
+
+@contextlib.contextmanager
+def snapshot_for_tests(
+    root: Path, tiny_model: Path, port: int, vllm_args: list[str] | None = None
+) -> Iterator[SharedSnapshot]:
+    """A snapshot of the tiny model under `root` (its server on `port`), with the original
+    server's greedy answers to PROMPTS, one at a time; removed, and any server left on `port`
+    stopped, when the block ends. A skip where CRIU or vLLM cannot run here."""
     reason = _criu_unusable() or _vllm_missing()
     if reason:
         pytest.skip(reason)
     import fastvllm
 
-    root = tmp_path_factory.mktemp("snapshots")
     # e.g. FASTVLLM_TEST_VLLM_ARGS="--attention-backend FLASH_ATTN" on the GPU machine (DESIGN.md)
-    extra = shlex.split(os.environ.get("FASTVLLM_TEST_VLLM_ARGS", ""))
+    extra = shlex.split(os.environ.get("FASTVLLM_TEST_VLLM_ARGS", "")) + (vllm_args or [])
     try:
         snap = fastvllm.snapshot(
-            str(tiny_model), out=root / "tiny", port=TEST_PORT, leave_running=True, vllm_args=extra
+            str(tiny_model), out=root / "tiny", port=port, leave_running=True, vllm_args=extra
         )
     except FastVLLMError as e:  # the server's or CRIU's log tail, not only the one line
-        pytest.fail(f"the shared snapshot failed: {e.message}\n{e.detail or ''}")
+        pytest.fail(f"the snapshot for the tests failed: {e.message}\n{e.detail or ''}")
     assert snap.server is not None
     try:
         name = snap.manifest.server.served_model_name
@@ -120,7 +131,7 @@ def shared_snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     try:
         yield SharedSnapshot(snap.path, tiny_model, name, before, root)
     finally:
-        for pid in servers_on_port(TEST_PORT):
+        for pid in servers_on_port(port):
             proctree.stop_session(os.getsid(pid))
         shutil.rmtree(root, ignore_errors=True)
 
