@@ -108,6 +108,10 @@ class Reloaded(_Reply):
     rank: int = 0
     pool: str | None = None  # "kept" (pinned before the snapshot) or "fresh: why"
     pin_s: float | None = None
+    # where the load waited: the copies for reads (reads behind), the readers for a free
+    # pinned buffer (copies behind); GPU targets only
+    wait_reads_s: float | None = None
+    wait_buffers_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -432,6 +432,30 @@ def test_the_bench_budget_drops_what_does_not_fit() -> None:
     assert ("3b", "cli/warm") in short
 
 
+def test_the_bench_reports_where_the_load_waited() -> None:
+    """The loader's waits, the longest of the ranks': its copies for reads, its readers for a
+    buffer (why the load misses the pinned bound); a loader that does not report them, none."""
+    b = _bench()
+    loads = [
+        {"bytes": 4 << 30, "gbps": 30.0, "pool": "kept", "wait_reads_s": 0.05, "wait_buffers_s": 0.01},
+        {"bytes": 4 << 30, "gbps": 32.0, "pool": "kept", "wait_reads_s": 0.02, "wait_buffers_s": 0.03},
+    ]
+    got = b._load_figures({"load": loads}, 0.3, 50.0)
+    assert got["load_gbps"] == 30.0 and got["load_pct_of_pinned_bound"] == 60.0
+    assert got["load_wait_reads_s"] == 0.05 and got["load_wait_buffers_s"] == 0.03
+    old = b._load_figures({"load": [{"bytes": 1, "gbps": 30.0}]}, None, None)
+    assert "load_wait_reads_s" not in old and "load_wait_buffers_s" not in old
+
+
+def test_a_load_reports_its_waits_with_its_clock() -> None:
+    from fastvllm.weights import loader
+
+    st = loader._Streamed(100, 0.5, "kept", 0.2, 0.1).stats(2.0, 7, False, "cuda")
+    assert (st.bytes, st.seconds, st.tensors, st.pin_s, st.pool) == (100, 2.0, 7, 0.5, "kept")
+    assert (st.wait_reads_s, st.wait_buffers_s) == (0.2, 0.1)
+    assert loader._Streamed(5).stats(1.0, 1, False, "cpu").wait_reads_s == 0.0
+
+
 def test_the_bench_summary_and_chart(tmp_path: Path) -> None:
     b = _bench()
     md: dict[str, Any] = {

@@ -272,6 +272,8 @@ class WorkerExtension:
             rank=place["rank"],
             pool=stats.pool,  # "kept" (pinned before the snapshot) or "fresh: why"
             pin_s=round(stats.pin_s, 4),
+            wait_reads_s=round(stats.wait_reads_s, 4),
+            wait_buffers_s=round(stats.wait_buffers_s, 4),
         ).as_dict()
 
     def fastvllm_check_weights(self, path: str) -> dict[str, Any]:

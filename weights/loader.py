@@ -41,7 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 from fastvllm.prefetch import residency
@@ -86,10 +86,37 @@ class LoadStats:
     # GPU targets: "kept" (the buffers pinned before the snapshot, `keep_pool`) or "fresh",
     # with the reason the kept ones were not used
     pool: str = ""
+    # GPU targets, where the pipeline waits: the copying thread for reads to finish (the reads
+    # are behind), and the readers, on average, for a free pinned buffer (the copies are behind)
+    wait_reads_s: float = 0.0
+    wait_buffers_s: float = 0.0
 
     @property
     def gbps(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+class _Streamed(NamedTuple):
+    """What a load's reads and copies report, before its clock and its kind are added."""
+
+    bytes: int
+    pin_s: float = 0.0
+    pool: str = ""
+    wait_reads_s: float = 0.0
+    wait_buffers_s: float = 0.0
+
+    def stats(self, seconds: float, tensors: int, direct: bool, device: str) -> LoadStats:
+        return LoadStats(
+            self.bytes,
+            seconds,
+            tensors,
+            direct,
+            device,
+            self.pin_s,
+            pool=self.pool,
+            wait_reads_s=self.wait_reads_s,
+            wait_buffers_s=self.wait_buffers_s,
+        )
 
 
 def check_compatible(idx: fileformat.Index, targets: dict[str, Any], path: Path) -> None:
@@ -278,9 +305,9 @@ def _load_arena_gpu(
         allocate()
         return holder[0], LoadStats(0, 0.0, len(idx.tensors), use_direct, dev.type)
     nbuf = pool_size(threads, buffers)
-    total, pin_s, how = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
+    st = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
     seconds = time.perf_counter() - t0
-    return holder[0], LoadStats(total, seconds, len(idx.tensors), use_direct, dev.type, pin_s, pool=how)
+    return holder[0], st.stats(seconds, len(idx.tensors), use_direct, dev.type)
 
 
 def _load_mapped(
@@ -372,16 +399,14 @@ def load_into(
     use_direct = choose_direct(path, direct)
     on_gpu = any(t.device.type == "cuda" for t in targets.values())
     t0 = time.perf_counter()
-    pin_s = 0.0
-    how = ""
     if on_gpu:
         nbuf = pool_size(threads, buffers)
-        total, pin_s, how = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
+        st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
     else:
-        total = _load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes)
+        st = _Streamed(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes))
     _fill_aliases(idx, targets)
     device = next(iter(targets.values())).device.type if targets else "cpu"
-    return LoadStats(total, time.perf_counter() - t0, len(idx.tensors), use_direct, device, pin_s, pool=how)
+    return st.stats(time.perf_counter() - t0, len(idx.tensors), use_direct, device)
 
 
 def _fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
@@ -689,7 +714,7 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
-) -> tuple[int, float, str]:
+) -> _Streamed:
     import torch
 
     flat: dict[str, Any] = {}
@@ -705,12 +730,12 @@ def _load_gpu(
         flat[e.name] = dst.view(-1).view(torch.uint8)
     spans = plan_spans(idx, flat, chunk)
     if not spans:
-        return 0, 0.0, ""
+        return _Streamed(0)
     device = next(iter(flat.values())).device
-    total, pin_s, how = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
+    st = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
     for dst, tmp in staged:
         dst.copy_(tmp)
-    return total, pin_s, how
+    return st
 
 
 def _arena_spans(idx: fileformat.Index, nbytes: int, chunk: int) -> list[_Span]:
@@ -733,12 +758,13 @@ def _stream_to_gpu(
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
     before_copies: Callable[[], None] | None = None,
-) -> tuple[int, float, str]:
+) -> _Streamed:
     """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
     side stream. `before_copies` runs once the readers are going (it allocates the destination
     in `load`, so cudaMalloc overlaps the first reads). The buffers are the kept ones
     (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
-    seconds spent pinning and which pool it was ("kept", or "fresh" and why)."""
+    seconds spent pinning, which pool it was ("kept", or "fresh" and why) and where the
+    pipeline waited."""
     import torch
 
     nbuf = max(1, min(nbuf, len(spans)))
@@ -759,15 +785,19 @@ def _stream_to_gpu(
     for i in range(len(spans)):
         todo.put(i)
     stop = threading.Event()
+    buffer_waits: list[float] = []  # each reader's time waiting for a free buffer
 
     def reader() -> None:
+        waited = 0.0
         try:
             while not stop.is_set():
                 try:
                     si = todo.get_nowait()
                 except queue.Empty:
                     return
+                t = time.perf_counter()
                 bi = free.get()
+                waited += time.perf_counter() - t
                 if stop.is_set():
                     return
                 s = spans[si]
@@ -775,6 +805,8 @@ def _stream_to_gpu(
                 ready.put((si, bi))
         except BaseException as exc:
             ready.put(exc)
+        finally:
+            buffer_waits.append(waited)
 
     stream = torch.cuda.Stream(device=device)
     releases: queue.Queue[tuple[Any, int] | None] = queue.Queue()
@@ -793,6 +825,7 @@ def _stream_to_gpu(
     workers = [threading.Thread(target=reader, daemon=True) for _ in range(max(1, min(threads, len(spans))))]
     rel = threading.Thread(target=releaser, daemon=True)
     total = 0
+    read_wait = 0.0
     try:
         rel.start()
         for w in workers:
@@ -801,7 +834,9 @@ def _stream_to_gpu(
             before_copies()
         with torch.cuda.stream(stream):
             for _ in range(len(spans)):
+                t = time.perf_counter()
                 got = ready.get()
+                read_wait += time.perf_counter() - t
                 if isinstance(got, BaseException):
                     raise got
                 si, bi = got
@@ -838,4 +873,5 @@ def _stream_to_gpu(
             pool.close()
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
-    return total, (0.0 if kept else pool.seconds), how
+    buffer_wait = sum(buffer_waits) / max(1, len(buffer_waits))
+    return _Streamed(total, 0.0 if kept else pool.seconds, how, read_wait, buffer_wait)
