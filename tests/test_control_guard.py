@@ -612,10 +612,10 @@ def restored(shared_snapshot: Any, restored_cleanup: list[int]) -> Any:
 
 # The tests that compare answers given to several clients at once run in float32. In bfloat16
 # a batch rounds differently from one request alone, and the random tiny model has near-tie
-# logits: on a host with AMX, a batch of these clients' prompts turned the original server's
-# 17th greedy token into another, a right answer that no exact check can tell from a wrong one
-# (docs/limitations.md, token-identical migration, is the same effect between prefill and
-# decode). In float32 the greedy tokens do not depend on the batch.
+# logits, so a client in a batch can get another greedy token than the original server gave a
+# lone request: a right answer that no exact check tells from a wrong one (docs/limitations.md,
+# answers are compared one request at a time). In float32 the greedy tokens do not depend on
+# the batch.
 F32_PORT = TEST_PORT + 40  # apart from the shared snapshot's (TEST_PORT) and the other modules'
 
 

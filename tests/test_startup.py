@@ -181,7 +181,7 @@ def test_the_startup_files_are_recorded_once_and_read_back(
     assert launcher._startup_files() == launcher._Startup([], [], [])  # another interpreter's list
 
 
-def test_the_read_ahead_brings_in_the_hot_ranges_and_the_startup_files(
+def test_the_read_ahead_asks_for_the_hot_ranges_and_the_startup_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, willneed: list[tuple[str, int, int]]
 ) -> None:
     """From a cold cache the startup files are asked for whole, before the snapshot's hot
