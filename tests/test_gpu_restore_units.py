@@ -447,15 +447,6 @@ def test_the_bench_reports_where_the_load_waited() -> None:
     assert "load_wait_reads_s" not in old and "load_wait_buffers_s" not in old
 
 
-def test_a_load_reports_its_waits_with_its_clock() -> None:
-    from fastvllm.weights import loader
-
-    st = loader._Streamed(100, 0.5, "kept", 0.2, 0.1).stats(2.0, 7, False, "cuda")
-    assert (st.bytes, st.seconds, st.tensors, st.pin_s, st.pool) == (100, 2.0, 7, 0.5, "kept")
-    assert (st.wait_reads_s, st.wait_buffers_s) == (0.2, 0.1)
-    assert loader._Streamed(5).stats(1.0, 1, False, "cpu").wait_reads_s == 0.0
-
-
 def test_the_bench_summary_and_chart(tmp_path: Path) -> None:
     b = _bench()
     md: dict[str, Any] = {

@@ -39,9 +39,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import xxhash
 from fastvllm.prefetch import residency
@@ -94,29 +94,6 @@ class LoadStats:
     @property
     def gbps(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
-
-
-class _Streamed(NamedTuple):
-    """What a load's reads and copies report, before its clock and its kind are added."""
-
-    bytes: int
-    pin_s: float = 0.0
-    pool: str = ""
-    wait_reads_s: float = 0.0
-    wait_buffers_s: float = 0.0
-
-    def stats(self, seconds: float, tensors: int, direct: bool, device: str) -> LoadStats:
-        return LoadStats(
-            self.bytes,
-            seconds,
-            tensors,
-            direct,
-            device,
-            self.pin_s,
-            pool=self.pool,
-            wait_reads_s=self.wait_reads_s,
-            wait_buffers_s=self.wait_buffers_s,
-        )
 
 
 def check_compatible(idx: fileformat.Index, targets: dict[str, Any], path: Path) -> None:
@@ -307,7 +284,9 @@ def _load_arena_gpu(
     nbuf = pool_size(threads, buffers)
     st = _stream_to_gpu(path, spans, dev, threads, chunk, nbuf, use_direct, on_bytes, allocate)
     seconds = time.perf_counter() - t0
-    return holder[0], st.stats(seconds, len(idx.tensors), use_direct, dev.type)
+    return holder[0], replace(
+        st, seconds=seconds, tensors=len(idx.tensors), direct=use_direct, device=dev.type
+    )
 
 
 def _load_mapped(
@@ -403,10 +382,12 @@ def load_into(
         nbuf = pool_size(threads, buffers)
         st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
     else:
-        st = _Streamed(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes))
+        st = LoadStats(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes), 0.0, 0)
     _fill_aliases(idx, targets)
     device = next(iter(targets.values())).device.type if targets else "cpu"
-    return st.stats(time.perf_counter() - t0, len(idx.tensors), use_direct, device)
+    return replace(
+        st, seconds=time.perf_counter() - t0, tensors=len(idx.tensors), direct=use_direct, device=device
+    )
 
 
 def _fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
@@ -714,7 +695,9 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
-) -> _Streamed:
+) -> LoadStats:
+    """The bytes, pinning, pool and waits of the load (`_stream_to_gpu`); the caller adds its
+    clock and the rest."""
     import torch
 
     flat: dict[str, Any] = {}
@@ -730,7 +713,7 @@ def _load_gpu(
         flat[e.name] = dst.view(-1).view(torch.uint8)
     spans = plan_spans(idx, flat, chunk)
     if not spans:
-        return _Streamed(0)
+        return LoadStats(0, 0.0, 0)
     device = next(iter(flat.values())).device
     st = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
     for dst, tmp in staged:
@@ -758,13 +741,13 @@ def _stream_to_gpu(
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
     before_copies: Callable[[], None] | None = None,
-) -> _Streamed:
+) -> LoadStats:
     """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
     side stream. `before_copies` runs once the readers are going (it allocates the destination
     in `load`, so cudaMalloc overlaps the first reads). The buffers are the kept ones
     (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
     seconds spent pinning, which pool it was ("kept", or "fresh" and why) and where the
-    pipeline waited."""
+    pipeline waited, as a LoadStats whose clock and kind the caller fills in."""
     import torch
 
     nbuf = max(1, min(nbuf, len(spans)))
@@ -874,4 +857,5 @@ def _stream_to_gpu(
     with contextlib.suppress(Exception):
         torch.cuda.current_stream(device).wait_stream(stream)
     buffer_wait = sum(buffer_waits) / max(1, len(buffer_waits))
-    return _Streamed(total, 0.0 if kept else pool.seconds, how, read_wait, buffer_wait)
+    pin_s = 0.0 if kept else pool.seconds
+    return LoadStats(total, 0.0, 0, pin_s=pin_s, pool=how, wait_reads_s=read_wait, wait_buffers_s=buffer_wait)
