@@ -60,11 +60,16 @@ BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
 VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
-# host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers.
+# host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers, the
+# loader's copy thread spinning on its events (as CUDA does by default), readers at a lower
+# priority than the thread issuing the copies.
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
     **{f"c-r{n}": {"FASTVLLM_LOADER_THREADS": str(n)} for n in (10, 12, 14, 16)},
+    "c-spin": {"FASTVLLM_LOADER_COPY_WAIT": "spin"},
+    **{f"c-nice{n}": {"FASTVLLM_LOADER_READER_NICE": str(n)} for n in (5, 10)},
+    "c-r16-nice5": {"FASTVLLM_LOADER_THREADS": "16", "FASTVLLM_LOADER_READER_NICE": "5"},
 }
 PROMPT = "A separate client asks the restored server:"
 # (threads, chunk MiB) reloaded in a restored server by the `sweep` step, with the staging

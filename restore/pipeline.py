@@ -639,6 +639,8 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
                 str(r.path / str(m.weights_file)),
                 verify=_loader_verifies(r),
                 threads=config.LOADER_THREADS.get() or (RELOAD_THREADS if m.cuda_pids else 0),
+                copy_wait=config.LOADER_COPY_WAIT.get().value,
+                reader_nice=config.LOADER_READER_NICE.get(),
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:

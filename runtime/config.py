@@ -48,6 +48,13 @@ class PinMode(enum.Enum):
     REGISTER = "register"  # one huge-page mapping, cudaHostRegister'ed buffer by buffer
 
 
+class CopyWait(enum.Enum):
+    """How the GPU loader's thread that hands staging buffers back waits for their copies."""
+
+    BLOCK = "block"  # blocking-sync events: the thread sleeps and leaves its core to the readers
+    SPIN = "spin"  # the CUDA context's default (it spins when cores outnumber contexts): a core busy
+
+
 class GraphMemory(enum.Enum):
     """What a sleeping GPU snapshot does with the CUDA graphs' memory (weights/graph_memory.py)."""
 
@@ -287,6 +294,31 @@ LOADER_THREADS = _declare(
         "Reader threads of the weight loader in a restore (0: on a GPU 14, or the host's core "
         "count if fewer, sharing the 14 staging buffers a GPU snapshot keeps; on the CPU the "
         "loader's default, 10 or the core count).",
+    )
+)
+LOADER_COPY_WAIT = _declare(
+    Var[CopyWait](
+        "FASTVLLM_LOADER_COPY_WAIT",
+        _one_of(CopyWait),
+        lambda: CopyWait.BLOCK,
+        "`block` or `spin`",
+        "`block`",
+        "How the GPU weight loader waits for each staging buffer's copy to the device before "
+        "handing the buffer back to its readers: `block` sleeps on the copy's event, `spin` "
+        "polls it as CUDA does by default (one core busy for the whole load). Sent to the "
+        "worker with each restore's reload.",
+    )
+)
+LOADER_READER_NICE = _declare(
+    Var[int](
+        "FASTVLLM_LOADER_READER_NICE",
+        _int_in(0, 19, "a nice value"),
+        lambda: 0,
+        "an integer 0-19",
+        "0",
+        "The nice value the GPU weight loader's reader threads take, so that the thread issuing "
+        "the copies to the device wins a core when it wakes (0: as the caller). Sent to the "
+        "worker with each restore's reload.",
     )
 )
 CRIU_LOG_LEVEL = _declare(

@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from fastvllm.runtime import config
 from fastvllm.runtime.errors import ServerError
 
 if TYPE_CHECKING:  # the workers import this module too: they need no HTTP client
@@ -144,27 +145,42 @@ class ReloadArgs:
     threads: int = 0
     chunk_mib: int = 0
     buffers: int = 0
+    # How the pipeline's threads share the cores (weights.loader.CopyTuning)
+    copy_wait: str = config.CopyWait.BLOCK.value
+    reader_nice: int = 0
 
     def as_kwargs(self) -> dict[str, str]:
         """Only what differs from the defaults: a worker restored from an older snapshot knows
-        `path` and `verify` alone."""
+        `path` and `verify` alone, and the tunables its own version had."""
         out = {"path": self.path}
-        if self.verify:
-            out["verify"] = "1"
-        for key in ("threads", "chunk_mib", "buffers"):
-            if getattr(self, key):
-                out[key] = str(getattr(self, key))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "path" and value != f.default:
+                out[f.name] = "1" if value is True else str(value)
         return out
 
     @classmethod
     def from_kwargs(
-        cls, path: str, threads: str = "0", verify: str = "0", chunk_mib: str = "0", buffers: str = "0"
+        cls,
+        path: str,
+        threads: str = "0",
+        verify: str = "0",
+        chunk_mib: str = "0",
+        buffers: str = "0",
+        copy_wait: str = config.CopyWait.BLOCK.value,
+        reader_nice: str = "0",
     ) -> ReloadArgs:
-        return cls(path, verify == "1", int(threads), int(chunk_mib), int(buffers))
+        return cls(
+            path, verify == "1", int(threads), int(chunk_mib), int(buffers), copy_wait, int(reader_nice)
+        )
 
     def loader_kwargs(self) -> dict[str, Any]:
         """weights.loader.load_into's keyword arguments (the defaults left out)."""
         kw: dict[str, Any] = {"verify": self.verify}
+        if self.copy_wait != config.CopyWait.BLOCK.value:
+            kw["copy_wait"] = config.CopyWait(self.copy_wait)
+        if self.reader_nice > 0:
+            kw["reader_nice"] = self.reader_nice
         if self.threads > 0:
             kw["threads"] = self.threads
         if self.chunk_mib > 0:

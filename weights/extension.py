@@ -253,12 +253,23 @@ class WorkerExtension:
         return rpc.GpuReleased(before, gpu_memory_stats(), pool, graph_memory.state()).as_dict()
 
     def fastvllm_reload(
-        self, path: str, threads: str = "0", verify: str = "0", chunk_mib: str = "0", buffers: str = "0"
+        self,
+        path: str,
+        threads: str = "0",
+        verify: str = "0",
+        chunk_mib: str = "0",
+        buffers: str = "0",
+        copy_wait: str = "block",
+        reader_nice: str = "0",
     ) -> dict[str, Any]:
         """Fill this rank's weights from its own file (`path` names rank 0's). `threads`,
-        `chunk_mib`, `buffers` (0: the loader's defaults) are for sweeps in a restored server.
-        The arguments cross as strings (runtime.worker_rpc.ReloadArgs encodes them)."""
-        kw = rpc.ReloadArgs.from_kwargs(path, threads, verify, chunk_mib, buffers).loader_kwargs()
+        `chunk_mib`, `buffers` (0: the loader's defaults) are for sweeps in a restored server;
+        `copy_wait` and `reader_nice` come from the restore's settings (the worker's own
+        environment is the snapshot's). The arguments cross as strings
+        (runtime.worker_rpc.ReloadArgs encodes them)."""
+        kw = rpc.ReloadArgs.from_kwargs(
+            path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice
+        ).loader_kwargs()
         place = self._fastvllm_rank()
         target = fileformat.rank_path(Path(path), place["rank"])
         idx = fileformat.read_index(target)

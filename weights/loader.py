@@ -74,6 +74,17 @@ COLD_BELOW = residency.COLD_BELOW
 _DIRECT_ALIGN = 4096
 
 
+@dataclass(frozen=True)
+class CopyTuning:
+    """How the GPU pipeline's threads share the cores (runtime/config.py documents both):
+    whether the thread handing buffers back sleeps on each copy's event or spins on it, and the
+    readers' nice value. Both decide whether the thread issuing the copies gets a core when it
+    wakes, with one reader per core or more (docs/decisions/pinned-pool.md)."""
+
+    wait: config.CopyWait = config.CopyWait.BLOCK
+    reader_nice: int = 0  # added to the caller's nice value, up to 19
+
+
 @dataclass
 class LoadStats:
     bytes: int
@@ -365,9 +376,12 @@ def load_into(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    copy_wait: config.CopyWait = config.CopyWait.BLOCK,
+    reader_nice: int = 0,
     _idx: fileformat.Index | None = None,
 ) -> LoadStats:
-    """Fill `targets` (name -> tensor, all on one device) from the file at `path`."""
+    """Fill `targets` (name -> tensor, all on one device) from the file at `path`; `copy_wait`
+    and `reader_nice` apply to GPU targets (CopyTuning)."""
     path = Path(path)
     if chunk <= 0 or chunk % _DIRECT_ALIGN:
         raise UsageError(f"chunk size {chunk} is not a positive multiple of 4096", hint="use e.g. 16 MiB")
@@ -380,7 +394,8 @@ def load_into(
     t0 = time.perf_counter()
     if on_gpu:
         nbuf = pool_size(threads, buffers)
-        st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes)
+        tuning = CopyTuning(copy_wait, reader_nice)
+        st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes, tuning)
     else:
         st = LoadStats(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes), 0.0, 0)
     _fill_aliases(idx, targets)
@@ -695,6 +710,7 @@ def _load_gpu(
     nbuf: int,
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
+    tuning: CopyTuning,
 ) -> LoadStats:
     """The bytes, pinning, pool and waits of the load (`_stream_to_gpu`); the caller adds its
     clock and the rest."""
@@ -715,7 +731,7 @@ def _load_gpu(
     if not spans:
         return LoadStats(0, 0.0, 0)
     device = next(iter(flat.values())).device
-    st = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes)
+    st = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes, tuning=tuning)
     for dst, tmp in staged:
         dst.copy_(tmp)
     return st
@@ -741,10 +757,12 @@ def _stream_to_gpu(
     use_direct: bool,
     on_bytes: Callable[[int], None] | None,
     before_copies: Callable[[], None] | None = None,
+    tuning: CopyTuning = CopyTuning(),
 ) -> LoadStats:
     """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
     side stream. `before_copies` runs once the readers are going (it allocates the destination
-    in `load`, so cudaMalloc overlaps the first reads). The buffers are the kept ones
+    in `load`, so cudaMalloc overlaps the first reads); `tuning` says how the threads share the
+    cores. The buffers are the kept ones
     (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
     seconds spent pinning, which pool it was ("kept", or "fresh" and why) and where the
     pipeline waited, as a LoadStats whose clock and kind the caller fills in."""
@@ -773,6 +791,11 @@ def _stream_to_gpu(
     def reader() -> None:
         waited = 0.0
         try:
+            if tuning.reader_nice > 0:  # this thread only: on Linux a nice value is per thread
+                with contextlib.suppress(OSError):
+                    tid = threading.get_native_id()
+                    nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + tuning.reader_nice)
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
             while not stop.is_set():
                 try:
                     si = todo.get_nowait()
@@ -831,7 +854,7 @@ def _stream_to_gpu(
                     )
                     n_span += p.n
                 total += n_span
-                ev = torch.cuda.Event()
+                ev = torch.cuda.Event(blocking=tuning.wait is config.CopyWait.BLOCK)
                 ev.record(stream)
                 releases.put((ev, bi))
                 if on_bytes:
