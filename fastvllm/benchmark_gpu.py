@@ -308,14 +308,15 @@ def _prepare(m: Model, cold: bool, extra: list[Path]) -> None:
 
 def _load_figures(gpu: dict[str, Any] | None, phase_s: float | None, h2d: float | None) -> dict[str, Any]:
     """The loader's GB/s (its own clock, the slowest worker), % of the pinned bound, the
-    load phase's GB/s (with the RPC), which staging pool it used, and where it waited (the
-    longest of the workers): its copies for reads, its readers for a free buffer."""
+    load phase's GB/s (with the RPC), which staging pool it used, where it waited (the
+    longest of the workers): its copies for reads, its readers for a free buffer, and its
+    fixed costs: to the first copy, and the drain after the last."""
     loads = [x for x in (gpu or {}).get("load", []) or [] if isinstance(x, dict)]
     if not loads:
         return {}
     gbps = min(float(x.get("gbps", 0.0)) for x in loads)
     out: dict[str, Any] = {"load_gbps": round(gbps, 2), "load_pool": loads[0].get("pool")}
-    for key in ("wait_reads_s", "wait_buffers_s"):
+    for key in ("wait_reads_s", "wait_buffers_s", "first_copy_s", "drain_s"):
         waits = [float(x[key]) for x in loads if x.get(key) is not None]
         if waits:
             out[f"load_{key}"] = round(max(waits), 4)

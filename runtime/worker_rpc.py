@@ -113,6 +113,9 @@ class Reloaded(_Reply):
     # pinned buffer (copies behind); GPU targets only
     wait_reads_s: float | None = None
     wait_buffers_s: float | None = None
+    # its fixed costs: start to the first copy issued, the last copy issued to all done
+    first_copy_s: float | None = None
+    drain_s: float | None = None
 
 
 @dataclass(frozen=True)

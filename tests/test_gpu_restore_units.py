@@ -434,15 +434,18 @@ def test_the_bench_budget_drops_what_does_not_fit() -> None:
 
 def test_the_bench_reports_where_the_load_waited() -> None:
     """The loader's waits, the longest of the ranks': its copies for reads, its readers for a
-    buffer (why the load misses the pinned bound); a loader that does not report them, none."""
+    buffer (why the load misses the pinned bound), its start and drain; a loader that does not
+    report them, none."""
     b = _bench()
+    waits = {"wait_reads_s": 0.05, "wait_buffers_s": 0.01, "first_copy_s": 0.004, "drain_s": 0.001}
     loads = [
-        {"bytes": 4 << 30, "gbps": 30.0, "pool": "kept", "wait_reads_s": 0.05, "wait_buffers_s": 0.01},
+        {"bytes": 4 << 30, "gbps": 30.0, "pool": "kept", **waits},
         {"bytes": 4 << 30, "gbps": 32.0, "pool": "kept", "wait_reads_s": 0.02, "wait_buffers_s": 0.03},
     ]
     got = b._load_figures({"load": loads}, 0.3, 50.0)
     assert got["load_gbps"] == 30.0 and got["load_pct_of_pinned_bound"] == 60.0
     assert got["load_wait_reads_s"] == 0.05 and got["load_wait_buffers_s"] == 0.03
+    assert got["load_first_copy_s"] == 0.004 and got["load_drain_s"] == 0.001
     old = b._load_figures({"load": [{"bytes": 1, "gbps": 30.0}]}, None, None)
     assert "load_wait_reads_s" not in old and "load_wait_buffers_s" not in old
 

@@ -285,6 +285,8 @@ class WorkerExtension:
             pin_s=round(stats.pin_s, 4),
             wait_reads_s=round(stats.wait_reads_s, 4),
             wait_buffers_s=round(stats.wait_buffers_s, 4),
+            first_copy_s=round(stats.first_copy_s, 4),
+            drain_s=round(stats.drain_s, 4),
         ).as_dict()
 
     def fastvllm_check_weights(self, path: str) -> dict[str, Any]:

@@ -101,6 +101,11 @@ class LoadStats:
     # are behind), and the readers, on average, for a free pinned buffer (the copies are behind)
     wait_reads_s: float = 0.0
     wait_buffers_s: float = 0.0
+    # GPU targets, the fixed costs a short load cannot hide: from the pipeline's start to its
+    # first copy issued (threads, probe, first read), and from its last copy issued to the end
+    # of all copies
+    first_copy_s: float = 0.0
+    drain_s: float = 0.0
 
     @property
     def gbps(self) -> float:
@@ -764,10 +769,13 @@ def _stream_to_gpu(
     in `load`, so cudaMalloc overlaps the first reads); `tuning` says how the threads share the
     cores. The buffers are the kept ones
     (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
-    seconds spent pinning, which pool it was ("kept", or "fresh" and why) and where the
-    pipeline waited, as a LoadStats whose clock and kind the caller fills in."""
+    seconds spent pinning, which pool it was ("kept", or "fresh" and why), where the pipeline
+    waited and how long it took to start and to drain, as a LoadStats whose clock and kind the
+    caller fills in."""
     import torch
 
+    t_start = time.perf_counter()
+    t_first = t_last = drain = 0.0
     nbuf = max(1, min(nbuf, len(spans)))
     fd = os.open(path, os.O_RDONLY)  # before the kept pool is taken: nothing may fail in between
     dfd = _open_direct(path) if use_direct else None
@@ -854,12 +862,15 @@ def _stream_to_gpu(
                     )
                     n_span += p.n
                 total += n_span
+                t_last = time.perf_counter()
+                t_first = t_first or t_last
                 ev = torch.cuda.Event(blocking=tuning.wait is config.CopyWait.BLOCK)
                 ev.record(stream)
                 releases.put((ev, bi))
                 if on_bytes:
                     on_bytes(n_span)
         stream.synchronize()
+        drain = time.perf_counter() - t_last
     finally:
         stop.set()
         releases.put(None)
@@ -881,4 +892,14 @@ def _stream_to_gpu(
         torch.cuda.current_stream(device).wait_stream(stream)
     buffer_wait = sum(buffer_waits) / max(1, len(buffer_waits))
     pin_s = 0.0 if kept else pool.seconds
-    return LoadStats(total, 0.0, 0, pin_s=pin_s, pool=how, wait_reads_s=read_wait, wait_buffers_s=buffer_wait)
+    return LoadStats(
+        total,
+        0.0,
+        0,
+        pin_s=pin_s,
+        pool=how,
+        wait_reads_s=read_wait,
+        wait_buffers_s=buffer_wait,
+        first_copy_s=t_first - t_start,
+        drain_s=drain,
+    )
