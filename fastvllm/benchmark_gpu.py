@@ -61,13 +61,13 @@ GPU_UTIL = {"8b": "0.3", "*": "0.2"}
 VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
 # host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers, the
-# loader's copy thread spinning on its events (as CUDA does by default), readers at a lower
-# priority than the thread issuing the copies.
+# loader's thread that hands buffers back sleeping on its events instead of spinning, readers at
+# a lower priority than the thread issuing the copies.
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
     **{f"c-r{n}": {"FASTVLLM_LOADER_THREADS": str(n)} for n in (10, 12, 14, 16)},
-    "c-spin": {"FASTVLLM_LOADER_COPY_WAIT": "spin"},
+    "c-block": {"FASTVLLM_LOADER_COPY_WAIT": "block"},
     **{f"c-nice{n}": {"FASTVLLM_LOADER_READER_NICE": str(n)} for n in (5, 10)},
     "c-r16-nice5": {"FASTVLLM_LOADER_THREADS": "16", "FASTVLLM_LOADER_READER_NICE": "5"},
 }

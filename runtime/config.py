@@ -51,8 +51,8 @@ class PinMode(enum.Enum):
 class CopyWait(enum.Enum):
     """How the GPU loader's thread that hands staging buffers back waits for their copies."""
 
-    BLOCK = "block"  # blocking-sync events: the thread sleeps and leaves its core to the readers
     SPIN = "spin"  # the CUDA context's default (it spins when cores outnumber contexts): a core busy
+    BLOCK = "block"  # blocking-sync events: the thread sleeps and leaves its core to the readers
 
 
 class GraphMemory(enum.Enum):
@@ -300,13 +300,14 @@ LOADER_COPY_WAIT = _declare(
     Var[CopyWait](
         "FASTVLLM_LOADER_COPY_WAIT",
         _one_of(CopyWait),
-        lambda: CopyWait.BLOCK,
-        "`block` or `spin`",
-        "`block`",
+        lambda: CopyWait.SPIN,
+        "`spin` or `block`",
+        "`spin`",
         "How the GPU weight loader waits for each staging buffer's copy to the device before "
-        "handing the buffer back to its readers: `block` sleeps on the copy's event, `spin` "
-        "polls it as CUDA does by default (one core busy for the whole load). Sent to the "
-        "worker with each restore's reload.",
+        "handing the buffer back to its readers: `spin` polls the copy's event, as CUDA does by "
+        "default (one core busy for the whole load); `block` sleeps on it and leaves the core "
+        "to the readers (not yet measured on a GPU). Sent to the worker with each restore's "
+        "reload.",
     )
 )
 LOADER_READER_NICE = _declare(
@@ -316,8 +317,9 @@ LOADER_READER_NICE = _declare(
         lambda: 0,
         "an integer 0-19",
         "0",
-        "The nice value the GPU weight loader's reader threads take, so that the thread issuing "
-        "the copies to the device wins a core when it wakes (0: as the caller). Sent to the "
+        "How far the GPU weight loader's reader threads lower their priority (added to their "
+        "nice value, up to 19), so that the thread issuing the copies to the device wins a core "
+        "when it wakes (0: not at all; other values not yet measured on a GPU). Sent to the "
         "worker with each restore's reload.",
     )
 )

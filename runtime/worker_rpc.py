@@ -149,7 +149,7 @@ class ReloadArgs:
     chunk_mib: int = 0
     buffers: int = 0
     # How the pipeline's threads share the cores (weights.loader.CopyTuning)
-    copy_wait: str = config.CopyWait.BLOCK.value
+    copy_wait: str = config.CopyWait.SPIN.value
     reader_nice: int = 0
 
     def as_kwargs(self) -> dict[str, str]:
@@ -170,7 +170,7 @@ class ReloadArgs:
         verify: str = "0",
         chunk_mib: str = "0",
         buffers: str = "0",
-        copy_wait: str = config.CopyWait.BLOCK.value,
+        copy_wait: str = config.CopyWait.SPIN.value,
         reader_nice: str = "0",
     ) -> ReloadArgs:
         return cls(
@@ -180,7 +180,7 @@ class ReloadArgs:
     def loader_kwargs(self) -> dict[str, Any]:
         """weights.loader.load_into's keyword arguments (the defaults left out)."""
         kw: dict[str, Any] = {"verify": self.verify}
-        if self.copy_wait != config.CopyWait.BLOCK.value:
+        if self.copy_wait != config.CopyWait.SPIN.value:
             kw["copy_wait"] = config.CopyWait(self.copy_wait)
         if self.reader_nice > 0:
             kw["reader_nice"] = self.reader_nice

@@ -92,12 +92,12 @@ def test_reload_arguments_cross_as_the_strings_the_worker_takes() -> None:
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == args
     assert args.loader_kwargs() == {"verify": True, "threads": 4, "chunk": 16 << 20}
     # the restore's settings for how the loader's threads share the cores cross only when set
-    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="spin", reader_nice=5)
+    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="block", reader_nice=5)
     sent = tuned.as_kwargs()
-    assert sent == {"path": "/s/w.fvw", "copy_wait": "spin", "reader_nice": "5"}
+    assert sent == {"path": "/s/w.fvw", "copy_wait": "block", "reader_nice": "5"}
     assert set(sent) <= set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == tuned
-    assert tuned.loader_kwargs() == {"verify": False, "copy_wait": config.CopyWait.SPIN, "reader_nice": 5}
+    assert tuned.loader_kwargs() == {"verify": False, "copy_wait": config.CopyWait.BLOCK, "reader_nice": 5}
     assert set(tuned.loader_kwargs()) <= set(inspect.signature(loader.load_into).parameters)
     for method in worker_rpc.Method:
         if method is not worker_rpc.Method.VLLM_RELOAD_WEIGHTS:

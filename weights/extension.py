@@ -259,7 +259,7 @@ class WorkerExtension:
         verify: str = "0",
         chunk_mib: str = "0",
         buffers: str = "0",
-        copy_wait: str = "block",
+        copy_wait: str = "spin",
         reader_nice: str = "0",
     ) -> dict[str, Any]:
         """Fill this rank's weights from its own file (`path` names rank 0's). `threads`,

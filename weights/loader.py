@@ -81,7 +81,7 @@ class CopyTuning:
     readers' nice value. Both decide whether the thread issuing the copies gets a core when it
     wakes, with one reader per core or more (docs/decisions/pinned-pool.md)."""
 
-    wait: config.CopyWait = config.CopyWait.BLOCK
+    wait: config.CopyWait = config.CopyWait.SPIN
     reader_nice: int = 0  # added to the caller's nice value, up to 19
 
 
@@ -381,7 +381,7 @@ def load_into(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    copy_wait: config.CopyWait = config.CopyWait.BLOCK,
+    copy_wait: config.CopyWait = config.CopyWait.SPIN,
     reader_nice: int = 0,
     _idx: fileformat.Index | None = None,
 ) -> LoadStats:
