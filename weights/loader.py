@@ -767,11 +767,10 @@ def _stream_to_gpu(
     """Reader threads fill pinned buffers with spans; this thread copies them to the GPU on a
     side stream. `before_copies` runs once the readers are going (it allocates the destination
     in `load`, so cudaMalloc overlaps the first reads); `tuning` says how the threads share the
-    cores. The buffers are the kept ones
-    (`keep_pool`) where they fit and pass the probe, else pinned here. Returns the bytes, the
-    seconds spent pinning, which pool it was ("kept", or "fresh" and why), where the pipeline
-    waited and how long it took to start and to drain, as a LoadStats whose clock and kind the
-    caller fills in."""
+    cores. The buffers are the kept ones (`keep_pool`) where they fit and pass the probe, else
+    pinned here. Returns the bytes, the seconds spent pinning, which pool it was ("kept", or
+    "fresh" and why), where the pipeline waited and how long it took to start and to drain, as
+    a LoadStats whose clock and kind the caller fills in."""
     import torch
 
     t_start = time.perf_counter()
