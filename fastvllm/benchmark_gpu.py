@@ -72,9 +72,20 @@ VARIANT_ENV = {
     "c-r16-nice5": {"FASTVLLM_LOADER_THREADS": "16", "FASTVLLM_LOADER_READER_NICE": "5"},
 }
 PROMPT = "A separate client asks the restored server:"
-# (threads, chunk MiB) reloaded in a restored server by the `sweep` step, with the staging
-# buffers kept in its image (a load with more readers than kept buffers uses those)
-SWEEP_GRID = [(t, c) for c in (8, 16) for t in (10, 12, 14, 16)]
+# The loader's settings (worker_rpc.ReloadArgs fields) reloaded in a restored server by the
+# `sweep` step, with the staging buffers kept in its image (a load with more readers than kept
+# buffers uses those): readers and chunk sizes; the copy thread's wait and the readers'
+# priority; each half of the pipeline alone, to tell which one bounds the whole (reads with no
+# copies; copies of the buffers as they are, last: they leave the weights wrong).
+SWEEP_GRID: list[dict[str, Any]] = [
+    *({"threads": t, "chunk_mib": c} for c in (8, 16) for t in (10, 12, 14, 16)),
+    {"threads": 14, "copy_wait": "block"},
+    {"threads": 14, "reader_nice": 5},
+    {"threads": 16, "copy_wait": "block", "reader_nice": 5},
+    {"threads": 14, "only": "reads"},
+    {"threads": 16, "only": "reads"},
+    {"threads": 14, "only": "copies"},
+]
 SWEEP_REPS = 2
 
 _H2D = r"""
@@ -475,17 +486,19 @@ def _sweep(m: Model, h2d: float | None) -> dict[str, Any]:
     weights = str(m.snap / str(manifest.load(m.snap).weights_file))
     rows = []
     try:
-        for threads, chunk in SWEEP_GRID:
-            got = []
+        for setting in SWEEP_GRID:
+            got, waits = [], []
             for _ in range(SWEEP_REPS):
-                args = worker_rpc.ReloadArgs(weights, threads=threads, chunk_mib=chunk)
-                got.append(min(x.gbps for x in worker_rpc.reload(server, args)))
-            best = max(got)
-            row = {"threads": threads, "chunk_mib": chunk, "gbps": [round(g, 2) for g in got]}
+                replies = worker_rpc.reload(server, worker_rpc.ReloadArgs(weights, **setting))
+                got.append(min(x.gbps for x in replies))
+                waits.append(_load_figures({"load": [x.as_dict() for x in replies]}, None, None))
+            row = {"chunk_mib": 8, **setting, "gbps": [round(g, 2) for g in got]}
             if h2d:
-                row["best_pct_of_pinned_bound"] = round(100 * best / h2d, 1)
+                row["best_pct_of_pinned_bound"] = round(100 * max(got) / h2d, 1)
+            for key in ("load_wait_reads_s", "load_wait_buffers_s", "load_first_copy_s", "load_drain_s"):
+                row[key.removeprefix("load_")] = [w.get(key) for w in waits]
             rows.append(row)
-            _say(f"  sweep {m.name} threads {threads} chunk {chunk} MiB: {row['gbps']} GB/s")
+            _say(f"  sweep {m.name} {setting}: {row['gbps']} GB/s")
     finally:
         api.stop(server.pid)
     return {"restore": first, "rows": rows}

@@ -148,9 +148,11 @@ class ReloadArgs:
     threads: int = 0
     chunk_mib: int = 0
     buffers: int = 0
-    # How the pipeline's threads share the cores (weights.loader.CopyTuning)
+    # How the pipeline's threads share the cores, and one half of it alone for measurements
+    # (weights.loader.CopyTuning, which the worker builds from these)
     copy_wait: str = config.CopyWait.SPIN.value
     reader_nice: int = 0
+    only: str = ""
 
     def as_kwargs(self) -> dict[str, str]:
         """Only what differs from the defaults: a worker restored from an older snapshot knows
@@ -172,18 +174,16 @@ class ReloadArgs:
         buffers: str = "0",
         copy_wait: str = config.CopyWait.SPIN.value,
         reader_nice: str = "0",
+        only: str = "",
     ) -> ReloadArgs:
         return cls(
-            path, verify == "1", int(threads), int(chunk_mib), int(buffers), copy_wait, int(reader_nice)
+            path, verify == "1", int(threads), int(chunk_mib), int(buffers), copy_wait, int(reader_nice), only
         )
 
     def loader_kwargs(self) -> dict[str, Any]:
-        """weights.loader.load_into's keyword arguments (the defaults left out)."""
+        """weights.loader.load_into's keyword arguments (the defaults left out), less its
+        `tuning`, which the worker builds from `copy_wait`, `reader_nice` and `only`."""
         kw: dict[str, Any] = {"verify": self.verify}
-        if self.copy_wait != config.CopyWait.SPIN.value:
-            kw["copy_wait"] = config.CopyWait(self.copy_wait)
-        if self.reader_nice > 0:
-            kw["reader_nice"] = self.reader_nice
         if self.threads > 0:
             kw["threads"] = self.threads
         if self.chunk_mib > 0:

@@ -92,13 +92,16 @@ def test_reload_arguments_cross_as_the_strings_the_worker_takes() -> None:
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == args
     assert args.loader_kwargs() == {"verify": True, "threads": 4, "chunk": 16 << 20}
     # the restore's settings for how the loader's threads share the cores cross only when set
-    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="block", reader_nice=5)
+    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="block", reader_nice=5, only="reads")
     sent = tuned.as_kwargs()
-    assert sent == {"path": "/s/w.fvw", "copy_wait": "block", "reader_nice": "5"}
+    assert sent == {"path": "/s/w.fvw", "copy_wait": "block", "reader_nice": "5", "only": "reads"}
     assert set(sent) <= set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == tuned
-    assert tuned.loader_kwargs() == {"verify": False, "copy_wait": config.CopyWait.BLOCK, "reader_nice": 5}
-    assert set(tuned.loader_kwargs()) <= set(inspect.signature(loader.load_into).parameters)
+    # the worker builds the loader's tuning from them; each value is one the loader knows
+    assert tuned.loader_kwargs() == {"verify": False}
+    assert config.CopyWait(tuned.copy_wait) is config.CopyWait.BLOCK
+    assert loader.PipelineHalf(tuned.only) is loader.PipelineHalf.READS
+    assert {*tuned.loader_kwargs(), "tuning"} <= set(inspect.signature(loader.load_into).parameters)
     for method in worker_rpc.Method:
         if method is not worker_rpc.Method.VLLM_RELOAD_WEIGHTS:
             assert callable(getattr(WorkerExtension, method.value)), method

@@ -450,6 +450,26 @@ def test_the_bench_reports_where_the_load_waited() -> None:
     assert "load_wait_reads_s" not in old and "load_wait_buffers_s" not in old
 
 
+def test_every_sweep_setting_is_one_the_worker_takes_and_the_wrong_weights_come_last() -> None:
+    """The sweep's settings cross to the worker as ReloadArgs; the copies-only row leaves the
+    weights wrong, so nothing may reload after it in that server."""
+    import inspect
+
+    from fastvllm.runtime import config, worker_rpc
+    from fastvllm.weights import loader
+    from fastvllm.weights.extension import WorkerExtension
+
+    b = _bench()
+    takes = set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
+    for setting in b.SWEEP_GRID:
+        args = worker_rpc.ReloadArgs("/s/w.fvw", **setting)
+        assert set(args.as_kwargs()) <= takes
+        config.CopyWait(args.copy_wait)
+        assert not args.only or loader.PipelineHalf(args.only)
+    halves = [s.get("only") for s in b.SWEEP_GRID]
+    assert halves[-1] == "copies" and halves.count("copies") == 1
+
+
 def test_the_bench_summary_and_chart(tmp_path: Path) -> None:
     b = _bench()
     md: dict[str, Any] = {

@@ -33,6 +33,7 @@ measurements on GPU machines (docs/decisions/pinned-pool.md).
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import queue
 import threading
@@ -74,15 +75,27 @@ COLD_BELOW = residency.COLD_BELOW
 _DIRECT_ALIGN = 4096
 
 
+class PipelineHalf(enum.StrEnum):
+    """One half of the GPU pipeline run alone, to measure what bounds the whole: READS fills
+    the staging buffers and copies nothing (the weights stay as they were), COPIES copies the
+    buffers as they are without reading (the weights are left wrong: for a server that is
+    stopped afterwards, as the GPU bench's sweep does)."""
+
+    READS = "reads"
+    COPIES = "copies"
+
+
 @dataclass(frozen=True)
 class CopyTuning:
     """How the GPU pipeline's threads share the cores (runtime/config.py documents both):
     whether the thread handing buffers back sleeps on each copy's event or spins on it, and the
     readers' nice value. Both decide whether the thread issuing the copies gets a core when it
-    wakes, with one reader per core or more (docs/decisions/pinned-pool.md)."""
+    wakes, with one reader per core or more (docs/decisions/pinned-pool.md). `only` runs one
+    half of the pipeline, for measurements."""
 
     wait: config.CopyWait = config.CopyWait.SPIN
     reader_nice: int = 0  # added to the caller's nice value, up to 19
+    only: PipelineHalf | None = None
 
 
 @dataclass
@@ -381,12 +394,11 @@ def load_into(
     direct: bool | None = None,
     verify: bool = False,
     on_bytes: Callable[[int], None] | None = None,
-    copy_wait: config.CopyWait = config.CopyWait.SPIN,
-    reader_nice: int = 0,
+    tuning: CopyTuning = CopyTuning(),
     _idx: fileformat.Index | None = None,
 ) -> LoadStats:
-    """Fill `targets` (name -> tensor, all on one device) from the file at `path`; `copy_wait`
-    and `reader_nice` apply to GPU targets (CopyTuning)."""
+    """Fill `targets` (name -> tensor, all on one device) from the file at `path`; `tuning`
+    applies to GPU targets."""
     path = Path(path)
     if chunk <= 0 or chunk % _DIRECT_ALIGN:
         raise UsageError(f"chunk size {chunk} is not a positive multiple of 4096", hint="use e.g. 16 MiB")
@@ -399,7 +411,6 @@ def load_into(
     t0 = time.perf_counter()
     if on_gpu:
         nbuf = pool_size(threads, buffers)
-        tuning = CopyTuning(copy_wait, reader_nice)
         st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes, tuning)
     else:
         st = LoadStats(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes), 0.0, 0)
@@ -814,7 +825,8 @@ def _stream_to_gpu(
                 if stop.is_set():
                     return
                 s = spans[si]
-                _read_exact(src(s.file_off, s.length), pool.views[bi][: s.length], s.file_off, path)
+                if tuning.only is not PipelineHalf.COPIES:
+                    _read_exact(src(s.file_off, s.length), pool.views[bi][: s.length], s.file_off, path)
                 ready.put((si, bi))
         except BaseException as exc:
             ready.put(exc)
@@ -856,9 +868,10 @@ def _stream_to_gpu(
                 buf = pool.buffers[bi]
                 n_span = 0
                 for p in spans[si].pieces:
-                    p.dst[p.dst_off : p.dst_off + p.n].copy_(
-                        buf[p.span_off : p.span_off + p.n], non_blocking=True
-                    )
+                    if tuning.only is not PipelineHalf.READS:
+                        p.dst[p.dst_off : p.dst_off + p.n].copy_(
+                            buf[p.span_off : p.span_off + p.n], non_blocking=True
+                        )
                     n_span += p.n
                 total += n_span
                 t_last = time.perf_counter()
