@@ -66,10 +66,12 @@ from fastvllm.runtime.errors import (
 from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
 
-# The loader's readers in a restored GPU worker (FASTVLLM_LOADER_THREADS unset): 14, sharing the
-# 14 staging buffers its snapshot kept, beat the fresh-process default of 10 in restored 3B
-# servers on the H100 (docs/decisions/pinned-pool.md); a CPU restore keeps the loader's own.
-RELOAD_THREADS = min(14, os.cpu_count() or 4)
+# The loader's readers in a restored GPU worker (FASTVLLM_LOADER_THREADS unset): 12, two fewer
+# than the 14 staging buffers its snapshot kept, so that copies in flight never leave a reader
+# without a buffer. On the H100, 14 readers (every buffer held by a reader) fell to half the
+# pinned bound on one host, and 12 beat both 14 and 10 there (docs/decisions/pinned-pool.md);
+# a CPU restore keeps the loader's own.
+RELOAD_THREADS = min(12, os.cpu_count() or 4)
 
 
 @dataclass

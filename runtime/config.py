@@ -291,7 +291,7 @@ LOADER_THREADS = _declare(
         lambda: 0,
         "an integer 0-64",
         "0",
-        "Reader threads of the weight loader in a restore (0: on a GPU 14, or the host's core "
+        "Reader threads of the weight loader in a restore (0: on a GPU 12, or the host's core "
         "count if fewer, sharing the 14 staging buffers a GPU snapshot keeps; on the CPU the "
         "loader's default, 10 or the core count).",
     )
