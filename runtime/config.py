@@ -306,8 +306,8 @@ LOADER_COPY_WAIT = _declare(
         "How the GPU weight loader waits for each staging buffer's copy to the device before "
         "handing the buffer back to its readers: `spin` polls the copy's event, as CUDA does by "
         "default (one core busy for the whole load); `block` sleeps on it and leaves the core "
-        "to the readers (not yet measured on a GPU). Sent to the worker with each restore's "
-        "reload.",
+        "to the readers (no faster on the H100: docs/decisions/pinned-pool.md). Sent to the "
+        "worker with each restore's reload.",
     )
 )
 LOADER_READER_NICE = _declare(
@@ -319,8 +319,8 @@ LOADER_READER_NICE = _declare(
         "0",
         "How far the GPU weight loader's reader threads lower their priority (added to their "
         "nice value, up to 19), so that the thread issuing the copies to the device wins a core "
-        "when it wakes (0: not at all; other values not yet measured on a GPU). Sent to the "
-        "worker with each restore's reload.",
+        "when it wakes (0: not at all; 5 was no faster on the H100: "
+        "docs/decisions/pinned-pool.md). Sent to the worker with each restore's reload.",
     )
 )
 CRIU_LOG_LEVEL = _declare(
