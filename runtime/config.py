@@ -307,7 +307,8 @@ LOADER_COPY_WAIT = _declare(
         "handing the buffer back to its readers: `spin` polls the copy's event, as CUDA does by "
         "default (one core busy for the whole load); `block` sleeps on it and leaves the core "
         "to the readers (no faster on the H100: docs/decisions/pinned-pool.md). Sent to the "
-        "worker with each restore's reload.",
+        "worker with each restore's reload: a snapshot taken before the setting existed "
+        "refuses it, so set it only for snapshots taken since.",
     )
 )
 LOADER_READER_NICE = _declare(
@@ -320,7 +321,9 @@ LOADER_READER_NICE = _declare(
         "How far the GPU weight loader's reader threads lower their priority (added to their "
         "nice value, up to 19), so that the thread issuing the copies to the device wins a core "
         "when it wakes (0: not at all; 5 was no faster on the H100: "
-        "docs/decisions/pinned-pool.md). Sent to the worker with each restore's reload.",
+        "docs/decisions/pinned-pool.md). Sent to the worker with each restore's reload: a "
+        "snapshot taken before the setting existed refuses it, so set it only for snapshots "
+        "taken since.",
     )
 )
 CRIU_LOG_LEVEL = _declare(

@@ -748,8 +748,9 @@ def _load_gpu(
         return LoadStats(0, 0.0, 0)
     device = next(iter(flat.values())).device
     st = _stream_to_gpu(path, spans, device, threads, chunk, nbuf, use_direct, on_bytes, tuning=tuning)
-    for dst, tmp in staged:
-        dst.copy_(tmp)
+    if tuning.only is not PipelineHalf.READS:  # reads alone leave every target as it was
+        for dst, tmp in staged:
+            dst.copy_(tmp)
     return st
 
 
