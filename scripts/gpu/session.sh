@@ -98,7 +98,7 @@ print(f'8b made in {time.time() - t:.1f} s'); ok.touch()" \
       sleep 1
     done
     made=3b=$MODEL3B,8b=$MODEL8B  # a model not made yet is made by the bench itself (in its budget)
-    for f in model model8b; do [ -f /root/$f.ok ] || tail -3 /root/stage-$f.log; done
+    for f in model model8b; do [ -f /root/$f.ok ] || tail -3 /root/stage-$f.log 2>/dev/null || true; done
     models=${MODELS:-3b,8b}; [ -f /root/model8b.fail ] && [ -z "${MODELS:-}" ] && models=3b
     finish_stage
     nvidia-smi > $OUT/nvidia-smi.txt; df -h /var/tmp | tail -1; echo "setup $(( $(date +%s) - t0 )) s"
