@@ -62,7 +62,8 @@ VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,n
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
 # host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers, the
 # loader's thread that hands buffers back sleeping on its events instead of spinning, readers at
-# a lower priority than the thread issuing the copies.
+# a lower priority than the thread issuing the copies, readers copying out of a mapping of the
+# file instead of reading it.
 VARIANT_ENV = {
     "c-noprefault": {"FASTVLLM_GPU_PREFAULT_THREADS": "0"},
     "c-v2": {"FASTVLLM_CRIU_LOG_LEVEL": "2"},
@@ -70,20 +71,26 @@ VARIANT_ENV = {
     "c-block": {"FASTVLLM_LOADER_COPY_WAIT": "block"},
     **{f"c-nice{n}": {"FASTVLLM_LOADER_READER_NICE": str(n)} for n in (5, 10)},
     "c-r16-nice5": {"FASTVLLM_LOADER_THREADS": "16", "FASTVLLM_LOADER_READER_NICE": "5"},
+    "c-mapped": {"FASTVLLM_LOADER_READS": "mapped"},
+    "c-r14-mapped": {"FASTVLLM_LOADER_THREADS": "14", "FASTVLLM_LOADER_READS": "mapped"},
 }
 PROMPT = "A separate client asks the restored server:"
 # The loader's settings (worker_rpc.ReloadArgs fields) reloaded in a restored server by the
 # `sweep` step, with the staging buffers kept in its image (a load with more readers than kept
 # buffers uses those): readers and chunk sizes; the copy thread's wait and the readers'
-# priority; each half of the pipeline alone, to tell which one bounds the whole (reads with no
-# copies; copies of the buffers as they are, last: they leave the weights wrong).
+# priority; reads through a mapping of the file; each half of the pipeline alone, to tell which
+# one bounds the whole (reads with no copies; copies of the buffers as they are, last: they
+# leave the weights wrong).
 SWEEP_GRID: list[dict[str, Any]] = [
     *({"threads": t, "chunk_mib": c} for c in (8, 16) for t in (10, 12, 14, 16)),
     {"threads": 14, "copy_wait": "block"},
     {"threads": 14, "reader_nice": 5},
     {"threads": 16, "copy_wait": "block", "reader_nice": 5},
+    {"threads": 12, "reads": "mapped"},
+    {"threads": 14, "reads": "mapped"},
     {"threads": 14, "only": "reads"},
     {"threads": 16, "only": "reads"},
+    {"threads": 14, "only": "reads", "reads": "mapped"},
     {"threads": 14, "only": "copies"},
 ]
 SWEEP_REPS = 2

@@ -643,6 +643,7 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
                 threads=config.LOADER_THREADS.get() or (RELOAD_THREADS if m.cuda_pids else 0),
                 copy_wait=config.LOADER_COPY_WAIT.get().value,
                 reader_nice=config.LOADER_READER_NICE.get(),
+                reads=config.LOADER_READS.get().value,
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:

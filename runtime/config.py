@@ -55,6 +55,13 @@ class CopyWait(enum.Enum):
     BLOCK = "block"  # blocking-sync events: the thread sleeps and leaves its core to the readers
 
 
+class LoaderReads(enum.Enum):
+    """How the GPU loader's readers take the weight file's bytes into the staging buffers."""
+
+    PREAD = "pread"  # preadv: the kernel copies out of the page cache
+    MAPPED = "mapped"  # a read-only mapping of the file, copied from in user space (glibc's memmove)
+
+
 class GraphMemory(enum.Enum):
     """What a sleeping GPU snapshot does with the CUDA graphs' memory (weights/graph_memory.py)."""
 
@@ -324,6 +331,22 @@ LOADER_READER_NICE = _declare(
         "docs/decisions/pinned-pool.md). Sent to the worker with each restore's reload: a "
         "snapshot taken before the setting existed refuses it, so set it only for snapshots "
         "taken since.",
+    )
+)
+LOADER_READS = _declare(
+    Var[LoaderReads](
+        "FASTVLLM_LOADER_READS",
+        _one_of(LoaderReads),
+        lambda: LoaderReads.PREAD,
+        "`pread` or `mapped`",
+        "`pread`",
+        "How the GPU weight loader's readers take a warm weight file into its staging buffers: "
+        "`pread` reads it (the kernel copies out of the page cache); `mapped` maps the file and "
+        "copies from the mapping in user space, whose large copies stream past the CPU caches "
+        "(built to measure whether host memory traffic bounds the loader: "
+        "docs/decisions/pinned-pool.md). A cold file is read either way. Sent to the worker "
+        "with each restore's reload: a snapshot taken before the setting existed refuses it, so "
+        "set it only for snapshots taken since.",
     )
 )
 CRIU_LOG_LEVEL = _declare(

@@ -153,6 +153,7 @@ class ReloadArgs:
     copy_wait: str = config.CopyWait.SPIN.value
     reader_nice: int = 0
     only: str = ""
+    reads: str = config.LoaderReads.PREAD.value
 
     def as_kwargs(self) -> dict[str, str]:
         """Only what differs from the defaults: a worker restored from an older snapshot knows
@@ -175,14 +176,23 @@ class ReloadArgs:
         copy_wait: str = config.CopyWait.SPIN.value,
         reader_nice: str = "0",
         only: str = "",
+        reads: str = config.LoaderReads.PREAD.value,
     ) -> ReloadArgs:
         return cls(
-            path, verify == "1", int(threads), int(chunk_mib), int(buffers), copy_wait, int(reader_nice), only
+            path,
+            verify == "1",
+            int(threads),
+            int(chunk_mib),
+            int(buffers),
+            copy_wait,
+            int(reader_nice),
+            only,
+            reads,
         )
 
     def loader_kwargs(self) -> dict[str, Any]:
         """weights.loader.load_into's keyword arguments (the defaults left out), less its
-        `tuning`, which the worker builds from `copy_wait`, `reader_nice` and `only`."""
+        `tuning`, which the worker builds from `copy_wait`, `reader_nice`, `only` and `reads`."""
         kw: dict[str, Any] = {"verify": self.verify}
         if self.threads > 0:
             kw["threads"] = self.threads

@@ -92,15 +92,22 @@ def test_reload_arguments_cross_as_the_strings_the_worker_takes() -> None:
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == args
     assert args.loader_kwargs() == {"verify": True, "threads": 4, "chunk": 16 << 20}
     # the restore's settings for how the loader's threads share the cores cross only when set
-    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="block", reader_nice=5, only="reads")
+    tuned = worker_rpc.ReloadArgs("/s/w.fvw", copy_wait="block", reader_nice=5, only="reads", reads="mapped")
     sent = tuned.as_kwargs()
-    assert sent == {"path": "/s/w.fvw", "copy_wait": "block", "reader_nice": "5", "only": "reads"}
+    assert sent == {
+        "path": "/s/w.fvw",
+        "copy_wait": "block",
+        "reader_nice": "5",
+        "only": "reads",
+        "reads": "mapped",
+    }
     assert set(sent) <= set(inspect.signature(WorkerExtension.fastvllm_reload).parameters)
     assert worker_rpc.ReloadArgs.from_kwargs(**sent) == tuned
     # the worker builds the loader's tuning from them; each value is one the loader knows
     assert tuned.loader_kwargs() == {"verify": False}
     assert config.CopyWait(tuned.copy_wait) is config.CopyWait.BLOCK
     assert loader.PipelineHalf(tuned.only) is loader.PipelineHalf.READS
+    assert config.LoaderReads(tuned.reads) is config.LoaderReads.MAPPED
     assert {*tuned.loader_kwargs(), "tuning"} <= set(inspect.signature(loader.load_into).parameters)
     for method in worker_rpc.Method:
         if method is not worker_rpc.Method.VLLM_RELOAD_WEIGHTS:

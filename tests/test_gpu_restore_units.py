@@ -465,6 +465,7 @@ def test_every_sweep_setting_is_one_the_worker_takes_and_the_wrong_weights_come_
         args = worker_rpc.ReloadArgs("/s/w.fvw", **setting)
         assert set(args.as_kwargs()) <= takes
         config.CopyWait(args.copy_wait)
+        config.LoaderReads(args.reads)
         assert not args.only or loader.PipelineHalf(args.only)
     halves = [s.get("only") for s in b.SWEEP_GRID]
     assert halves[-1] == "copies" and halves.count("copies") == 1

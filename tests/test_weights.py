@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastvllm.runtime import config
 from fastvllm.runtime.errors import IntegrityError, UsageError
 from fastvllm.weights import fileformat, loader
 
@@ -208,6 +209,31 @@ def test_gpu_round_trip_double_buffered(tmp_path: Path, monkeypatch: pytest.Monk
     dst["lm_head"] = dst["embed"]
     loader.load_into(path, dst, chunk=64 << 10, buffers=2, verify=True)
     assert all(_same(dst[k], src[k]) for k in src)
+    dst = {k: v.cuda() for k, v in _blank_like(src).items()}
+    dst["lm_head"] = dst["embed"]
+    mapped = loader.CopyTuning(reads=config.LoaderReads.MAPPED)
+    loader.load_into(path, dst, chunk=64 << 10, buffers=2, direct=False, tuning=mapped)
+    assert all(_same(dst[k], src[k]) for k in src)
+
+
+def test_mapped_reads_copy_the_file_and_stop_at_its_end(tmp_path: Path) -> None:
+    """The GPU readers' mapped source (FASTVLLM_LOADER_READS=mapped) copies the bytes a span
+    names, and refuses a span past the file's end instead of faulting on it."""
+    path = tmp_path / "w"
+    data = bytes(range(256)) * 64
+    path.write_bytes(data)
+    m = loader._MappedFile(path)
+    try:
+        dst = torch.zeros(4096, dtype=torch.uint8)
+        m.copy(dst.data_ptr(), 8192, 4096)
+        assert bytes(dst.numpy()) == data[8192:12288]
+        with pytest.raises(IntegrityError, match="ended early"):
+            m.copy(dst.data_ptr(), len(data) - 100, 4096)
+    finally:
+        m.close()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    loader._MappedFile(empty).close()
 
 
 def test_store_shares_one_file_per_model(tmp_path: Path) -> None:

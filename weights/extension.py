@@ -262,20 +262,22 @@ class WorkerExtension:
         copy_wait: str = "spin",
         reader_nice: str = "0",
         only: str = "",
+        reads: str = "pread",
     ) -> dict[str, Any]:
         """Fill this rank's weights from its own file (`path` names rank 0's). `threads`,
         `chunk_mib`, `buffers` (0: the loader's defaults) are for sweeps in a restored server;
-        `copy_wait` and `reader_nice` come from the restore's settings (the worker's own
+        `copy_wait`, `reader_nice` and `reads` come from the restore's settings (the worker's own
         environment is the snapshot's); `only` runs half the pipeline, for the bench's sweep.
         The arguments cross as strings (runtime.worker_rpc.ReloadArgs encodes them)."""
         args = rpc.ReloadArgs.from_kwargs(
-            path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice, only
+            path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice, only, reads
         )
         kw = args.loader_kwargs()
         kw["tuning"] = loader.CopyTuning(
             config.CopyWait(args.copy_wait),
             args.reader_nice,
             loader.PipelineHalf(args.only) if args.only else None,
+            config.LoaderReads(args.reads),
         )
         place = self._fastvllm_rank()
         target = fileformat.rank_path(Path(path), place["rank"])

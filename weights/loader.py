@@ -91,11 +91,13 @@ class CopyTuning:
     whether the thread handing buffers back sleeps on each copy's event or spins on it, and the
     readers' nice value. Both decide whether the thread issuing the copies gets a core when it
     wakes, with one reader per core or more (docs/decisions/pinned-pool.md). `only` runs one
-    half of the pipeline, for measurements."""
+    half of the pipeline, for measurements; `reads` says how the readers take a warm file's
+    bytes (`_MappedFile`)."""
 
     wait: config.CopyWait = config.CopyWait.SPIN
     reader_nice: int = 0  # added to the caller's nice value, up to 19
     only: PipelineHalf | None = None
+    reads: config.LoaderReads = config.LoaderReads.PREAD  # warm files only; a cold one is read
 
 
 @dataclass
@@ -186,6 +188,49 @@ def prefer_huge_pages(ptr: int, nbytes: int) -> None:
     (docs/decisions/pinned-pool.md). A hint: where THP is off it does nothing."""
     with contextlib.suppress(OSError):  # kernels without THP refuse the advice
         advise_interior(ptr, nbytes, MADV_HUGEPAGE, HUGE_PAGE)
+
+
+class _MappedFile:
+    """The weight file mapped read-only, copied out of by address: the readers' alternative to
+    preadv (config.LoaderReads.MAPPED). glibc's memmove streams copies this large past the CPU
+    caches, where the kernel's copy out of the page cache first reads each destination line; on a
+    host whose memory the device's copies also load, that may be a third less traffic
+    (docs/decisions/pinned-pool.md). Faulting the mapping in costs a page-table entry per page."""
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+        import warnings
+
+        import torch
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(fd).st_size
+            self._mm: Any = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
+        finally:
+            os.close(fd)
+        self.path = path
+        self._view: Any = None
+        self.base = 0
+        if self._mm is not None:
+            with warnings.catch_warnings():  # torch warns of a read-only buffer: nothing writes it
+                warnings.simplefilter("ignore")
+                self._view = torch.frombuffer(self._mm, dtype=torch.uint8)
+            self.base = self._view.data_ptr()
+
+    def copy(self, dst: int, off: int, n: int) -> None:
+        """[off, off + n) of the file to address `dst`."""
+        import ctypes
+
+        if off + n > self.size:  # a mapping read past its end is a SIGBUS, not an error
+            raise IntegrityError(f"weight file {self.path} ended early", hint="re-dump the weights")
+        ctypes.memmove(dst, self.base + off, n)
+
+    def close(self) -> None:
+        self._view = None
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
 
 
 def _read_exact(fd: int, buf: memoryview, off: int, path: Path) -> None:
@@ -791,6 +836,9 @@ def _stream_to_gpu(
     fd = os.open(path, os.O_RDONLY)  # before the kept pool is taken: nothing may fail in between
     dfd = _open_direct(path) if use_direct else None
     src = _sources(path, fd, dfd)
+    mapped = None
+    if tuning.reads is config.LoaderReads.MAPPED and dfd is None and not use_direct:
+        mapped = _MappedFile(path)
     pool, how = _acquire_pool(chunk, nbuf, device)
     kept = how == "kept"
     if kept:
@@ -826,7 +874,11 @@ def _stream_to_gpu(
                 if stop.is_set():
                     return
                 s = spans[si]
-                if tuning.only is not PipelineHalf.COPIES:
+                if tuning.only is PipelineHalf.COPIES:
+                    pass
+                elif mapped is not None:
+                    mapped.copy(pool.buffers[bi].data_ptr(), s.file_off, s.length)
+                else:
                     _read_exact(src(s.file_off, s.length), pool.views[bi][: s.length], s.file_off, path)
                 ready.put((si, bi))
         except BaseException as exc:
@@ -895,6 +947,8 @@ def _stream_to_gpu(
         os.close(fd)
         if dfd is not None:
             os.close(dfd)
+        if mapped is not None:
+            mapped.close()
         with contextlib.suppress(Exception):
             stream.synchronize()  # no copy may still read a buffer when it is unpinned
         if kept:
