@@ -319,6 +319,34 @@ def child_import(fd: int, n: int, loc: list[int], cpu: bool) -> dict[str, Any]:
     return out
 
 
+def child_no_context(n: int, loc: list[int]) -> dict[str, Any]:
+    """Whether a process can make and export such memory without a CUDA context (a context holds
+    device memory: a holder process without one costs the GPU nothing)."""
+    out: dict[str, Any] = {}
+    ck(cu.cuInit(0), "cuInit")
+    try:
+        prop = host_vmm_prop(*loc)
+        h = U64()
+        ck(cu.cuMemCreate(ctypes.byref(h), SZ(n), ctypes.byref(prop), U64(0)), "cuMemCreate")
+        out["create"] = "ok"
+        fd = ctypes.c_int(-1)
+        ck(cu.cuMemExportToShareableHandle(ctypes.byref(fd), U64(h.value), POSIX_FD, U64(0)), "export")
+        out["export"] = "ok"
+        va = U64()
+        ck(cu.cuMemAddressReserve(ctypes.byref(va), SZ(n), SZ(0), U64(0), U64(0)), "reserve")
+        ck(cu.cuMemMap(va, SZ(n), SZ(0), U64(h.value), U64(0)), "map")
+        arr = (AccessDesc * 1)(AccessDesc(Location(*loc), RW))
+        ck(cu.cuMemSetAccess(va, SZ(n), arr, SZ(1)), "setAccess (CPU only)")
+        ctypes.memset(va.value, 0x33, n)
+        out["cpu_fill"] = "ok"
+    except Exception as e:
+        out["error"] = repr(e)[:300]
+    cur = P()
+    cu.cuCtxGetCurrent(ctypes.byref(cur))
+    out["context_after"] = bool(cur.value)
+    return out
+
+
 def run_child(args: list[str], fds: tuple[int, ...] = ()) -> dict[str, Any]:
     r = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, pass_fds=fds, timeout=120
@@ -367,6 +395,7 @@ def host_vmm(dev: int, n: int, numa: int, pinned: int, doc: dict[str, Any]) -> N
             res["child"] = run_child(
                 ["child-import", str(fd.value), str(size), json.dumps(list(loc)), "0"], (fd.value,)
             )
+            res["no_context"] = run_child(["child-no-context", str(g.value * 16), json.dumps(list(loc))])
             if cpu_ok:
                 res["child_cpu"] = run_child(
                     ["child-import", str(fd.value), str(size), json.dumps(list(loc)), "1"], (fd.value,)
@@ -381,6 +410,9 @@ def host_vmm(dev: int, n: int, numa: int, pinned: int, doc: dict[str, Any]) -> N
 
 
 def main() -> int:
+    if sys.argv[1] == "child-no-context":
+        print(json.dumps(child_no_context(int(sys.argv[2]), json.loads(sys.argv[3]))))
+        return 0
     if sys.argv[1] == "child-import":
         fd, n, loc, cpu = int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5] == "1"
         print(json.dumps(child_import(fd, n, loc, cpu)))
