@@ -418,16 +418,22 @@ def agent_available(cmd: list[str] | None = None) -> str:
 
 
 @contextlib.contextmanager
-def agent_running(cmd: list[str] | None = None, ready_s: float = 120.0) -> Any:
-    """`fastvllm agent` started for the block and stopped by its PID after. It is ready once
-    `fastvllm agent status` answers 0 (where the agent has no such command: once its process
-    has run `ready_s`/20 seconds without exiting)."""
+def agent_running(
+    cmd: list[str] | None = None, ready_s: float = 120.0, extra: list[str] | None = None
+) -> Any:
+    """`fastvllm agent` (with `extra` arguments) started for the block and stopped by its PID
+    after. It is ready once `fastvllm agent status` answers 0 (where the agent has no such
+    command: once its process has run `ready_s`/20 seconds without exiting)."""
     base = cmd or fastvllm_command()
     if subprocess.run([*base, "agent", "status"], capture_output=True, timeout=60).returncode == 0:
         yield None  # one runs already (its owner stops it)
         return
     p = subprocess.Popen(
-        [*base, "agent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*base, "agent", *(extra or [])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         end = time.monotonic() + ready_s

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,9 @@ from typing import Any
 # room for a KV cache. CUDA graphs on, as vLLM serves by default (`--eager` turns them off).
 BASE_ARGS = ["--attention-backend", "FLASH_ATTN", "--max-model-len", "1024"]
 GPU_UTIL = {"8b": "0.3", "*": "0.2"}
-VARIANTS = "prime,cli,agent,c,b,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
+VARIANTS = (
+    "prime,cli,agent,agent-held,c,b,c-held,c-noprefault,c-v2,sweep,cli-copy,copy,mmap-old,noahead,inplace"
+)
 # (c) with one setting changed (runtime/config.py), timed beside (c) in the same run: the
 # host copy left to the driver's own faults, CRIU's log at warnings, 12-16 loader readers, the
 # loader's thread that hands buffers back sleeping on its events instead of spinning, readers at
@@ -73,7 +75,9 @@ VARIANT_ENV = {
     "c-r16-nice5": {"FASTVLLM_LOADER_THREADS": "16", "FASTVLLM_LOADER_READER_NICE": "5"},
     "c-mapped": {"FASTVLLM_LOADER_READS": "mapped"},
     "c-r14-mapped": {"FASTVLLM_LOADER_THREADS": "14", "FASTVLLM_LOADER_READS": "mapped"},
+    "c-held": {},  # this process holds the weights in pinned memory, as `fastvllm agent --hold`
 }
+HELD = "@held"  # a sweep row's `held`: the socket of this process's held copy (`_holding`)
 PROMPT = "A separate client asks the restored server:"
 # The loader's settings (worker_rpc.ReloadArgs fields) reloaded in a restored server by the
 # `sweep` step, with the staging buffers kept in its image (a load with more readers than kept
@@ -91,6 +95,7 @@ SWEEP_GRID: list[dict[str, Any]] = [
     {"threads": 14, "only": "reads"},
     {"threads": 16, "only": "reads"},
     {"threads": 14, "only": "reads", "reads": "mapped"},
+    {"held": HELD},
     {"threads": 14, "only": "copies"},
 ]
 SWEEP_REPS = 2
@@ -164,10 +169,12 @@ def plan(
     restore(first, "c", "warm")
     restore(first, "b", "warm")
     restore(first, "agent", "warm")
+    restore(first, "agent-held", "warm")
     for m in rest:  # a failed or slow snapshot of a bigger model costs nothing of the above
         steps += [Step(m, StepKind.SNAPSHOT), *(Step(m, k) for k in prime)]
         restore(m, "cli", "warm")
         restore(m, "agent", "warm")
+        restore(m, "agent-held", "warm")
         restore(m, "c", "warm")
         restore(m, "b", "warm")
         restore(m, "cli", "cold")
@@ -176,7 +183,7 @@ def plan(
             restore(m, v, "warm")
     for rep in range(2, reps + 1):  # the warm waits are the figures asked for: their medians next
         for m in models:
-            for v in ("cli", "agent"):
+            for v in ("cli", "agent", "agent-held"):
                 restore(m, v, "warm", rep)
         for m in models:
             for v in ("c", *ab):
@@ -351,7 +358,7 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
     from fastvllm import api
     from fastvllm.restore import readahead
     from fastvllm.restore.pipeline import RestoreOptions, restore_snapshot
-    from fastvllm.runtime import cuda_checkpoint
+    from fastvllm.runtime import cuda_checkpoint, manifest
     from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 
     assert m.snap is not None
@@ -378,8 +385,12 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         resume = cuda_checkpoint.resume
         cuda_checkpoint.resume = lambda pids, **kw: resume(pids, **{**kw, "parallel": False})
         undo.append(lambda: setattr(cuda_checkpoint, "resume", resume))
+    held_here: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if variant == "c-held":
+        held_here = _holding(m.snap / str(manifest.load(m.snap).weights_file))
     try:
-        r = restore_snapshot(opts)
+        with held_here:
+            r = restore_snapshot(opts)
     finally:
         for u in undo:
             u()
@@ -404,6 +415,53 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
         return out
     api.stop(r.server.pid)
     return out
+
+
+@contextlib.contextmanager
+def _holding(weights: Path) -> Iterator[str]:
+    """This process holds `weights` in pinned memory and answers restored workers' requests for
+    it on a socket of its own, as `fastvllm agent --hold` does; yields the socket."""
+    import socket
+    import threading
+
+    from fastvllm.weights import held
+
+    t = time.perf_counter()
+    h = held.hold(weights)
+    _say(f"  holding {weights} ({h.data_bytes / 1e9:.1f} GB) in {time.perf_counter() - t:.2f} s")
+    tmp = tempfile.mkdtemp(prefix="fv-held-")
+    path = os.path.join(tmp, "held.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                line = b""
+                with contextlib.suppress(OSError):
+                    while not line.endswith(b"\n") and (got := conn.recv(4096)):
+                        line += got
+                    held.answer(conn, json.loads(line))
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    held.announce(path)
+    try:
+        yield path
+    finally:
+        held.announce(None)
+        stop.set()
+        srv.close()
+        th.join(5)
+        held.release_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _restore_env(key: str, value: str | None) -> None:
@@ -438,12 +496,13 @@ def _inplace_cycles(server: Any, snap: Path, reps: int = 2) -> list[dict[str, An
 
 
 def _restore_cli(
-    m: Model, cold: bool, mode: str | None, h2d: float | None, *, agent: bool = False
+    m: Model, cold: bool, mode: str | None, h2d: float | None, *, agent: bool = False, hold: bool = False
 ) -> dict[str, Any]:
     """`fastvllm restore` as a user runs it (defaults, or `--criu-restore mode`), through the
     console script's launcher, timed from spawning it to the first 200 a separate client gets
     (fastvllm.benchmark.command_once). With `agent`, a `fastvllm agent` runs for it and the
-    command hands the restore over (the resident path)."""
+    command hands the restore over (the resident path); with `hold`, the agent holds the
+    snapshot's weights in pinned memory (`--hold`)."""
     from fastvllm import benchmark
     from fastvllm.runtime import manifest, proctree
 
@@ -457,7 +516,8 @@ def _restore_cli(
     # can reap them, and an agent restoring the same PIDs would wait for them
     proctree.wait_gone(manifest.load(m.snap).server.tree_pids, 30.0, reaped=True)
     try:
-        with benchmark.agent_running(cmd) if agent else contextlib.nullcontext():
+        extra_agent = ["--hold", str(m.snap)] if hold else []
+        with benchmark.agent_running(cmd, extra=extra_agent) if agent else contextlib.nullcontext():
             wait_s, detail = benchmark.command_once(
                 target, cold, cmd, agent=agent, extra=extra, keep_result=True, exact_text=False
             )
@@ -474,6 +534,7 @@ def _restore_cli(
         "ttfc_s": doc.get("time_to_first_completion_s"),
         "criu_restore": doc.get("criu_restore"),
         "agent": agent,
+        "held": hold,
         "phases": phases,
         "gpu": doc.get("gpu"),
         **_load_figures(doc.get("gpu"), phases.get("load_weights"), h2d),
@@ -495,10 +556,13 @@ def _sweep(m: Model, h2d: float | None) -> dict[str, Any]:
     try:
         for setting in SWEEP_GRID:
             got, waits = [], []
-            for _ in range(SWEEP_REPS):
-                replies = worker_rpc.reload(server, worker_rpc.ReloadArgs(weights, **setting))
-                got.append(min(x.gbps for x in replies))
-                waits.append(_load_figures({"load": [x.as_dict() for x in replies]}, None, None))
+            holding = _holding(Path(weights)) if setting.get("held") == HELD else contextlib.nullcontext("")
+            with holding as sock:
+                args = worker_rpc.ReloadArgs(weights, **{**setting, **({"held": sock} if sock else {})})
+                for _ in range(SWEEP_REPS):
+                    replies = worker_rpc.reload(server, args)
+                    got.append(min(x.gbps for x in replies))
+                    waits.append(_load_figures({"load": [x.as_dict() for x in replies]}, None, None))
             row = {"chunk_mib": 8, **setting, "gbps": [round(g, 2) for g in got]}
             if h2d:
                 row["best_pct_of_pinned_bound"] = round(100 * max(got) / h2d, 1)
@@ -565,9 +629,10 @@ def _run_step(step: Step, m: Model, doc: dict[str, Any], work: Path, a: argparse
         _say(f"{m.name} prime (cold, learns the hot set): {res['ttfc_s']:.2f} s {res['phases']}")
         return
     cold = step.cond == "cold"
-    if step.variant.startswith("cli") or step.variant == "agent":
-        mode = step.variant.split("-", 1)[1] if "-" in step.variant else None
-        res = _restore_cli(m, cold, mode, h2d, agent=step.variant == "agent")
+    if step.variant.startswith(("cli", "agent")):
+        mode = step.variant.split("-", 1)[1] if step.variant.startswith("cli-") else None
+        agent = step.variant.startswith("agent")
+        res = _restore_cli(m, cold, mode, h2d, agent=agent, hold=step.variant == "agent-held")
         _say(f"{m.name} rep {step.rep} {step.key}: user waits {res['user_wait_s']:.2f} s {res['phases']}")
     else:
         res = _restore(m, step.variant, cold, h2d)
@@ -723,6 +788,8 @@ def _acceptance(md: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"user_wait_warm_s": warm, "user_wait_cold_s": cold}
     if med.get("agent/warm"):  # the same command with `fastvllm agent` running
         out["user_wait_warm_through_agent_s"] = med["agent/warm"]
+    if med.get("agent-held/warm"):  # and holding the weights in pinned memory (`--hold`)
+        out["user_wait_warm_through_agent_holding_s"] = med["agent-held/warm"]
     if cold and md.get("cold_disk_bound_s"):
         out["cold_x_disk_bound"] = round(cold / md["cold_disk_bound_s"], 2)
     if c and bw:
@@ -738,6 +805,14 @@ def _acceptance(md: dict[str, Any]) -> dict[str, Any]:
     ]
     if any(p is not None for p in pct):
         out["load_pct_of_pinned_bound_warm"] = statistics.median(p for p in pct if p is not None)
+    held_pct = [
+        r.get("load_pct_of_pinned_bound")
+        for k in ("c-held/warm", "agent-held/warm")
+        for r in md.get("runs", {}).get(k, [])
+        if r.get("load_pool") == "held"
+    ]
+    if any(p is not None for p in held_pct):  # the load out of weights held in pinned memory
+        out["load_pct_of_pinned_bound_warm_held"] = statistics.median(p for p in held_pct if p is not None)
     return out
 
 

@@ -573,6 +573,17 @@ def agent_cmd(
             "keep it running and collect its log).",
         ),
     ] = True,
+    hold: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--hold",
+            metavar="SNAPSHOT",
+            help="Keep this GPU snapshot's weights in pinned host memory (repeatable): each restore "
+            "of it through the agent copies them to the GPU at the bus's speed instead of reading "
+            "the file. Costs host memory the size of the weights, pinned, for as long as the agent runs.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the resident restore agent ('fastvllm restore' hands its restores to it while it runs).
 
@@ -585,13 +596,18 @@ def agent_cmd(
     CLI; SIGTERM to the agent undoes the restore running, removes the socket and exits 143.
     FASTVLLM_AGENT=0 makes 'fastvllm restore' ignore it.
 
-    Typical use:  fastvllm agent  then  fastvllm restore /srv/snap  as usual;  fastvllm agent status"""
+    With --hold SNAPSHOT it first reads that snapshot's weights into pinned host memory, checks
+    them, and hands that memory to every worker it restores from the snapshot: the weight load
+    then moves each byte once, by DMA (docs/decisions/pinned-pool.md).
+
+    Typical use:  fastvllm agent [--hold /srv/snap]  then  fastvllm restore /srv/snap  as usual;
+    fastvllm agent status"""
     if ctx.invoked_subcommand is not None:
         return
     from fastvllm import resident
 
     _recover()
-    code = _guard(lambda: resident.run(socket_path))
+    code = _guard(lambda: resident.run(socket_path, hold=[p.expanduser().absolute() for p in hold or []]))
     raise typer.Exit(code)
 
 

@@ -146,9 +146,7 @@ def start(
             try:
                 server = api.restore(snap).server
                 took = time.perf_counter() - t0
-                return Served(
-                    server.pid, server.base_url, "restored", took, snap, listen=server.listen_url
-                )
+                return Served(server.pid, server.base_url, "restored", took, snap, listen=server.listen_url)
             except SNAPSHOT_FAULTS as e:
                 set_aside = e.one_line()
                 broken = snap.with_name(f"{snap.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")

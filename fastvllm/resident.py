@@ -8,7 +8,10 @@ SO_PEERCRED). `fastvllm restore` hands the restore to it when it runs
 (fastvllm/resident_client.py, standard library only).
 
 Protocol, one JSON document per line. A client sends one request:
-    {"op": "ping"}  ->  {"event": "pong", "pid": ..., "busy": ..., ...}
+    {"op": "ping"}  ->  {"event": "pong", "pid": ..., "busy": ..., "held": [...], ...}
+    {"op": "held", "file": "/abs/weights.fvw"}  ->  {"event": "held", ...} with the descriptor of
+        the pinned memory holding that file's weights (`--hold`; a restored worker asks), or
+        {"event": "not_held", "reason": ...}
     {"op": "restore", "dir": "/abs/path", "verify": true, "reverify": false, "prefetch": true,
      "prefetch_threads": 0, "timeout": 120.0, "criu_restore": "auto", "keep_affinity": false,
      "json": false, "env": {FASTVLLM_* of the client}}
@@ -52,6 +55,7 @@ from fastvllm.runtime import config, journal, signals
 from fastvllm.runtime.errors import FastVLLMError, UsageError, from_os_error
 from fastvllm.runtime.modes import CriuRestoreMode, SnapshotKind
 from fastvllm.runtime.timeline import Phase, Timeline
+from fastvllm.weights import held
 
 if TYPE_CHECKING:
     from fastvllm.restore.pipeline import RestoreResult
@@ -374,6 +378,9 @@ class Agent:
         if isinstance(req, dict) and req.get("op") == "ping":
             _send_line(conn, self.status())
             return None
+        if isinstance(req, dict) and req.get("op") == held.OP:  # a restored worker's load
+            held.answer(conn, req)
+            return None
         try:
             if self.closing or self.stop_signum is not None:
                 raise _Reject("the agent is stopping")
@@ -422,6 +429,7 @@ class Agent:
             "queued": self.jobs.qsize(),
             "restores": self.done,
             "since": round(self.started_at, 3),
+            "held": held.held_files(),
         }
 
     # --- the main thread ------------------------------------------------------------------------
@@ -663,9 +671,35 @@ def _pretouch() -> None:
         cuda_checkpoint.prepare()
 
 
-def run(path: Path | None = None, say: Callable[[str], None] | None = None) -> int:
+def hold_weights(snapshots: list[Path], say: Callable[[str], None]) -> None:
+    """Read each GPU snapshot's weight files (every rank's) into pinned host memory that the
+    workers it restores map and copy from (weights/held.py). Refuses what cannot be held, before
+    the agent listens."""
+    from fastvllm.runtime import manifest, shared_pinned
+
+    if snapshots and (why := shared_pinned.unavailable()):
+        raise UsageError(
+            f"--hold cannot hold weights on this host: {why}", hint="run the agent without --hold"
+        )
+    for snap in snapshots:
+        mf = manifest.load(snap)
+        if not mf.cuda_pids or not mf.weights_file:
+            raise UsageError(
+                f"--hold {snap}: only a sleeping GPU snapshot's weights can be held",
+                hint="name a snapshot taken on a GPU (the default sleeping snapshot)",
+            )
+        for f in mf.all_weight_files():
+            h = held.hold(snap / f)
+            gb = h.data_bytes / 1e9
+            say(f"holding {h.path} ({gb:.1f} GB pinned; read and checked in {h.seconds:.1f} s)")
+
+
+def run(
+    path: Path | None = None, say: Callable[[str], None] | None = None, hold: list[Path] | None = None
+) -> int:
     """The agent, in the foreground until SIGTERM/SIGINT/SIGHUP; returns its exit status.
-    A FastVLLMError at start (another agent, no privileges, no CRIU) is raised."""
+    A FastVLLMError at start (another agent, no privileges, no CRIU, weights it cannot hold)
+    is raised."""
     speak = say or (lambda line: print(f"fastvllm agent: {line}", file=sys.stderr, flush=True))
     agent = Agent((path or default_socket()).expanduser().absolute(), speak)
     agent._install_signals()
@@ -674,9 +708,16 @@ def run(path: Path | None = None, say: Callable[[str], None] | None = None) -> i
     agent.listener.open()
     try:
         _pretouch()
+        hold_weights(list(hold or []), speak)
         agent.listener.listen()
     except BaseException:
         agent.listener.close()
+        held.release_all()
         raise
+    held.announce(sock_path)
     speak(f"ready on {sock_path} (pid {os.getpid()}); restores on request, one at a time")
-    return agent.serve()
+    try:
+        return agent.serve()
+    finally:
+        held.announce(None)
+        held.release_all()

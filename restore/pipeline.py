@@ -65,6 +65,7 @@ from fastvllm.runtime.errors import (
 )
 from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
+from fastvllm.weights import held
 
 # The loader's readers in a restored GPU worker (FASTVLLM_LOADER_THREADS unset): 12, two fewer
 # than the 14 staging buffers its snapshot kept, so that copies in flight never leave a reader
@@ -637,13 +638,15 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
             worker_rpc.vllm_reload_weights(server)
     elif how is WeightsBack.LOADER:
         with r.tl.phase("load_weights"):
+            weights_path = r.path / str(m.weights_file)
             args = worker_rpc.ReloadArgs(
-                str(r.path / str(m.weights_file)),
+                str(weights_path),
                 verify=_loader_verifies(r),
                 threads=config.LOADER_THREADS.get() or (RELOAD_THREADS if m.cuda_pids else 0),
                 copy_wait=config.LOADER_COPY_WAIT.get().value,
                 reader_nice=config.LOADER_READER_NICE.get(),
                 reads=config.LOADER_READS.get().value,
+                held=held.socket_for(weights_path) if m.cuda_pids else "",
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:

@@ -105,6 +105,13 @@ class TreeChangedError(FastVLLMError):
     exit_code = 11
 
 
+class PinnedMemoryError(FastVLLMError):
+    """The CUDA driver would not make, share or map the pinned host memory that holds a
+    snapshot's weights between restores (`fastvllm agent --hold`)."""
+
+    exit_code = 12
+
+
 class SnapshotBusyError(UsageError):
     """Another fastvllm process is restoring the same snapshot on this host right now."""
 

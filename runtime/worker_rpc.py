@@ -107,7 +107,7 @@ class Reloaded(_Reply):
     gbps: float
     direct: bool | None = None
     rank: int = 0
-    pool: str | None = None  # "kept" (pinned before the snapshot) or "fresh: why"
+    pool: str | None = None  # "kept" (pinned before the snapshot), "fresh: why", or "held"
     pin_s: float | None = None
     # where the load waited: the copies for reads (reads behind), the readers for a free
     # pinned buffer (copies behind); GPU targets only
@@ -116,6 +116,9 @@ class Reloaded(_Reply):
     # its fixed costs: start to the first copy issued, the last copy issued to all done
     first_copy_s: float | None = None
     drain_s: float | None = None
+    # weights held in pinned memory by the agent (weights/held.py): "" not asked, "used", or
+    # "not used: why" (the file was read instead)
+    held: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class ReloadArgs:
     reader_nice: int = 0
     only: str = ""
     reads: str = config.LoaderReads.PREAD.value
+    # the agent's socket, where it holds this file's weights in pinned memory (weights/held.py)
+    held: str = ""
 
     def as_kwargs(self) -> dict[str, str]:
         """Only what differs from the defaults: a worker restored from an older snapshot knows
@@ -177,6 +182,7 @@ class ReloadArgs:
         reader_nice: str = "0",
         only: str = "",
         reads: str = config.LoaderReads.PREAD.value,
+        held: str = "",
     ) -> ReloadArgs:
         return cls(
             path,
@@ -188,6 +194,7 @@ class ReloadArgs:
             int(reader_nice),
             only,
             reads,
+            held,
         )
 
     def loader_kwargs(self) -> dict[str, Any]:

@@ -399,9 +399,7 @@ class Router:
             if s.migrations and s.migrations[-1].outcome is None:
                 s.migrations[-1].outcome = f"error: {e!r}"
 
-    async def migrate(
-        self, session: str, target: str | None = None, *, urgent: bool = False
-    ) -> Migration:
+    async def migrate(self, session: str, target: str | None = None, *, urgent: bool = False) -> Migration:
         """Move a streamed session to `target` (another instance of its model when None) and
         return what it cost: catch-up rounds, re-prefilled tokens and the pause at the switch.
         `urgent` (a drain): getting off the source matters more than the pause, so the switch

@@ -1,6 +1,6 @@
 """Build the CPU test image offline (its code is `fastvllm.docker_image`).
 
-    python -m fastvllm.scripts.docker_image            # base + image, prints the timings
+python -m fastvllm.scripts.docker_image            # base + image, prints the timings
 """
 
 from fastvllm.docker_image import main

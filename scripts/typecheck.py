@@ -73,7 +73,7 @@ def main() -> int:
     for line in (proc.stdout + proc.stderr).splitlines():
         for installed, real in prefixes:
             if line.startswith(installed):
-                line = real + line[len(installed):]
+                line = real + line[len(installed) :]
                 break
         print(line)
     return proc.returncode

@@ -336,7 +336,7 @@ def test_the_bench_runs_the_most_important_figures_first() -> None:
     default, (b) and (c) before any repetition, sweep or comparison variant."""
     b = _bench()
     steps = b.plan(["3b", "8b"], reps=2)
-    head = [(s.model, s.key, s.rep) for s in steps[:15]]
+    head = [(s.model, s.key, s.rep) for s in steps[:17]]
     assert head == [
         ("3b", "snapshot", 1),
         ("3b", "bounds", 1),
@@ -346,10 +346,12 @@ def test_the_bench_runs_the_most_important_figures_first() -> None:
         ("3b", "c/warm", 1),
         ("3b", "b/warm", 1),
         ("3b", "agent/warm", 1),
+        ("3b", "agent-held/warm", 1),
         ("8b", "snapshot", 1),
         ("8b", "prime", 1),
         ("8b", "cli/warm", 1),
         ("8b", "agent/warm", 1),
+        ("8b", "agent-held/warm", 1),
         ("8b", "c/warm", 1),
         ("8b", "b/warm", 1),
         ("8b", "cli/cold", 1),
@@ -357,13 +359,13 @@ def test_the_bench_runs_the_most_important_figures_first() -> None:
     first_rep2 = next(i for i, s in enumerate(steps) if s.rep == 2)
     early = [s for s in steps[:first_rep2] if s.kind is b.StepKind.RESTORE]
     # after every model's headline figures: (c) with one setting changed, each model's in turn
-    ab = [(s.model, s.variant) for s in early[10:]]
+    ab = [(s.model, s.variant) for s in early[12:]]
     default = b.VARIANTS.split(",")  # the readers' counts are asked for by name (--variants)
     assert ab == [(m, v) for m in ("3b", "8b") for v in b.VARIANT_ENV if v in default]
-    assert all(s.variant in ("cli", "agent", "c", "b") for s in early[:10])
+    assert all(s.variant in ("cli", "agent", "agent-held", "c", "b") for s in early[:12])
     # the second warm waits as a user waits come before the cold comparisons
-    rep2 = [(s.model, s.key) for s in steps[first_rep2 : first_rep2 + 4]]
-    assert rep2 == [("3b", "cli/warm"), ("3b", "agent/warm"), ("8b", "cli/warm"), ("8b", "agent/warm")]
+    rep2 = [(s.model, s.key) for s in steps[first_rep2 : first_rep2 + 6]]
+    assert rep2 == [(m, f"{v}/warm") for m in ("3b", "8b") for v in ("cli", "agent", "agent-held")]
     assert [s.model for s in steps if s.kind is b.StepKind.BOUNDS] == ["3b"]  # once per machine
     for m in ("3b", "8b"):  # every restore of a model comes after its snapshot and its prime
         idx = [i for i, s in enumerate(steps) if s.model == m]

@@ -36,7 +36,7 @@ from fastvllm.runtime.memory import MADV_DONTNEED, advise_interior
 # Imported with the worker, before any snapshot, not on the first reload: a restored tree would
 # otherwise import it on its critical path (path lookups and reads from a cold cache, and a
 # compile where no bytecode is cached; docs/decisions/pinned-pool.md).
-from fastvllm.weights import fileformat, graph_memory, loader
+from fastvllm.weights import fileformat, graph_memory, held, loader
 
 PACKED_SEP = ".cpu_linear."  # name of a packed tensor: <module>.cpu_linear.<closure variable>
 
@@ -263,14 +263,17 @@ class WorkerExtension:
         reader_nice: str = "0",
         only: str = "",
         reads: str = "pread",
+        held: str = "",
     ) -> dict[str, Any]:
         """Fill this rank's weights from its own file (`path` names rank 0's). `threads`,
         `chunk_mib`, `buffers` (0: the loader's defaults) are for sweeps in a restored server;
         `copy_wait`, `reader_nice` and `reads` come from the restore's settings (the worker's own
-        environment is the snapshot's); `only` runs half the pipeline, for the bench's sweep.
+        environment is the snapshot's); `only` runs half the pipeline, for the bench's sweep;
+        `held` is the agent's socket where it holds this file's weights in pinned memory
+        (weights/held.py), tried first, the file read if it fails.
         The arguments cross as strings (runtime.worker_rpc.ReloadArgs encodes them)."""
         args = rpc.ReloadArgs.from_kwargs(
-            path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice, only, reads
+            path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice, only, reads, held
         )
         kw = args.loader_kwargs()
         kw["tuning"] = loader.CopyTuning(
@@ -283,7 +286,20 @@ class WorkerExtension:
         target = fileformat.rank_path(Path(path), place["rank"])
         idx = fileformat.read_index(target)
         check_rank(idx, place, target)
-        stats = loader.load_into(target, self._fastvllm_tensors(), _idx=idx, **kw)
+        tensors = self._fastvllm_tensors()
+        used = ""
+        if args.held and self._fastvllm_on_gpu():
+            got, used = _load_held(args.held, target, tensors, idx)
+            if got is not None:
+                return rpc.Reloaded(
+                    bytes=got[0],
+                    seconds=got[1],
+                    gbps=got[0] / max(got[1], 1e-9) / 1e9,
+                    rank=place["rank"],
+                    pool="held",
+                    held=used,
+                ).as_dict()
+        stats = loader.load_into(target, tensors, _idx=idx, **kw)
         return rpc.Reloaded(
             bytes=stats.bytes,
             seconds=stats.seconds,
@@ -296,6 +312,7 @@ class WorkerExtension:
             wait_buffers_s=round(stats.wait_buffers_s, 4),
             first_copy_s=round(stats.first_copy_s, 4),
             drain_s=round(stats.drain_s, 4),
+            held=used,
         ).as_dict()
 
     def fastvllm_check_weights(self, path: str) -> dict[str, Any]:
@@ -316,6 +333,22 @@ class WorkerExtension:
             and xxhash.xxh3_64_hexdigest(fileformat.tensor_bytes(tensors[e.name].cpu())) != e.xxh3_64
         ]
         return rpc.WeightCheck(place["rank"], place["pid"], differs[:5], len(differs)).as_dict()
+
+
+def _load_held(
+    socket_path: str, path: Path, tensors: dict[str, Any], idx: fileformat.Index
+) -> tuple[tuple[int, float] | None, str]:
+    """The load out of the agent's held copy: ((bytes, seconds), "used"), or (None, "not used:
+    why"), after which the caller reads the file (which rewrites whatever was copied)."""
+    try:
+        loader.check_compatible(idx, tensors, path)
+        got = held.load_into(socket_path, path, tensors, idx)
+    except held.NotHeld as e:
+        return None, f"not used: {e}"
+    except Exception as e:  # a driver or socket failure: the file still has the weights
+        return None, f"not used: {e!r:.200}"
+    loader.fill_aliases(idx, tensors)
+    return got, "used"
 
 
 def check_rank(idx: fileformat.Index, place: dict[str, int], path: Path) -> None:

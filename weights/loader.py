@@ -459,14 +459,14 @@ def load_into(
         st = _load_gpu(path, idx, targets, threads, chunk, nbuf, use_direct, on_bytes, tuning)
     else:
         st = LoadStats(_load_cpu(path, idx, targets, threads, chunk, use_direct, on_bytes), 0.0, 0)
-    _fill_aliases(idx, targets)
+    fill_aliases(idx, targets)
     device = next(iter(targets.values())).device.type if targets else "cpu"
     return replace(
         st, seconds=time.perf_counter() - t0, tensors=len(idx.tensors), direct=use_direct, device=device
     )
 
 
-def _fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
+def fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
     for e in idx.tensors:  # tied weights that do not already share storage with their origin
         if e.alias_of is not None:
             dst, src = targets[e.name], targets[e.alias_of]

@@ -1,0 +1,176 @@
+"""Weights held in pinned memory by the agent (weights/held.py): what is held is the file's data
+region, checked; what travels over the agent's socket is that memory's descriptor, to its
+owner's processes; a stale or missing copy says why, so the worker reads the file instead.
+
+The pinned memory itself is the CUDA driver's (runtime/shared_pinned.py, GPU hosts only: its
+load is measured by the GPU bench); here a memfd holds the bytes, which exercises the same
+filling, checking and descriptor passing."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastvllm.runtime import shared_pinned
+from fastvllm.runtime.errors import IntegrityError, UsageError
+from fastvllm.weights import fileformat, held
+
+
+class _Memfd:
+    """Shareable memory with an address and a descriptor, as SharedPinned has."""
+
+    def __init__(self, n: int) -> None:
+        self.fd = os.memfd_create("held-test")
+        os.ftruncate(self.fd, n)
+        self._mm = mmap.mmap(self.fd, n)
+        self._anchor: Any = ctypes.c_char.from_buffer(self._mm)
+        self.address = ctypes.addressof(self._anchor)
+        self.nbytes = n
+        self.closed = False
+
+    def close(self) -> None:
+        self._anchor = None
+        self._mm.close()
+        os.close(self.fd)
+        self.closed = True
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    t = {"a": torch.randn((300, 77), generator=g), "b": torch.randn(5000, generator=g).to(torch.bfloat16)}
+    fileformat.write(path, t)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _nothing_held_after() -> Any:
+    yield
+    held.announce(None)
+    held.release_all()
+
+
+def test_the_held_copy_is_the_files_data_region(tmp_path: Path) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    made: list[_Memfd] = []
+
+    def make(n: int) -> _Memfd:
+        made.append(_Memfd(n))
+        return made[-1]
+
+    h = held.hold(path, make=make)
+    idx = fileformat.read_index(path)
+    data = path.read_bytes()[idx.data_offset : idx.file_size]
+    assert h.data_bytes == len(data) and ctypes.string_at(h.memory.address, len(data)) == data
+    assert held.lookup(path) is h and held.held_files()[0]["bytes"] == len(data)
+    assert held.socket_for(path) == ""  # held, but no socket announced: a restore asks no one
+    held.announce(tmp_path / "agent.sock")
+    assert held.socket_for(path) == str(tmp_path / "agent.sock")
+    # the file changes: the copy is stale, dropped and its memory freed
+    os.utime(path, ns=(1, 1))
+    assert held.lookup(path) is None and made[0].closed
+
+
+def test_a_corrupt_file_is_not_held(tmp_path: Path) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    idx = fileformat.read_index(path)
+    raw = bytearray(path.read_bytes())
+    raw[idx.data_offset + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    made: list[_Memfd] = []
+
+    def make(n: int) -> _Memfd:
+        made.append(_Memfd(n))
+        return made[-1]
+
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        held.hold(path, make=make)
+    assert not made and held.lookup(path) is None  # checked before any memory was pinned
+
+
+def _serve_once(sock_path: Path) -> threading.Thread:
+    """The agent's side of one request: as resident.Agent answers it."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock_path))
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += conn.recv(4096)
+            import json
+
+            held.answer(conn, json.loads(line))
+        srv.close()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_a_worker_gets_the_memory_by_descriptor_or_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    h = held.hold(path, make=_Memfd)
+    sock = tmp_path / "a.sock"
+    th = _serve_once(sock)
+    fd, meta = held.fetch(str(sock), str(path))
+    th.join(5)
+    try:
+        idx = fileformat.read_index(path)
+        held.check_meta(meta, path, idx)  # the same file, unchanged
+        with mmap.mmap(fd, meta["nbytes"], prot=mmap.PROT_READ) as mm:
+            assert mm[: h.data_bytes] == path.read_bytes()[idx.data_offset : idx.file_size]
+    finally:
+        os.close(fd)
+    th = _serve_once(sock2 := tmp_path / "b.sock")
+    with pytest.raises(held.NotHeld, match="does not hold"):
+        held.fetch(str(sock2), str(tmp_path / "other.fvw"))
+    th.join(5)
+    with pytest.raises(held.NotHeld, match="did not answer"):
+        held.fetch(str(tmp_path / "nobody.sock"), str(path))
+    meta["identity"] = [0]
+    with pytest.raises(held.NotHeld, match="another version"):
+        held.check_meta(meta, path, fileformat.read_index(path))
+
+
+def test_holding_needs_a_gpu_host(tmp_path: Path) -> None:
+    """On a host without the CUDA driver, `fastvllm agent --hold` refuses at start, saying why."""
+    from fastvllm import resident
+
+    if shared_pinned.unavailable() is None:
+        pytest.skip("this host can hold weights (a GPU host): the refusal is for hosts without one")
+    with pytest.raises(UsageError, match="cannot hold weights on this host"):
+        resident.hold_weights([tmp_path], lambda _line: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU (the CUDA driver's pinned memory)"
+)
+def test_a_load_out_of_held_pinned_memory_is_bit_exact(tmp_path: Path) -> None:
+    """On a GPU host: the weights held in the driver's shared pinned memory, fetched over a
+    socket, mapped for the device and copied into CUDA tensors, bit for bit."""
+    path = tmp_path / "w.fvw"
+    src = _weights(path)
+    if why := shared_pinned.unavailable():
+        pytest.skip(f"this GPU host cannot share pinned memory: {why}")
+    held.hold(path)
+    sock = tmp_path / "a.sock"
+    th = _serve_once(sock)
+    dst = {k: torch.zeros_like(v, device="cuda") for k, v in src.items()}
+    idx = fileformat.read_index(path)
+    nbytes, _seconds = held.load_into(str(sock), path, dst, idx)
+    th.join(5)
+    assert nbytes == sum(v.numel() * v.element_size() for v in src.values())
+    assert all(torch.equal(dst[k].cpu().view(torch.uint8), src[k].view(torch.uint8)) for k in src)

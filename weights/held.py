@@ -1,0 +1,292 @@
+"""Weights held in pinned host memory between restores, and a restored worker's load out of them.
+
+The staged loader (weights/loader.py) copies each byte out of the page cache into a pinned
+buffer that the device then reads; on the H100 hosts those copies and the device's reads compete
+for host memory, and the load stops at 60-68% of the pinned host-to-device bound. Here a process
+that outlives restores (`fastvllm agent --hold SNAPSHOT`) reads each weight file's data region
+once into pinned host memory that other processes can map (runtime/shared_pinned.py), checks
+every tensor's checksum, and hands the memory's descriptor to a restored worker that asks over
+the agent's socket (its owner's uid alone). The worker maps it for its device and copies each
+tensor out of it: each byte crosses host memory once, by DMA, at 97-100% of the bound in the
+probe (docs/decisions/pinned-pool.md). Anything that fails on the way leaves the worker's load
+to the staged loader, with the reason.
+
+The cost: host memory the size of the weights, pinned (not reclaimable), for every snapshot held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastvllm.runtime import shared_pinned, system
+from fastvllm.runtime.errors import IntegrityError, PinnedMemoryError
+from fastvllm.weights import fileformat, loader
+
+OP = "held"  # the agent's request: {"op": "held", "file": "/abs/weights.fvw"}
+_FILL_THREADS = 16
+_FILL_CHUNK = 8 << 20
+# Left to the rest of the host: holding must not push the served models or the page cache out.
+_SPARE_BYTES = 4 << 30
+FETCH_TIMEOUT_S = 5.0
+
+
+class Memory(Protocol):
+    """What holds the bytes: runtime.shared_pinned.SharedPinned, or memory like it."""
+
+    address: int
+    nbytes: int
+    fd: int
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Held:
+    """One weight file's data region in shared pinned memory, as it was when read."""
+
+    path: str  # absolute, resolved
+    identity: list[int]  # runtime.system.file_identity when read
+    data_offset: int
+    data_bytes: int
+    memory: Memory
+    seconds: float  # reading and checking it
+
+    def meta(self) -> dict[str, Any]:
+        """What a worker checks before mapping (the descriptor travels beside it)."""
+        return {
+            "event": "held",
+            "file": self.path,
+            "identity": self.identity,
+            "data_offset": self.data_offset,
+            "data_bytes": self.data_bytes,
+            "nbytes": self.memory.nbytes,
+        }
+
+
+def _mem_available() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def fill(
+    path: Path,
+    *,
+    threads: int = _FILL_THREADS,
+    make: Callable[[int], Memory] = shared_pinned.SharedPinned.create,
+) -> Held:
+    """Check every tensor's checksum in the file, read its data region into new shared pinned
+    memory (`make`), and check that the file did not change meanwhile."""
+    t0 = time.perf_counter()
+    path = path.resolve()
+    identity = system.file_identity(path)
+    idx = fileformat.read_index(path)
+    n = idx.file_size - idx.data_offset
+    avail = _mem_available()
+    if avail is not None and n + _SPARE_BYTES > avail:
+        raise PinnedMemoryError(
+            f"holding {path} needs {n / 1e9:.1f} GB of pinned memory, and only {avail / 1e9:.1f} GB "
+            "is available (4 GB are kept for the rest of the host)",
+            hint="hold fewer snapshots, or free memory",
+        )
+    # The checksums are taken from the file, not from the held copy: the CPU's view of pinned
+    # memory the driver made need not be cached, and reading it back would be slow.
+    loader.verify_tensors(path, idx, threads)
+    mem = make(n)
+    try:
+        whole = (ctypes.c_char * max(n, 1)).from_address(mem.address)
+        view = memoryview(whole).cast("B")[:n]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+
+            def read(off: int) -> None:
+                part = view[off : off + _FILL_CHUNK]
+                done = 0
+                while done < part.nbytes:
+                    got = os.preadv(fd, [part[done:]], idx.data_offset + off + done)
+                    if got == 0:
+                        raise IntegrityError(f"weight file {path} ended early", hint="re-dump the weights")
+                    done += got
+
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                list(pool.map(read, range(0, n, _FILL_CHUNK)))
+        finally:
+            os.close(fd)
+        view.release()
+        if system.file_identity(path) != identity:
+            raise IntegrityError(f"weight file {path} changed while it was read", hint="hold it again")
+    except BaseException:
+        mem.close()
+        raise
+    return Held(str(path), identity or [], idx.data_offset, n, mem, time.perf_counter() - t0)
+
+
+# What this process holds, by resolved path: the agent's, answered from its socket.
+_held: dict[str, Held] = {}
+_lock = threading.Lock()
+
+
+def hold(path: Path, **kw: Any) -> Held:
+    """Fill and keep `path`'s weights (replacing an older copy of the same file)."""
+    h = fill(path, **kw)
+    with _lock:
+        old = _held.pop(h.path, None)
+        _held[h.path] = h
+    if old is not None:
+        old.memory.close()
+    return h
+
+
+def lookup(path: str | Path) -> Held | None:
+    """The held copy of `path` if this process holds one and the file is unchanged since; a
+    stale copy is dropped."""
+    key = str(Path(path).resolve())
+    with _lock:
+        h = _held.get(key)
+        if h is None or system.file_identity(key) == h.identity:
+            return h
+        del _held[key]
+    h.memory.close()
+    return None
+
+
+# Where this process answers `OP` requests (the agent's socket), once it does.
+_socket: str | None = None
+
+
+def announce(socket_path: str | Path | None) -> None:
+    """This process answers held-weight requests at `socket_path` (None: no longer)."""
+    global _socket
+    _socket = str(socket_path) if socket_path else None
+
+
+def socket_for(path: str | Path) -> str:
+    """The socket a restored worker asks for `path`'s held copy ("" if this process holds none):
+    a restore run by the agent that holds it."""
+    return _socket if _socket and lookup(path) is not None else ""
+
+
+def release_all() -> None:
+    with _lock:
+        held = list(_held.values())
+        _held.clear()
+    for h in held:
+        h.memory.close()
+
+
+def held_files() -> list[dict[str, Any]]:
+    """What this process holds, for a status line."""
+    with _lock:
+        return [
+            {"file": h.path, "bytes": h.data_bytes, "read_s": round(h.seconds, 3)} for h in _held.values()
+        ]
+
+
+# --- the socket's side (the agent) and the worker's side -------------------------------------------
+
+
+def answer(conn: socket.socket, req: dict[str, Any]) -> None:
+    """Reply to an `OP` request on `conn`: the held copy's metadata with its descriptor, or why
+    there is none."""
+    h = lookup(str(req.get("file", "")))
+    if h is None:
+        line = {"event": "not_held", "reason": f"this agent does not hold {req.get('file')!r}"}
+        conn.sendall(json.dumps(line).encode() + b"\n")
+        return
+    socket.send_fds(conn, [json.dumps(h.meta()).encode() + b"\n"], [h.memory.fd])
+
+
+class NotHeld(Exception):
+    """Why a worker's load cannot use held memory (it then reads the file as before)."""
+
+
+def fetch(socket_path: str, file: str, timeout: float = FETCH_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
+    """Ask the agent at `socket_path` for its copy of `file`: (descriptor, metadata). The caller
+    closes the descriptor."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(socket_path)
+            s.sendall(json.dumps({"op": OP, "file": file}).encode() + b"\n")
+            data, fds, _flags, _addr = socket.recv_fds(s, 1 << 16, 1)
+        except OSError as e:
+            raise NotHeld(f"the agent at {socket_path} did not answer ({e})") from None
+    try:
+        meta = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        meta = {}
+    if meta.get("event") != "held" or not fds:
+        for fd in fds:
+            os.close(fd)
+        raise NotHeld(str(meta.get("reason") or meta.get("error") or "the agent's answer had no memory"))
+    return fds[0], meta
+
+
+def check_meta(meta: dict[str, Any], path: Path, idx: fileformat.Index) -> None:
+    """The held copy is of this very file, as it is now (NotHeld if not)."""
+    if meta.get("identity") != system.file_identity(path):
+        raise NotHeld(f"the held copy is of another version of {path}")
+    if (
+        meta.get("data_offset") != idx.data_offset
+        or meta.get("data_bytes") != idx.file_size - idx.data_offset
+    ):
+        raise NotHeld(f"the held copy's layout differs from {path}'s index")
+
+
+def load_into(
+    socket_path: str, path: Path, targets: dict[str, Any], idx: fileformat.Index
+) -> tuple[int, float]:
+    """Fill `targets` (CUDA tensors, one device, checked against `idx` by the caller) from the
+    agent's held copy of `path`: one copy per tensor, from the mapped memory to the device.
+    Returns (bytes, seconds); NotHeld (nothing written yet) or another error (the caller reloads
+    from the file) if it cannot."""
+    import torch
+
+    t0 = time.perf_counter()
+    fd, meta = fetch(socket_path, str(path.resolve()))
+    try:
+        check_meta(meta, path.resolve(), idx)
+        device = next(iter(targets.values())).device
+        ordinal = device.index if device.index is not None else torch.cuda.current_device()
+        mapping = shared_pinned.map_for_device(fd, int(meta["nbytes"]), ordinal)
+    finally:
+        os.close(fd)
+    total = 0
+    staged: list[tuple[Any, Any]] = []
+    stream = torch.cuda.Stream(device=device)
+    try:
+        with torch.cuda.device(device):
+            for e in idx.tensors:
+                if e.alias_of is not None or not e.nbytes:
+                    continue
+                dst = targets[e.name]
+                if not dst.is_contiguous():
+                    tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+                    staged.append((dst, tmp))
+                    dst = tmp
+                shared_pinned.copy_async(
+                    dst.data_ptr(), mapping.address + e.offset, e.nbytes, stream.cuda_stream
+                )
+                total += e.nbytes
+            stream.synchronize()
+    finally:
+        with contextlib.suppress(Exception):
+            stream.synchronize()  # no copy may still read the memory when it is unmapped
+        mapping.close()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    for dst, tmp in staged:
+        dst.copy_(tmp)
+    return total, time.perf_counter() - t0
