@@ -17,6 +17,9 @@
 #  one host; then `FASTVLLM_GPU_GRAPH_MEMORY=release bash scripts/gpu/session.sh faults`)
 # (session 20: call 3 with SNAPSHOTS=/var/tmp/fv-snaps keeps the snapshots; then
 #  `SNAPSHOTS=/var/tmp/fv-snaps bash scripts/gpu/session.sh issue22-ab` reuses the 3b's, then faults)
+# (session 26 built `fastvllm agent --hold`: call 3 with
+#  VARIANTS=prime,cli,agent,agent-held,c,b,c-held,sweep measures the load out of held pinned memory;
+#  tests/test_held_weights.py's GPU test checks it bit for bit)
 # (.gpu/p2 also holds the packed CRIU: `tar -cJf .gpu/p2/criu-dev.tar.xz .criu-dev` after pack_criu.sh.)
 # `stage` unpacks what it can, installs fastvllm and makes the 3b and 8b models in the background
 # (setsid: they outlive the call) while the next parts travel. `issue22` runs both models in one
