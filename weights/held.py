@@ -265,20 +265,16 @@ def load_into(
     finally:
         os.close(fd)
     total = 0
-    staged: list[tuple[Any, Any]] = []
+    dests, staged = loader.contiguous_destinations(idx, targets)
     stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # after whatever made the targets
     try:
         with torch.cuda.device(device):
             for e in idx.tensors:
-                if e.alias_of is not None or not e.nbytes:
+                if e.name not in dests:
                     continue
-                dst = targets[e.name]
-                if not dst.is_contiguous():
-                    tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-                    staged.append((dst, tmp))
-                    dst = tmp
                 shared_pinned.copy_async(
-                    dst.data_ptr(), mapping.address + e.offset, e.nbytes, stream.cuda_stream
+                    dests[e.name].data_ptr(), mapping.address + e.offset, e.nbytes, stream.cuda_stream
                 )
                 total += e.nbytes
             stream.synchronize()

@@ -777,17 +777,8 @@ def _load_gpu(
     clock and the rest."""
     import torch
 
-    flat: dict[str, Any] = {}
-    staged: list[tuple[Any, Any]] = []
-    for e in idx.tensors:
-        if e.alias_of is not None or not e.nbytes:
-            continue
-        dst = targets[e.name]
-        if not dst.is_contiguous():
-            tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-            staged.append((dst, tmp))
-            dst = tmp
-        flat[e.name] = dst.view(-1).view(torch.uint8)
+    dests, staged = contiguous_destinations(idx, targets)
+    flat = {name: dst.view(-1).view(torch.uint8) for name, dst in dests.items()}
     spans = plan_spans(idx, flat, chunk)
     if not spans:
         return LoadStats(0, 0.0, 0)
@@ -797,6 +788,28 @@ def _load_gpu(
         for dst, tmp in staged:
             dst.copy_(tmp)
     return st
+
+
+def contiguous_destinations(
+    idx: fileformat.Index, targets: dict[str, Any]
+) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
+    """Where each stored tensor of `idx` is copied to: its target, or a contiguous stand-in on
+    the same device for a strided one, listed as (target, stand-in) for the caller to copy
+    once the load is done. Aliases and empty tensors are left out."""
+    import torch
+
+    dests: dict[str, Any] = {}
+    staged: list[tuple[Any, Any]] = []
+    for e in idx.tensors:
+        if e.alias_of is not None or not e.nbytes:
+            continue
+        dst = targets[e.name]
+        if not dst.is_contiguous():
+            tmp = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+            staged.append((dst, tmp))
+            dst = tmp
+        dests[e.name] = dst
+    return dests, staged
 
 
 def _arena_spans(idx: fileformat.Index, nbytes: int, chunk: int) -> list[_Span]:
