@@ -1,0 +1,87 @@
+"""The load out of weights held in pinned memory (weights/held.py) against the staged loader, in
+one fresh process on a GPU host: a synthetic weight file held as `fastvllm agent --hold` holds
+it, served on a socket, loaded into CUDA tensors. Not a restore (the bench's `c-held` and
+`agent-held` variants time that); this checks the path and its rate on a bare GPU machine in
+seconds. Run there: python3 scripts/gpu/bench_held_load.py OUT.json [--gb 4]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main() -> int:
+    import torch
+    from fastvllm.weights import fileformat, held, loader
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--gb", type=float, default=4.0)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fv-held-bench-", dir="/var/tmp"))
+    n = max(1, int(a.gb * (1 << 30)) // (256 << 20))
+    src = {f"w{i}": torch.full((128 << 20,), float(i + 1), dtype=torch.bfloat16) for i in range(n)}
+    src["small"] = torch.arange(1000, dtype=torch.float32)
+    path = tmp / "w.fvw"
+    fileformat.write(path, src)
+    doc: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "bytes": path.stat().st_size}
+    t = time.perf_counter()
+    h = held.hold(path)
+    doc["hold_s"] = round(time.perf_counter() - t, 3)
+    sock = str(tmp / "held.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock)
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                line = b""
+                while not line.endswith(b"\n") and (got := conn.recv(4096)):
+                    line += got
+                held.answer(conn, json.loads(line))
+
+    threading.Thread(target=serve, daemon=True).start()
+    idx = fileformat.read_index(path)
+    dst = {k: torch.empty_like(v, device="cuda") for k, v in src.items()}
+    runs = []
+    for _ in range(3):
+        nbytes, sec = held.load_into(sock, path, dst, idx)
+        torch.cuda.synchronize()
+        runs.append(round(nbytes / sec / 1e9, 2))
+    doc["held_gbps"] = runs
+    doc["held_bit_exact"] = all(torch.equal(dst[k].cpu(), src[k]) for k in ("w0", f"w{n - 1}", "small"))
+    staged = []
+    for _ in range(3):
+        st = loader.load_into(path, dst)
+        staged.append(round(st.gbps, 2))
+    doc["staged_gbps"] = staged
+    pinned = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    bound = []
+    for _ in range(3):
+        t = time.perf_counter()
+        dev.copy_(pinned, non_blocking=True)
+        torch.cuda.synchronize()
+        bound.append(round((1 << 30) / (time.perf_counter() - t) / 1e9, 2))
+    doc["pinned_bound_gbps"] = bound
+    doc["held_data_bytes"] = h.data_bytes
+    srv.close()
+    held.release_all()
+    Path(a.out).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
