@@ -445,7 +445,7 @@ def _holding(weights: Path) -> Iterator[str]:
             with conn:
                 conn.settimeout(5)
                 line = b""
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):  # a client gone or garbled
                     while not line.endswith(b"\n") and (got := conn.recv(4096)):
                         line += got
                     held.answer(conn, json.loads(line))

@@ -142,6 +142,13 @@ def test_a_worker_gets_the_memory_by_descriptor_or_the_reason(tmp_path: Path) ->
     meta["identity"] = [0]
     with pytest.raises(held.NotHeld, match="another version"):
         held.check_meta(meta, path, fileformat.read_index(path))
+    # the file changed since it was held: the agent drops its copy and says it holds none
+    os.utime(path, ns=(1, 1))
+    th = _serve_once(sock3 := tmp_path / "c.sock")
+    with pytest.raises(held.NotHeld, match="does not hold"):
+        held.fetch(str(sock3), str(path))
+    th.join(5)
+    assert h.memory.closed  # type: ignore[attr-defined]  # the test's memfd stand-in
 
 
 def test_holding_needs_a_gpu_host(tmp_path: Path) -> None:

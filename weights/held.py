@@ -153,14 +153,23 @@ def hold(path: Path, **kw: Any) -> Held:
 def lookup(path: str | Path) -> Held | None:
     """The held copy of `path` if this process holds one and the file is unchanged since; a
     stale copy is dropped."""
-    key = str(Path(path).resolve())
     with _lock:
-        h = _held.get(key)
-        if h is None or system.file_identity(key) == h.identity:
-            return h
-        del _held[key]
-    h.memory.close()
-    return None
+        h, stale = _lookup_locked(path)
+    if stale is not None:
+        stale.memory.close()
+    return h
+
+
+def _lookup_locked(path: str | Path) -> tuple[Held | None, Held | None]:
+    """(the held copy, or None; a stale copy just dropped, for the caller to close outside the
+    lock). Only with `_lock` held: memory is closed only once out of the registry, so a copy
+    found here stays open as long as the caller holds the lock."""
+    key = str(Path(path).resolve())
+    h = _held.get(key)
+    if h is None or system.file_identity(key) == h.identity:
+        return h, None
+    del _held[key]
+    return None, h
 
 
 # Where this process answers `OP` requests (the agent's socket), once it does.
@@ -201,12 +210,15 @@ def held_files() -> list[dict[str, Any]]:
 def answer(conn: socket.socket, req: dict[str, Any]) -> None:
     """Reply to an `OP` request on `conn`: the held copy's metadata with its descriptor, or why
     there is none."""
-    h = lookup(str(req.get("file", "")))
+    with _lock:  # the memory cannot be closed while its descriptor is being sent
+        h, stale = _lookup_locked(str(req.get("file", "")))
+        if h is not None:
+            socket.send_fds(conn, [json.dumps(h.meta()).encode() + b"\n"], [h.memory.fd])
+    if stale is not None:
+        stale.memory.close()
     if h is None:
         line = {"event": "not_held", "reason": f"this agent does not hold {req.get('file')!r}"}
         conn.sendall(json.dumps(line).encode() + b"\n")
-        return
-    socket.send_fds(conn, [json.dumps(h.meta()).encode() + b"\n"], [h.memory.fd])
 
 
 class NotHeld(Exception):
@@ -265,10 +277,11 @@ def load_into(
     finally:
         os.close(fd)
     total = 0
-    dests, staged = loader.contiguous_destinations(idx, targets)
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # after whatever made the targets
+    stream = None
     try:
+        dests, staged = loader.contiguous_destinations(idx, targets)
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # after whatever made the targets
         with torch.cuda.device(device):
             for e in idx.tensors:
                 if e.name not in dests:
@@ -279,8 +292,9 @@ def load_into(
                 total += e.nbytes
             stream.synchronize()
     finally:
-        with contextlib.suppress(Exception):
-            stream.synchronize()  # no copy may still read the memory when it is unmapped
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.synchronize()  # no copy may still read the memory when it is unmapped
         mapping.close()
     torch.cuda.current_stream(device).wait_stream(stream)
     for dst, tmp in staged:
