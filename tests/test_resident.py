@@ -460,3 +460,23 @@ def test_restore_through_the_agent_then_cancel_one_mid_way(
         for pid in servers_on_port(m.server.port):
             proctree.stop_session(os.getsid(pid))
     assert a.stop() == 143
+
+
+@needs_criu
+def test_hold_refuses_at_start_where_weights_cannot_be_held(tmp_path: Path) -> None:
+    """`fastvllm agent --hold` on a host without the CUDA driver: one line saying why, exit 2,
+    no socket left, before it listens."""
+    from fastvllm.runtime import shared_pinned
+
+    if shared_pinned.unavailable() is None:
+        pytest.skip("this host can hold weights (a GPU host): the refusal is for hosts without one")
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "fastvllm.cli", "agent", "--hold", str(tmp_path / "snap")],
+        env=_env(run), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    err = out.stderr.strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1 and "cannot hold weights on this host" in err, (
+        err
+    )
+    assert not (run / resident.SOCKET_NAME).exists()
