@@ -270,7 +270,8 @@ class WorkerExtension:
         `copy_wait`, `reader_nice` and `reads` come from the restore's settings (the worker's own
         environment is the snapshot's); `only` runs half the pipeline, for the bench's sweep;
         `held` is the agent's socket where it holds this file's weights in pinned memory
-        (weights/held.py), tried first, the file read if it fails.
+        (weights/held.py), tried first, the file read if it fails (the held copy's checksums
+        were checked when the agent read the file, so `verify` does not check them again).
         The arguments cross as strings (runtime.worker_rpc.ReloadArgs encodes them)."""
         args = rpc.ReloadArgs.from_kwargs(
             path, threads, verify, chunk_mib, buffers, copy_wait, reader_nice, only, reads, held
