@@ -65,7 +65,6 @@ from fastvllm.runtime.errors import (
 )
 from fastvllm.runtime.modes import CriuRestoreMode, Reloader
 from fastvllm.runtime.timeline import Timeline
-from fastvllm.weights import held
 
 # The loader's readers in a restored GPU worker (FASTVLLM_LOADER_THREADS unset): 12, two fewer
 # than the 14 staging buffers its snapshot kept, so that copies in flight never leave a reader
@@ -646,7 +645,7 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
                 copy_wait=config.LOADER_COPY_WAIT.get().value,
                 reader_nice=config.LOADER_READER_NICE.get(),
                 reads=config.LOADER_READS.get().value,
-                held=held.socket_for(weights_path) if m.cuda_pids else "",
+                held=_held_socket(weights_path) if m.cuda_pids else "",
             )
             r.gpu_info["load"] = [x.as_dict() for x in worker_rpc.reload(server, args)]
     if how in (WeightsBack.VLLM_RELOAD, WeightsBack.LOADER) and r.plan.wake_kv_cache:
@@ -655,6 +654,15 @@ def _load_weights(r: _Restore, server: vllm_server.Server, steps: list[hotset.Ca
     if steps is not None and how is not WeightsBack.IN_IMAGE:
         with r.tl.phase("hot_set_capture"):
             steps.append(hotset.capture(proctree.session_pids(server.pid)))
+
+
+def _held_socket(weights: Path) -> str:
+    """Where the restored worker asks for its weights held in pinned memory: this process's
+    socket if it is the agent holding them (`fastvllm agent --hold`), else "". Imported here:
+    a CPU restore needs none of it."""
+    from fastvllm.weights import held
+
+    return held.socket_for(weights)
 
 
 @contextlib.contextmanager
