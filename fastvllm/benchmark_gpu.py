@@ -421,45 +421,16 @@ def _restore(m: Model, variant: str, cold: bool, h2d: float | None, keep: bool =
 def _holding(weights: Path) -> Iterator[str]:
     """This process holds `weights` in pinned memory and answers restored workers' requests for
     it on a socket of its own, as `fastvllm agent --hold` does; yields the socket."""
-    import socket
-    import threading
-
     from fastvllm.weights import held
 
     t = time.perf_counter()
     h = held.hold(weights)
     _say(f"  holding {weights} ({h.data_bytes / 1e9:.1f} GB) in {time.perf_counter() - t:.2f} s")
-    tmp = tempfile.mkdtemp(prefix="fv-held-")
-    path = os.path.join(tmp, "held.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(8)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                line = b""
-                with contextlib.suppress(OSError, ValueError):  # a client gone or garbled
-                    while not line.endswith(b"\n") and (got := conn.recv(4096)):
-                        line += got
-                    held.answer(conn, json.loads(line))
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    held.announce(path)
+    tmp = tempfile.mkdtemp(prefix="fv-held-")  # 0700: the socket has no uid check
     try:
-        yield path
+        with held.serving(Path(tmp) / "held.sock") as path:
+            yield path
     finally:
-        held.announce(None)
-        stop.set()
-        srv.close()
-        th.join(5)
         held.release_all()
         shutil.rmtree(tmp, ignore_errors=True)
 

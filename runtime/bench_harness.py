@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastvllm.runtime import system
+
 
 def median(values: Iterable[float]) -> float | None:
     """The median of `values`, None for none (a column whose runs were all skipped)."""
@@ -86,7 +88,7 @@ def host_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "memory_bytes": _mem_total(),
+        "memory_bytes": system.meminfo("MemTotal"),
     }
     with contextlib.suppress(OSError):
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
@@ -127,16 +129,6 @@ def busy_processes(threshold_pct: float = 20.0, sample_s: float = 0.5) -> list[d
         if pct >= threshold_pct:
             busy.append({"pid": pid, "name": name, "cpu_pct": round(pct)})
     return sorted(busy, key=lambda p: -p["cpu_pct"])
-
-
-def _mem_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _gpus() -> list[str]:

@@ -3,6 +3,7 @@ and the page cache (dropped before benchmarks so cold numbers are cold)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -63,6 +64,15 @@ def file_identity(path: str | Path) -> list[int] | None:
     except OSError:
         return None
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def meminfo(field: str) -> int | None:
+    """One /proc/meminfo field in bytes (e.g. "MemTotal", "MemAvailable"); None if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def kernel_release() -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,59 +94,32 @@ def test_a_corrupt_file_is_not_held(tmp_path: Path) -> None:
     assert not made and held.lookup(path) is None  # checked before any memory was pinned
 
 
-def _serve_once(sock_path: Path) -> threading.Thread:
-    """The agent's side of one request: as resident.Agent answers it."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(sock_path))
-    srv.listen(1)
-
-    def run() -> None:
-        conn, _ = srv.accept()
-        with conn:
-            line = b""
-            while not line.endswith(b"\n"):
-                line += conn.recv(4096)
-            import json
-
-            held.answer(conn, json.loads(line))
-        srv.close()
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    return th
-
-
 def test_a_worker_gets_the_memory_by_descriptor_or_the_reason(tmp_path: Path) -> None:
     path = tmp_path / "w.fvw"
     _weights(path)
     h = held.hold(path, make=_Memfd)
-    sock = tmp_path / "a.sock"
-    th = _serve_once(sock)
-    fd, meta = held.fetch(str(sock), str(path))
-    th.join(5)
-    try:
-        idx = fileformat.read_index(path)
-        held.check_meta(meta, path, idx)  # the same file, unchanged
-        with mmap.mmap(fd, meta["nbytes"], prot=mmap.PROT_READ) as mm:
-            assert mm[: h.data_bytes] == path.read_bytes()[idx.data_offset : idx.file_size]
-    finally:
-        os.close(fd)
-    th = _serve_once(sock2 := tmp_path / "b.sock")
-    with pytest.raises(held.NotHeld, match="does not hold"):
-        held.fetch(str(sock2), str(tmp_path / "other.fvw"))
-    th.join(5)
+    with held.serving(tmp_path / "a.sock") as sock:
+        fd, meta = held.fetch(sock, str(path))
+        try:
+            idx = fileformat.read_index(path)
+            held.check_meta(meta, path, idx)  # the same file, unchanged
+            with mmap.mmap(fd, meta["nbytes"], prot=mmap.PROT_READ) as mm:
+                assert mm[: h.data_bytes] == path.read_bytes()[idx.data_offset : idx.file_size]
+        finally:
+            os.close(fd)
+        with pytest.raises(held.NotHeld, match="does not hold"):
+            held.fetch(sock, str(tmp_path / "other.fvw"))
+        meta["identity"] = [0]
+        with pytest.raises(held.NotHeld, match="another version"):
+            held.check_meta(meta, path, fileformat.read_index(path))
+        # the file changed since it was held: the agent drops its copy and says it holds none
+        os.utime(path, ns=(1, 1))
+        with pytest.raises(held.NotHeld, match="does not hold"):
+            held.fetch(sock, str(path))
+        assert h.memory.closed  # type: ignore[attr-defined]  # the test's memfd stand-in
+    assert not (tmp_path / "a.sock").exists()  # the socket goes with the block
     with pytest.raises(held.NotHeld, match="did not answer"):
-        held.fetch(str(tmp_path / "nobody.sock"), str(path))
-    meta["identity"] = [0]
-    with pytest.raises(held.NotHeld, match="another version"):
-        held.check_meta(meta, path, fileformat.read_index(path))
-    # the file changed since it was held: the agent drops its copy and says it holds none
-    os.utime(path, ns=(1, 1))
-    th = _serve_once(sock3 := tmp_path / "c.sock")
-    with pytest.raises(held.NotHeld, match="does not hold"):
-        held.fetch(str(sock3), str(path))
-    th.join(5)
-    assert h.memory.closed  # type: ignore[attr-defined]  # the test's memfd stand-in
+        held.fetch(str(tmp_path / "a.sock"), str(path))
 
 
 def test_holding_needs_a_gpu_host(tmp_path: Path) -> None:
@@ -173,11 +144,9 @@ def test_a_load_out_of_held_pinned_memory_is_bit_exact(tmp_path: Path) -> None:
     if why := shared_pinned.unavailable():
         pytest.skip(f"this GPU host cannot share pinned memory: {why}")
     held.hold(path)
-    sock = tmp_path / "a.sock"
-    th = _serve_once(sock)
     dst = {k: torch.zeros_like(v, device="cuda") for k, v in src.items()}
     idx = fileformat.read_index(path)
-    nbytes, _seconds = held.load_into(str(sock), path, dst, idx)
-    th.join(5)
+    with held.serving(tmp_path / "a.sock") as sock:
+        nbytes, _seconds = held.load_into(sock, path, dst, idx)
     assert nbytes == sum(v.numel() * v.element_size() for v in src.values())
     assert all(torch.equal(dst[k].cpu().view(torch.uint8), src[k].view(torch.uint8)) for k in src)

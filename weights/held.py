@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +74,6 @@ class Held:
         }
 
 
-def _mem_available() -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def fill(
     path: Path,
     *,
@@ -95,7 +87,7 @@ def fill(
     identity = system.file_identity(path)
     idx = fileformat.read_index(path)
     n = idx.file_size - idx.data_offset
-    avail = _mem_available()
+    avail = system.meminfo("MemAvailable")
     if avail is not None and n + _SPARE_BYTES > avail:
         raise PinnedMemoryError(
             f"holding {path} needs {n / 1e9:.1f} GB of pinned memory, and only {avail / 1e9:.1f} GB "
@@ -219,6 +211,45 @@ def answer(conn: socket.socket, req: dict[str, Any]) -> None:
     if h is None:
         line = {"event": "not_held", "reason": f"this agent does not hold {req.get('file')!r}"}
         conn.sendall(json.dumps(line).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def serving(socket_path: Path) -> Iterator[str]:
+    """Answer `OP` requests on a Unix socket of its own at `socket_path` (in a directory only
+    its owner can open) from a thread, announced as this process's, for the block: a process
+    other than the agent holding weights (the GPU bench, tests). The agent answers on its own
+    socket, after its uid check."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(socket_path))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:  # closed: the block ended
+                return
+            with conn:
+                conn.settimeout(FETCH_TIMEOUT_S)
+                line = b""
+                with contextlib.suppress(OSError, ValueError):  # a client gone or garbled
+                    while not line.endswith(b"\n") and (got := conn.recv(4096)):
+                        line += got
+                    answer(conn, json.loads(line))
+
+    th = threading.Thread(target=serve, name="held-weights", daemon=True)
+    th.start()
+    announce(socket_path)
+    try:
+        yield str(socket_path)
+    finally:
+        announce(None)
+        with contextlib.suppress(OSError):
+            srv.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        srv.close()
+        th.join(FETCH_TIMEOUT_S)
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
 
 
 class NotHeld(Exception):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
+import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,40 +17,39 @@ from typing import Any
 
 def main() -> int:
     import torch
-    from fastvllm.weights import fileformat, held, loader
+    from fastvllm.weights import fileformat, held
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--gb", type=float, default=4.0)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fv-held-bench-", dir="/var/tmp"))
-    n = max(1, int(a.gb * (1 << 30)) // (256 << 20))
-    src = {f"w{i}": torch.full((128 << 20,), float(i + 1), dtype=torch.bfloat16) for i in range(n)}
-    src["small"] = torch.arange(1000, dtype=torch.float32)
-    path = tmp / "w.fvw"
-    fileformat.write(path, src)
-    doc: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "bytes": path.stat().st_size}
-    t = time.perf_counter()
-    h = held.hold(path)
-    doc["hold_s"] = round(time.perf_counter() - t, 3)
-    sock = str(tmp / "held.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(sock)
-    srv.listen(8)
+    try:  # the synthetic file (several GB) goes with the folder, whatever happens
+        n = max(1, int(a.gb * (1 << 30)) // (256 << 20))
+        src = {f"w{i}": torch.full((128 << 20,), float(i + 1), dtype=torch.bfloat16) for i in range(n)}
+        src["small"] = torch.arange(1000, dtype=torch.float32)
+        path = tmp / "w.fvw"
+        fileformat.write(path, src)
+        doc: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "bytes": path.stat().st_size}
+        t = time.perf_counter()
+        h = held.hold(path)
+        doc["hold_s"] = round(time.perf_counter() - t, 3)
+        doc["held_data_bytes"] = h.data_bytes
+        with held.serving(tmp / "held.sock") as sock:
+            measure(doc, sock, path, src, n)
+    finally:
+        held.release_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    Path(a.out).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                line = b""
-                while not line.endswith(b"\n") and (got := conn.recv(4096)):
-                    line += got
-                held.answer(conn, json.loads(line))
 
-    threading.Thread(target=serve, daemon=True).start()
+def measure(doc: dict[str, Any], sock: str, path: Path, src: dict[str, Any], n: int) -> None:
+    """The held load (bit for bit), the staged loader, and the pinned bound, three times each."""
+    import torch
+    from fastvllm.weights import fileformat, held, loader
+
     idx = fileformat.read_index(path)
     dst = {k: torch.empty_like(v, device="cuda") for k, v in src.items()}
     runs = []
@@ -75,12 +73,6 @@ def main() -> int:
         torch.cuda.synchronize()
         bound.append(round((1 << 30) / (time.perf_counter() - t) / 1e9, 2))
     doc["pinned_bound_gbps"] = bound
-    doc["held_data_bytes"] = h.data_bytes
-    srv.close()
-    held.release_all()
-    Path(a.out).write_text(json.dumps(doc, indent=1))
-    print(json.dumps(doc, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
