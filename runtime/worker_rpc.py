@@ -117,8 +117,11 @@ class Reloaded(_Reply):
     first_copy_s: float | None = None
     drain_s: float | None = None
     # weights held in pinned memory by the agent (weights/held.py): "" not asked, "used", or
-    # "not used: why" (the file was read instead)
+    # "not used: why" (the file was read instead); a held load's mapping of the agent's memory
+    # for the device (the first piece's before any copy, the rest under the copies) and unmapping
     held: str = ""
+    map_s: float | None = None
+    unmap_s: float | None = None
 
 
 @dataclass(frozen=True)

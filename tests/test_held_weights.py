@@ -40,6 +40,10 @@ class _Memfd:
         self.closed = True
 
 
+# Small pieces, so that the test's file spans several and its tensors straddle them.
+_PIECE = 24 << 10
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     t = {"a": torch.randn((300, 77), generator=g), "b": torch.randn(5000, generator=g).to(torch.bfloat16)}
@@ -63,17 +67,18 @@ def test_the_held_copy_is_the_files_data_region(tmp_path: Path) -> None:
         made.append(_Memfd(n))
         return made[-1]
 
-    h = held.hold(path, make=make)
+    h = held.hold(path, make=make, piece_bytes=_PIECE)
     idx = fileformat.read_index(path)
     data = path.read_bytes()[idx.data_offset : idx.file_size]
-    assert h.data_bytes == len(data) and ctypes.string_at(h.memory.address, len(data)) == data
+    assert h.data_bytes == len(data) and len(made) == -(-len(data) // _PIECE) > 2
+    assert b"".join(ctypes.string_at(m.address, m.nbytes) for m in made) == data
     assert held.lookup(path) is h and held.held_files()[0]["bytes"] == len(data)
     assert held.socket_for(path) == ""  # held, but no socket announced: a restore asks no one
     held.announce(tmp_path / "agent.sock")
     assert held.socket_for(path) == str(tmp_path / "agent.sock")
     # the file changes: the copy is stale, dropped and its memory freed
     os.utime(path, ns=(1, 1))
-    assert held.lookup(path) is None and made[0].closed
+    assert held.lookup(path) is None and all(m.closed for m in made)
 
 
 def test_a_corrupt_file_is_not_held(tmp_path: Path) -> None:
@@ -97,16 +102,23 @@ def test_a_corrupt_file_is_not_held(tmp_path: Path) -> None:
 def test_a_worker_gets_the_memory_by_descriptor_or_the_reason(tmp_path: Path) -> None:
     path = tmp_path / "w.fvw"
     _weights(path)
-    h = held.hold(path, make=_Memfd)
+    h = held.hold(path, make=_Memfd, piece_bytes=_PIECE)
     with held.serving(tmp_path / "a.sock") as sock:
-        fd, meta = held.fetch(sock, str(path))
+        fds, meta = held.fetch(sock, str(path))
         try:
             idx = fileformat.read_index(path)
             held.check_meta(meta, path, idx)  # the same file, unchanged
-            with mmap.mmap(fd, meta["nbytes"], prot=mmap.PROT_READ) as mm:
-                assert mm[: h.data_bytes] == path.read_bytes()[idx.data_offset : idx.file_size]
+            got = b""
+            for fd, size in zip(fds, meta["piece_sizes"], strict=True):
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                    got += mm[:]
+            assert got == path.read_bytes()[idx.data_offset : idx.file_size]
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
+        assert len(fds) == len(h.pieces) > 2
+        with pytest.raises(held.NotHeld, match="layout differs"):
+            held.check_meta({**meta, "piece_sizes": meta["piece_sizes"][:-1]}, path, idx)
         with pytest.raises(held.NotHeld, match="does not hold"):
             held.fetch(sock, str(tmp_path / "other.fvw"))
         meta["identity"] = [0]
@@ -116,7 +128,7 @@ def test_a_worker_gets_the_memory_by_descriptor_or_the_reason(tmp_path: Path) ->
         os.utime(path, ns=(1, 1))
         with pytest.raises(held.NotHeld, match="does not hold"):
             held.fetch(sock, str(path))
-        assert h.memory.closed  # type: ignore[attr-defined]  # the test's memfd stand-in
+        assert all(m.closed for m in h.pieces)  # type: ignore[attr-defined]  # the memfd stand-in
     assert not (tmp_path / "a.sock").exists()  # the socket goes with the block
     with pytest.raises(held.NotHeld, match="did not answer"):
         held.fetch(str(tmp_path / "a.sock"), str(path))
@@ -143,10 +155,17 @@ def test_a_load_out_of_held_pinned_memory_is_bit_exact(tmp_path: Path) -> None:
     src = _weights(path)
     if why := shared_pinned.unavailable():
         pytest.skip(f"this GPU host cannot share pinned memory: {why}")
-    held.hold(path)
+    held.hold(path, piece_bytes=_PIECE)  # several pieces, tensors straddling them
     dst = {k: torch.zeros_like(v, device="cuda") for k, v in src.items()}
     idx = fileformat.read_index(path)
     with held.serving(tmp_path / "a.sock") as sock:
-        nbytes, _seconds = held.load_into(sock, path, dst, idx)
-    assert nbytes == sum(v.numel() * v.element_size() for v in src.values())
+        got = held.load_into(sock, path, dst, idx)
+    assert got.bytes == sum(v.numel() * v.element_size() for v in src.values())
     assert all(torch.equal(dst[k].cpu().view(torch.uint8), src[k].view(torch.uint8)) for k in src)
+
+
+def test_a_large_file_is_held_in_as_many_pieces_as_one_message_passes() -> None:
+    assert held.piece_size(5 << 30) == held.PIECE_BYTES
+    big = 200 << 30  # 800 pieces of 256 MiB: too many descriptors for one message
+    p = held.piece_size(big)
+    assert p % (8 << 20) == 0 and -(-big // p) <= 250

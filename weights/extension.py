@@ -293,11 +293,15 @@ class WorkerExtension:
             got, used = _load_held(args.held, target, tensors, idx)
             if got is not None:
                 return rpc.Reloaded(
-                    bytes=got[0],
-                    seconds=got[1],
-                    gbps=got[0] / max(got[1], 1e-9) / 1e9,
+                    bytes=got.bytes,
+                    seconds=got.seconds,
+                    gbps=got.bytes / max(got.seconds, 1e-9) / 1e9,
                     rank=place["rank"],
                     pool="held",
+                    first_copy_s=round(got.fetch_s, 4),
+                    drain_s=round(got.drain_s, 4),
+                    map_s=round(got.map_s, 4),
+                    unmap_s=round(got.unmap_s, 4),
                     held=used,
                 ).as_dict()
         stats = loader.load_into(target, tensors, _idx=idx, **kw)
@@ -338,8 +342,8 @@ class WorkerExtension:
 
 def _load_held(
     socket_path: str, path: Path, tensors: dict[str, Any], idx: fileformat.Index
-) -> tuple[tuple[int, float] | None, str]:
-    """The load out of the agent's held copy: ((bytes, seconds), "used"), or (None, "not used:
+) -> tuple[held.HeldLoad | None, str]:
+    """The load out of the agent's held copy: (its figures, "used"), or (None, "not used:
     why"), after which the caller reads the file (which rewrites whatever was copied)."""
     try:
         loader.check_compatible(idx, tensors, path)

@@ -11,6 +11,11 @@ tensor out of it: each byte crosses host memory once, by DMA, at 97-100% of the 
 probe (docs/decisions/pinned-pool.md). Anything that fails on the way leaves the worker's load
 to the staged loader, with the reason.
 
+The memory is made in pieces (256 MiB, or more for files past 64 GB), each with its own
+descriptor: mapping memory for the device costs about 8 ms a GB, and the worker maps one piece
+while the copy engine reads the one before, so the mapping hides under the copies; a single
+mapping of the whole file left the load at 62% of the bound.
+
 The cost: host memory the size of the weights, pinned (not reclaimable), for every snapshot held.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import socket
 import threading
@@ -39,6 +45,9 @@ _FILL_CHUNK = 8 << 20
 # Left to the rest of the host: holding must not push the served models or the page cache out.
 _SPARE_BYTES = 4 << 30
 FETCH_TIMEOUT_S = 5.0
+PIECE_BYTES = 256 << 20
+# Descriptors in one message: the kernel passes at most 253 (SCM_MAX_FD).
+_MAX_PIECES = 250
 
 
 class Memory(Protocol):
@@ -59,19 +68,32 @@ class Held:
     identity: list[int]  # runtime.system.file_identity when read
     data_offset: int
     data_bytes: int
-    memory: Memory
+    piece_bytes: int  # the data region's bytes in each piece (the last one's: what is left)
+    pieces: list[Memory]
     seconds: float  # reading and checking it
 
     def meta(self) -> dict[str, Any]:
-        """What a worker checks before mapping (the descriptor travels beside it)."""
+        """What a worker checks before mapping (the descriptors travel beside it, in order)."""
         return {
             "event": "held",
             "file": self.path,
             "identity": self.identity,
             "data_offset": self.data_offset,
             "data_bytes": self.data_bytes,
-            "nbytes": self.memory.nbytes,
+            "piece_bytes": self.piece_bytes,
+            "piece_sizes": [m.nbytes for m in self.pieces],
         }
+
+    def close(self) -> None:
+        for m in self.pieces:
+            m.close()
+
+
+def piece_size(n: int, piece_bytes: int = PIECE_BYTES) -> int:
+    """The data bytes per piece for an `n`-byte data region: `piece_bytes`, or larger where
+    more pieces than one message can pass would be needed (a multiple of 8 MiB then)."""
+    need = -(-n // _MAX_PIECES)
+    return piece_bytes if need <= piece_bytes else -(-need // _FILL_CHUNK) * _FILL_CHUNK
 
 
 def fill(
@@ -79,9 +101,10 @@ def fill(
     *,
     threads: int = _FILL_THREADS,
     make: Callable[[int], Memory] = shared_pinned.SharedPinned.create,
+    piece_bytes: int = PIECE_BYTES,
 ) -> Held:
     """Check every tensor's checksum in the file, read its data region into new shared pinned
-    memory (`make`), and check that the file did not change meanwhile."""
+    memory (`make`, one call per piece), and check that the file did not change meanwhile."""
     t0 = time.perf_counter()
     path = path.resolve()
     identity = system.file_identity(path)
@@ -97,15 +120,19 @@ def fill(
     # The checksums are taken from the file, not from the held copy: the CPU's view of pinned
     # memory the driver made need not be cached, and reading it back would be slow.
     loader.verify_tensors(path, idx, threads)
-    mem = make(n)
+    piece = piece_size(n, piece_bytes)
+    pieces: list[Memory] = []
     try:
-        whole = (ctypes.c_char * max(n, 1)).from_address(mem.address)
-        view = memoryview(whole).cast("B")[:n]
+        for start in range(0, max(n, 1), piece):
+            pieces.append(make(min(piece, n - start) or 1))
+        chunk = math.gcd(piece, _FILL_CHUNK)  # no read straddles two pieces
+        views = [memoryview((ctypes.c_char * m.nbytes).from_address(m.address)).cast("B") for m in pieces]
         fd = os.open(path, os.O_RDONLY)
         try:
 
             def read(off: int) -> None:
-                part = view[off : off + _FILL_CHUNK]
+                i, within = divmod(off, piece)
+                part = views[i][within : within + min(chunk, n - off)]
                 done = 0
                 while done < part.nbytes:
                     got = os.preadv(fd, [part[done:]], idx.data_offset + off + done)
@@ -114,16 +141,18 @@ def fill(
                     done += got
 
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                list(pool.map(read, range(0, n, _FILL_CHUNK)))
+                list(pool.map(read, range(0, n, chunk)))
         finally:
             os.close(fd)
-        view.release()
+        for v in views:
+            v.release()
         if system.file_identity(path) != identity:
             raise IntegrityError(f"weight file {path} changed while it was read", hint="hold it again")
     except BaseException:
-        mem.close()
+        for m in pieces:
+            m.close()
         raise
-    return Held(str(path), identity or [], idx.data_offset, n, mem, time.perf_counter() - t0)
+    return Held(str(path), identity or [], idx.data_offset, n, piece, pieces, time.perf_counter() - t0)
 
 
 # What this process holds, by resolved path: the agent's, answered from its socket.
@@ -138,7 +167,7 @@ def hold(path: Path, **kw: Any) -> Held:
         old = _held.pop(h.path, None)
         _held[h.path] = h
     if old is not None:
-        old.memory.close()
+        old.close()
     return h
 
 
@@ -148,7 +177,7 @@ def lookup(path: str | Path) -> Held | None:
     with _lock:
         h, stale = _lookup_locked(path)
     if stale is not None:
-        stale.memory.close()
+        stale.close()
     return h
 
 
@@ -185,7 +214,7 @@ def release_all() -> None:
         held = list(_held.values())
         _held.clear()
     for h in held:
-        h.memory.close()
+        h.close()
 
 
 def held_files() -> list[dict[str, Any]]:
@@ -205,9 +234,9 @@ def answer(conn: socket.socket, req: dict[str, Any]) -> None:
     with _lock:  # the memory cannot be closed while its descriptor is being sent
         h, stale = _lookup_locked(str(req.get("file", "")))
         if h is not None:
-            socket.send_fds(conn, [json.dumps(h.meta()).encode() + b"\n"], [h.memory.fd])
+            socket.send_fds(conn, [json.dumps(h.meta()).encode() + b"\n"], [m.fd for m in h.pieces])
     if stale is not None:
-        stale.memory.close()
+        stale.close()
     if h is None:
         line = {"event": "not_held", "reason": f"this agent does not hold {req.get('file')!r}"}
         conn.sendall(json.dumps(line).encode() + b"\n")
@@ -256,78 +285,112 @@ class NotHeld(Exception):
     """Why a worker's load cannot use held memory (it then reads the file as before)."""
 
 
-def fetch(socket_path: str, file: str, timeout: float = FETCH_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
-    """Ask the agent at `socket_path` for its copy of `file`: (descriptor, metadata). The caller
-    closes the descriptor."""
+def fetch(socket_path: str, file: str, timeout: float = FETCH_TIMEOUT_S) -> tuple[list[int], dict[str, Any]]:
+    """Ask the agent at `socket_path` for its copy of `file`: (one descriptor per piece,
+    metadata). The caller closes the descriptors."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(socket_path)
             s.sendall(json.dumps({"op": OP, "file": file}).encode() + b"\n")
-            data, fds, _flags, _addr = socket.recv_fds(s, 1 << 16, 1)
+            data, fds, _flags, _addr = socket.recv_fds(s, 1 << 16, _MAX_PIECES)
         except OSError as e:
             raise NotHeld(f"the agent at {socket_path} did not answer ({e})") from None
     try:
         meta = json.loads(data.split(b"\n", 1)[0])
     except ValueError:
         meta = {}
-    if meta.get("event") != "held" or not fds:
+    if meta.get("event") != "held" or not fds or len(fds) != len(meta.get("piece_sizes") or ()):
         for fd in fds:
             os.close(fd)
         raise NotHeld(str(meta.get("reason") or meta.get("error") or "the agent's answer had no memory"))
-    return fds[0], meta
+    return fds, meta
 
 
 def check_meta(meta: dict[str, Any], path: Path, idx: fileformat.Index) -> None:
     """The held copy is of this very file, as it is now (NotHeld if not)."""
     if meta.get("identity") != system.file_identity(path):
         raise NotHeld(f"the held copy is of another version of {path}")
+    n = idx.file_size - idx.data_offset
+    piece = int(meta.get("piece_bytes") or 0)
+    sizes = meta.get("piece_sizes") or []
     if (
         meta.get("data_offset") != idx.data_offset
-        or meta.get("data_bytes") != idx.file_size - idx.data_offset
+        or meta.get("data_bytes") != n
+        or piece <= 0
+        or len(sizes) != max(1, -(-n // piece))
+        or any(int(z) < min(piece, n - i * piece) for i, z in enumerate(sizes))
     ):
         raise NotHeld(f"the held copy's layout differs from {path}'s index")
 
 
-def load_into(
-    socket_path: str, path: Path, targets: dict[str, Any], idx: fileformat.Index
-) -> tuple[int, float]:
+@dataclass(frozen=True)
+class HeldLoad:
+    """One load out of held memory: its bytes and seconds, and where the seconds went."""
+
+    bytes: int
+    seconds: float
+    fetch_s: float  # asking the agent, up to the first mapping
+    map_s: float  # mapping the pieces for the device (under the copies but the first)
+    unmap_s: float
+    drain_s: float  # the last copy issued to all done
+
+
+def load_into(socket_path: str, path: Path, targets: dict[str, Any], idx: fileformat.Index) -> HeldLoad:
     """Fill `targets` (CUDA tensors, one device, checked against `idx` by the caller) from the
-    agent's held copy of `path`: one copy per tensor, from the mapped memory to the device.
-    Returns (bytes, seconds); NotHeld (nothing written yet) or another error (the caller reloads
-    from the file) if it cannot."""
+    agent's held copy of `path`: piece by piece, each mapped for the device while the copy
+    engine reads the one before, one copy per tensor and piece it lies in. NotHeld (nothing
+    written yet) or another error (the caller reloads from the file) if it cannot."""
     import torch
 
     t0 = time.perf_counter()
-    fd, meta = fetch(socket_path, str(path.resolve()))
+    fds, meta = fetch(socket_path, str(path.resolve()))
+    maps: list[shared_pinned.DeviceMapping] = []
+    stream = None
+    total, map_s, unmap_s = 0, 0.0, 0.0
     try:
         check_meta(meta, path.resolve(), idx)
+        piece, sizes = int(meta["piece_bytes"]), [int(z) for z in meta["piece_sizes"]]
         device = next(iter(targets.values())).device
         ordinal = device.index if device.index is not None else torch.cuda.current_device()
-        mapping = shared_pinned.map_for_device(fd, int(meta["nbytes"]), ordinal)
-    finally:
-        os.close(fd)
-    total = 0
-    stream = None
-    try:
         dests, staged = loader.contiguous_destinations(idx, targets)
+        # (piece, offset in it, destination, bytes) for every tensor, split where it straddles
+        segments: list[list[tuple[int, int, int]]] = [[] for _ in sizes]
+        for e in sorted((e for e in idx.tensors if e.name in dests), key=lambda e: e.offset):
+            off, dst, left = e.offset, dests[e.name].data_ptr(), e.nbytes
+            total += left
+            while left:
+                i, within = divmod(off, piece)
+                k = min(left, piece - within)
+                segments[i].append((within, dst, k))
+                off, dst, left = off + k, dst + k, left - k
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))  # after whatever made the targets
+        fetch_s = time.perf_counter() - t0
         with torch.cuda.device(device):
-            for e in idx.tensors:
-                if e.name not in dests:
+            for i, segs in enumerate(segments):
+                if not segs:
                     continue
-                shared_pinned.copy_async(
-                    dests[e.name].data_ptr(), mapping.address + e.offset, e.nbytes, stream.cuda_stream
-                )
-                total += e.nbytes
+                t = time.perf_counter()
+                maps.append(shared_pinned.map_for_device(fds[i], sizes[i], ordinal))
+                map_s += time.perf_counter() - t
+                for within, dst, k in segs:
+                    shared_pinned.copy_async(dst, maps[-1].address + within, k, stream.cuda_stream)
+            t_issued = time.perf_counter()
             stream.synchronize()
+            t = time.perf_counter()
+            for m in maps:
+                m.close()
+            unmap_s = time.perf_counter() - t
     finally:
+        for fd in fds:
+            os.close(fd)
         if stream is not None:
             with contextlib.suppress(Exception):
                 stream.synchronize()  # no copy may still read the memory when it is unmapped
-        mapping.close()
+        for m in maps:
+            m.close()
     torch.cuda.current_stream(device).wait_stream(stream)
     for dst, tmp in staged:
         dst.copy_(tmp)
-    return total, time.perf_counter() - t0
+    return HeldLoad(total, time.perf_counter() - t0, fetch_s, map_s, unmap_s, t - t_issued)

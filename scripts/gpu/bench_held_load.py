@@ -26,8 +26,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fv-held-bench-", dir="/var/tmp"))
     try:  # the synthetic file (several GB) goes with the folder, whatever happens
         n = max(1, int(a.gb * (1 << 30)) // (256 << 20))
-        src = {f"w{i}": torch.full((128 << 20,), float(i + 1), dtype=torch.bfloat16) for i in range(n)}
-        src["small"] = torch.arange(1000, dtype=torch.float32)
+        # the small tensor first: the large ones after it straddle the held memory's pieces
+        src = {"small": torch.arange(12345, dtype=torch.float32)}
+        src.update({f"w{i}": torch.full((128 << 20,), float(i + 1), dtype=torch.bfloat16) for i in range(n)})
         path = tmp / "w.fvw"
         fileformat.write(path, src)
         doc: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "bytes": path.stat().st_size}
@@ -52,12 +53,16 @@ def measure(doc: dict[str, Any], sock: str, path: Path, src: dict[str, Any], n: 
 
     idx = fileformat.read_index(path)
     dst = {k: torch.empty_like(v, device="cuda") for k, v in src.items()}
-    runs = []
+    runs, parts = [], []
     for _ in range(3):
-        nbytes, sec = held.load_into(sock, path, dst, idx)
+        got = held.load_into(sock, path, dst, idx)
         torch.cuda.synchronize()
-        runs.append(round(nbytes / sec / 1e9, 2))
+        runs.append(round(got.bytes / got.seconds / 1e9, 2))
+        parts.append(
+            {k: round(getattr(got, k), 4) for k in ("seconds", "fetch_s", "map_s", "unmap_s", "drain_s")}
+        )
     doc["held_gbps"] = runs
+    doc["held_parts"] = parts
     doc["held_bit_exact"] = all(torch.equal(dst[k].cpu(), src[k]) for k in ("w0", f"w{n - 1}", "small"))
     staged = []
     for _ in range(3):
