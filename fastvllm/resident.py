@@ -681,6 +681,7 @@ def hold_weights(snapshots: list[Path], say: Callable[[str], None]) -> None:
         raise UsageError(
             f"--hold cannot hold weights on this host: {why}", hint="run the agent without --hold"
         )
+    files: list[Path] = []
     for snap in snapshots:
         mf = manifest.load(snap)
         if not mf.cuda_pids or not mf.weights_file:
@@ -688,10 +689,12 @@ def hold_weights(snapshots: list[Path], say: Callable[[str], None]) -> None:
                 f"--hold {snap}: only a sleeping GPU snapshot's weights can be held",
                 hint="name a snapshot taken on a GPU (the default sleeping snapshot)",
             )
-        for f in mf.all_weight_files():
-            h = held.hold(snap / f)
-            gb = h.data_bytes / 1e9
-            say(f"holding {h.path} ({gb:.1f} GB pinned; read and checked in {h.seconds:.1f} s)")
+        files += [snap / f for f in mf.all_weight_files()]
+    held.make_room_for(sum(held.pieces_for(f) for f in files))
+    for f in files:
+        h = held.hold(f)
+        gb = h.data_bytes / 1e9
+        say(f"holding {h.path} ({gb:.1f} GB pinned; read and checked in {h.seconds:.1f} s)")
 
 
 def run(

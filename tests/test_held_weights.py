@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from fastvllm.runtime import shared_pinned
-from fastvllm.runtime.errors import IntegrityError, UsageError
+from fastvllm.runtime.errors import IntegrityError, PinnedMemoryError, UsageError
 from fastvllm.weights import fileformat, held
 
 
@@ -169,3 +169,93 @@ def test_a_large_file_is_held_in_as_many_pieces_as_one_message_passes() -> None:
     big = 200 << 30  # 800 pieces of 256 MiB: too many descriptors for one message
     p = held.piece_size(big)
     assert p % (8 << 20) == 0 and -(-big // p) <= 250
+    assert held.piece_size(250 * held.PIECE_BYTES) == held.PIECE_BYTES  # exactly 250 pieces
+    assert -(-(250 * held.PIECE_BYTES + 1) // held.piece_size(250 * held.PIECE_BYTES + 1)) <= 250
+
+
+def test_copies_are_split_where_tensors_straddle_pieces() -> None:
+    """The worker's copies out of a 42-byte region in pieces of 10 (the last one short): a
+    tensor ending on a boundary, one starting on one, one across three pieces, an empty one,
+    one ending the region."""
+    got = held.segments([(0, 1000, 10), (10, 2000, 25), (35, 3000, 0), (35, 4000, 7)], 10, 42)
+    assert got == [
+        [(0, 1000, 10)],
+        [(0, 2000, 10)],
+        [(0, 2010, 10)],
+        [(0, 2020, 5), (5, 4000, 5)],
+        [(0, 4005, 2)],
+    ]
+    with pytest.raises(held.NotHeld, match="outside the held"):
+        held.segments([(38, 1, 5)], 10, 42)  # past the region's end
+    with pytest.raises(held.NotHeld, match="outside the held"):
+        held.segments([(-4, 1, 2)], 10, 42)  # a damaged index's negative offset
+    assert held.segments([], 10, 0) == [[]]  # an empty region: one piece, nothing to copy
+
+
+def test_a_layout_the_index_does_not_describe_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    idx = fileformat.read_index(path)
+    h = held.hold(path, make=_Memfd, piece_bytes=_PIECE)
+    meta = h.meta()
+    held.check_meta(meta, path, idx)
+    bad = [
+        {"piece_sizes": [*meta["piece_sizes"][:-1], 1]},  # the last piece too small
+        {"piece_bytes": 0},
+        {"piece_bytes": None},
+        {"piece_sizes": [str(z) for z in meta["piece_sizes"]]},
+        {"piece_sizes": 3},
+    ]
+    for change in bad:
+        with pytest.raises(held.NotHeld, match="layout differs"):
+            held.check_meta({**meta, **change}, path, idx)
+
+
+def test_an_answer_without_one_descriptor_per_piece_is_refused_and_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    h = held.hold(path, make=_Memfd, piece_bytes=_PIECE)
+    whole = h.meta()
+    monkeypatch.setattr(held.Held, "meta", lambda self: {**whole, "piece_sizes": whole["piece_sizes"] + [1]})
+    before = len(os.listdir("/proc/self/fd"))
+    with (
+        held.serving(tmp_path / "a.sock") as sock,
+        pytest.raises(held.NotHeld, match="one piece per descriptor"),
+    ):
+        held.fetch(sock, str(path))
+    assert len(os.listdir("/proc/self/fd")) == before  # the descriptors received were closed
+
+
+def test_memory_made_before_a_failure_is_released(tmp_path: Path) -> None:
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    made: list[_Memfd] = []
+
+    def make(n: int) -> _Memfd:
+        if len(made) == 2:
+            raise PinnedMemoryError("out of pinned memory")
+        made.append(_Memfd(n))
+        return made[-1]
+
+    with pytest.raises(PinnedMemoryError):
+        held.hold(path, make=make, piece_bytes=_PIECE)
+    assert len(made) == 2 and all(m.closed for m in made) and held.lookup(path) is None
+
+
+def test_the_open_file_limit_is_raised_for_the_held_descriptors_or_the_hold_refused() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        held.make_room_for(10)  # fits already: nothing changes
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+        if hard != resource.RLIM_INFINITY:
+            with pytest.raises(PinnedMemoryError, match="descriptors open"):
+                held.make_room_for(hard)
+            if soft < hard:
+                held.make_room_for(soft)  # more than the soft limit leaves room for: raised
+                assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -298,7 +298,7 @@ class WorkerExtension:
                     gbps=got.bytes / max(got.seconds, 1e-9) / 1e9,
                     rank=place["rank"],
                     pool="held",
-                    first_copy_s=round(got.fetch_s, 4),
+                    first_copy_s=round(got.first_copy_s, 4),
                     drain_s=round(got.drain_s, 4),
                     map_s=round(got.map_s, 4),
                     unmap_s=round(got.unmap_s, 4),

@@ -26,6 +26,7 @@ import ctypes
 import json
 import math
 import os
+import resource
 import socket
 import threading
 import time
@@ -48,6 +49,8 @@ FETCH_TIMEOUT_S = 5.0
 PIECE_BYTES = 256 << 20
 # Descriptors in one message: the kernel passes at most 253 (SCM_MAX_FD).
 _MAX_PIECES = 250
+# Open files the agent needs beside the held pieces' descriptors (clients, restores, logs).
+_FD_MARGIN = 512
 
 
 class Memory(Protocol):
@@ -58,6 +61,29 @@ class Memory(Protocol):
     fd: int
 
     def close(self) -> None: ...
+
+
+def pieces_for(path: Path) -> int:
+    """How many pieces (each an open descriptor while held) `path`'s weights take."""
+    idx = fileformat.read_index(path)
+    n = idx.file_size - idx.data_offset
+    return max(1, -(-n // piece_size(n)))
+
+
+def make_room_for(pieces: int) -> None:
+    """Raise this process's open-file limit (up to its hard limit) so that `pieces` held
+    descriptors fit beside its other files; PinnedMemoryError if even the hard limit is too
+    low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = pieces + _FD_MARGIN
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise PinnedMemoryError(
+            f"holding these weights keeps {pieces} descriptors open, and this process may open {hard} files",
+            hint=f"raise the open-file limit to at least {need} (ulimit -n, or LimitNOFILE= under systemd)",
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else hard, hard))
 
 
 @dataclass
@@ -105,6 +131,8 @@ def fill(
 ) -> Held:
     """Check every tensor's checksum in the file, read its data region into new shared pinned
     memory (`make`, one call per piece), and check that the file did not change meanwhile."""
+    if piece_bytes <= 0:
+        raise ValueError(f"piece_bytes must be positive, not {piece_bytes}")
     t0 = time.perf_counter()
     path = path.resolve()
     identity = system.file_identity(path)
@@ -299,11 +327,18 @@ def fetch(socket_path: str, file: str, timeout: float = FETCH_TIMEOUT_S) -> tupl
     try:
         meta = json.loads(data.split(b"\n", 1)[0])
     except ValueError:
-        meta = {}
-    if meta.get("event") != "held" or not fds or len(fds) != len(meta.get("piece_sizes") or ()):
+        meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    sizes = meta.get("piece_sizes")
+    if meta.get("event") != "held" or not fds or not isinstance(sizes, list) or len(fds) != len(sizes):
         for fd in fds:
             os.close(fd)
-        raise NotHeld(str(meta.get("reason") or meta.get("error") or "the agent's answer had no memory"))
+        why = meta.get("reason") or meta.get("error")
+        raise NotHeld(
+            str(why)
+            if why
+            else f"the agent's answer had no memory, or not one piece per descriptor ({len(fds)})"
+        )
     return fds, meta
 
 
@@ -312,14 +347,15 @@ def check_meta(meta: dict[str, Any], path: Path, idx: fileformat.Index) -> None:
     if meta.get("identity") != system.file_identity(path):
         raise NotHeld(f"the held copy is of another version of {path}")
     n = idx.file_size - idx.data_offset
-    piece = int(meta.get("piece_bytes") or 0)
-    sizes = meta.get("piece_sizes") or []
+    piece, sizes = meta.get("piece_bytes"), meta.get("piece_sizes")
     if (
         meta.get("data_offset") != idx.data_offset
         or meta.get("data_bytes") != n
+        or not isinstance(piece, int)
         or piece <= 0
+        or not isinstance(sizes, list)
         or len(sizes) != max(1, -(-n // piece))
-        or any(int(z) < min(piece, n - i * piece) for i, z in enumerate(sizes))
+        or any(not isinstance(z, int) or z < min(piece, n - i * piece) for i, z in enumerate(sizes))
     ):
         raise NotHeld(f"the held copy's layout differs from {path}'s index")
 
@@ -330,10 +366,27 @@ class HeldLoad:
 
     bytes: int
     seconds: float
-    fetch_s: float  # asking the agent, up to the first mapping
+    first_copy_s: float  # asking the agent and mapping the first piece, to its first copy issued
     map_s: float  # mapping the pieces for the device (under the copies but the first)
     unmap_s: float
     drain_s: float  # the last copy issued to all done
+
+
+def segments(extents: list[tuple[int, int, int]], piece: int, n: int) -> list[list[tuple[int, int, int]]]:
+    """Per piece of an `n`-byte data region held in `piece`-byte pieces, the copies out of it:
+    (offset in the piece, destination address, bytes), for `extents` (offset in the data
+    region, destination address, bytes), each split where it straddles pieces. NotHeld for an
+    extent outside the region (a damaged index)."""
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(max(1, -(-n // piece)))]
+    for off, dst, left in sorted(extents):
+        if off < 0 or left < 0 or off + left > n:
+            raise NotHeld(f"a tensor at {off} (+{left} bytes) lies outside the held {n} bytes")
+        while left:
+            i, within = divmod(off, piece)
+            k = min(left, piece - within)
+            out[i].append((within, dst, k))
+            off, dst, left = off + k, dst + k, left - k
+    return out
 
 
 def load_into(socket_path: str, path: Path, targets: dict[str, Any], idx: fileformat.Index) -> HeldLoad:
@@ -347,28 +400,25 @@ def load_into(socket_path: str, path: Path, targets: dict[str, Any], idx: filefo
     fds, meta = fetch(socket_path, str(path.resolve()))
     maps: list[shared_pinned.DeviceMapping] = []
     stream = None
-    total, map_s, unmap_s = 0, 0.0, 0.0
+    map_s, unmap_s, first_copy_s = 0.0, 0.0, 0.0
     try:
         check_meta(meta, path.resolve(), idx)
         piece, sizes = int(meta["piece_bytes"]), [int(z) for z in meta["piece_sizes"]]
         device = next(iter(targets.values())).device
         ordinal = device.index if device.index is not None else torch.cuda.current_device()
         dests, staged = loader.contiguous_destinations(idx, targets)
-        # (piece, offset in it, destination, bytes) for every tensor, split where it straddles
-        segments: list[list[tuple[int, int, int]]] = [[] for _ in sizes]
-        for e in sorted((e for e in idx.tensors if e.name in dests), key=lambda e: e.offset):
-            off, dst, left = e.offset, dests[e.name].data_ptr(), e.nbytes
-            total += left
-            while left:
-                i, within = divmod(off, piece)
-                k = min(left, piece - within)
-                segments[i].append((within, dst, k))
-                off, dst, left = off + k, dst + k, left - k
+        extents = []
+        for e in idx.tensors:
+            if e.name in dests:
+                d = dests[e.name]
+                if e.nbytes != d.numel() * d.element_size():
+                    raise NotHeld(f"{e.name} has {e.nbytes} bytes in the index, its tensor another size")
+                extents.append((e.offset, d.data_ptr(), e.nbytes))
+        per_piece = segments(extents, piece, idx.file_size - idx.data_offset)
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))  # after whatever made the targets
-        fetch_s = time.perf_counter() - t0
         with torch.cuda.device(device):
-            for i, segs in enumerate(segments):
+            for i, segs in enumerate(per_piece):
                 if not segs:
                     continue
                 t = time.perf_counter()
@@ -376,6 +426,7 @@ def load_into(socket_path: str, path: Path, targets: dict[str, Any], idx: filefo
                 map_s += time.perf_counter() - t
                 for within, dst, k in segs:
                     shared_pinned.copy_async(dst, maps[-1].address + within, k, stream.cuda_stream)
+                first_copy_s = first_copy_s or time.perf_counter() - t0
             t_issued = time.perf_counter()
             stream.synchronize()
             t = time.perf_counter()
@@ -393,4 +444,5 @@ def load_into(socket_path: str, path: Path, targets: dict[str, Any], idx: filefo
     torch.cuda.current_stream(device).wait_stream(stream)
     for dst, tmp in staged:
         dst.copy_(tmp)
-    return HeldLoad(total, time.perf_counter() - t0, fetch_s, map_s, unmap_s, t - t_issued)
+    total = sum(k for segs in per_piece for _, _, k in segs)
+    return HeldLoad(total, time.perf_counter() - t0, first_copy_s, map_s, unmap_s, t - t_issued)

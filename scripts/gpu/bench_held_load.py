@@ -59,7 +59,7 @@ def measure(doc: dict[str, Any], sock: str, path: Path, src: dict[str, Any], n: 
         torch.cuda.synchronize()
         runs.append(round(got.bytes / got.seconds / 1e9, 2))
         parts.append(
-            {k: round(getattr(got, k), 4) for k in ("seconds", "fetch_s", "map_s", "unmap_s", "drain_s")}
+            {k: round(getattr(got, k), 4) for k in ("seconds", "first_copy_s", "map_s", "unmap_s", "drain_s")}
         )
     doc["held_gbps"] = runs
     doc["held_parts"] = parts
