@@ -366,7 +366,7 @@ class HeldLoad:
 
     bytes: int
     seconds: float
-    first_copy_s: float  # asking the agent and mapping the first piece, to its first copy issued
+    first_copy_s: float  # asking the agent and mapping the first piece, to its copies issued
     map_s: float  # mapping the pieces for the device (under the copies but the first)
     unmap_s: float
     drain_s: float  # the last copy issued to all done
