@@ -692,9 +692,28 @@ def hold_weights(snapshots: list[Path], say: Callable[[str], None]) -> None:
         files += [snap / f for f in mf.all_weight_files()]
     held.make_room_for(sum(held.pieces_for(f) for f in files))
     for f in files:
-        h = held.hold(f)
+        h = held.hold(f, progress=_hold_progress(f, say))
         gb = h.data_bytes / 1e9
         say(f"holding {h.path} ({gb:.1f} GB pinned; read and checked in {h.seconds:.1f} s)")
+
+
+HOLD_PROGRESS_EVERY_S = 5.0  # the agent's output is a log: a line every few seconds, not a bar
+
+
+def _hold_progress(path: Path, say: Callable[[str], None]) -> held.Progress:
+    """A line now and then while `path` is held: which step, how many GB of how many."""
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def report(step: held.Step, done: int, total: int) -> None:
+        now = time.monotonic()
+        with lock:
+            if now - last[0] < HOLD_PROGRESS_EVERY_S:
+                return
+            last[0] = now
+        say(f"holding {path}: {step} {done / 1e9:.1f} of {total / 1e9:.1f} GB")
+
+    return report
 
 
 def run(

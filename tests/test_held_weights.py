@@ -259,3 +259,18 @@ def test_the_open_file_limit_is_raised_for_the_held_descriptors_or_the_hold_refu
                 assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_holding_reports_each_steps_bytes(tmp_path: Path) -> None:
+    """Holding a large model takes minutes: each step (checking, pinning, reading) reports its
+    running total, up to all of its bytes."""
+    path = tmp_path / "w.fvw"
+    _weights(path)
+    seen: list[tuple[held.Step, int, int]] = []
+    h = held.hold(path, make=_Memfd, piece_bytes=_PIECE, progress=lambda *a: seen.append(a))
+    steps = [s for s, _, _ in seen]
+    assert steps == sorted(steps, key=list(held.Step).index)  # in order, one after the other
+    for step in held.Step:  # (threads report as they finish: not always in order of their totals)
+        mine = [(d, t) for s, d, t in seen if s is step]
+        assert mine and max(d for d, _ in mine) == mine[0][1]
+    assert max(t for s, _, t in seen if s is held.Step.READING) == h.data_bytes

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import json
 import math
 import os
@@ -122,15 +123,46 @@ def piece_size(n: int, piece_bytes: int = PIECE_BYTES) -> int:
     return piece_bytes if need <= piece_bytes else -(-need // _FILL_CHUNK) * _FILL_CHUNK
 
 
+class Step(enum.StrEnum):
+    """The parts of holding a file, in order, as progress reports name them."""
+
+    CHECKING = "checking"  # every tensor's checksum, read from the file
+    PINNING = "pinning"  # the driver zeroes and pins the memory
+    READING = "reading"  # the file's data region into the memory
+
+
+# Progress while a file is held: (step, bytes done, bytes in all), from any thread.
+Progress = Callable[[Step, int, int], None]
+
+
+class _Tally:
+    """Bytes done in one step, added from several threads, passed on as a running total."""
+
+    def __init__(self, step: Step, total: int, report: Progress | None) -> None:
+        self.step, self.total, self.report = step, total, report
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def add(self, k: int) -> None:
+        if self.report is None:
+            return
+        with self._lock:
+            self.done += k
+            done = self.done
+        self.report(self.step, done, self.total)
+
+
 def fill(
     path: Path,
     *,
     threads: int = _FILL_THREADS,
     make: Callable[[int], Memory] = shared_pinned.SharedPinned.create,
     piece_bytes: int = PIECE_BYTES,
+    progress: Progress | None = None,
 ) -> Held:
     """Check every tensor's checksum in the file, read its data region into new shared pinned
-    memory (`make`, one call per piece), and check that the file did not change meanwhile."""
+    memory (`make`, one call per piece), and check that the file did not change meanwhile;
+    `progress` hears of each step's bytes (holding a large model takes minutes)."""
     if piece_bytes <= 0:
         raise ValueError(f"piece_bytes must be positive, not {piece_bytes}")
     t0 = time.perf_counter()
@@ -147,12 +179,15 @@ def fill(
         )
     # The checksums are taken from the file, not from the held copy: the CPU's view of pinned
     # memory the driver made need not be cached, and reading it back would be slow.
-    loader.verify_tensors(path, idx, threads)
+    checked = sum(e.nbytes for e in idx.tensors if e.alias_of is None)
+    loader.verify_tensors(path, idx, threads, _Tally(Step.CHECKING, checked, progress).add)
     piece = piece_size(n, piece_bytes)
     pieces: list[Memory] = []
     try:
+        pinned, filled = _Tally(Step.PINNING, n, progress), _Tally(Step.READING, n, progress)
         for start in range(0, max(n, 1), piece):
             pieces.append(make(min(piece, n - start) or 1))
+            pinned.add(min(piece, n - start))
         chunk = math.gcd(piece, _FILL_CHUNK)  # no read straddles two pieces
         views = [memoryview((ctypes.c_char * m.nbytes).from_address(m.address)).cast("B") for m in pieces]
         fd = os.open(path, os.O_RDONLY)
@@ -167,6 +202,7 @@ def fill(
                     if got == 0:
                         raise IntegrityError(f"weight file {path} ended early", hint="re-dump the weights")
                     done += got
+                filled.add(part.nbytes)
 
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
                 list(pool.map(read, range(0, n, chunk)))

@@ -474,8 +474,14 @@ def fill_aliases(idx: fileformat.Index, targets: dict[str, Any]) -> None:
                 dst.copy_(src)
 
 
-def verify_tensors(path: Path, idx: fileformat.Index, threads: int = DEFAULT_THREADS) -> None:
-    """Check every tensor's bytes in the file against its checksum, tensors in parallel."""
+def verify_tensors(
+    path: Path,
+    idx: fileformat.Index,
+    threads: int = DEFAULT_THREADS,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Check every tensor's bytes in the file against its checksum, tensors in parallel;
+    `on_bytes` (from the checking threads) gets each tensor's bytes once checked."""
     fd = os.open(path, os.O_RDONLY)
     try:
 
@@ -487,6 +493,8 @@ def verify_tensors(path: Path, idx: fileformat.Index, threads: int = DEFAULT_THR
                     f"weight {e.name} in {path} does not match its checksum (corrupt file)",
                     hint="re-dump the weights; nothing was loaded",
                 )
+            if on_bytes is not None:
+                on_bytes(e.nbytes)
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             list(pool.map(check, [e for e in idx.tensors if e.alias_of is None and e.nbytes]))
