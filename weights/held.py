@@ -64,11 +64,16 @@ class Memory(Protocol):
     def close(self) -> None: ...
 
 
+def piece_count(n: int, piece: int) -> int:
+    """Pieces of `piece` bytes an `n`-byte data region takes (an empty one still takes one)."""
+    return max(1, -(-n // piece))
+
+
 def pieces_for(path: Path) -> int:
     """How many pieces (each an open descriptor while held) `path`'s weights take."""
     idx = fileformat.read_index(path)
     n = idx.file_size - idx.data_offset
-    return max(1, -(-n // piece_size(n)))
+    return piece_count(n, piece_size(n))
 
 
 def make_room_for(pieces: int) -> None:
@@ -185,7 +190,7 @@ def fill(
     pieces: list[Memory] = []
     try:
         pinned, filled = _Tally(Step.PINNING, n, progress), _Tally(Step.READING, n, progress)
-        for start in range(0, max(n, 1), piece):
+        for start in range(0, piece_count(n, piece) * piece, piece):
             pieces.append(make(min(piece, n - start) or 1))
             pinned.add(min(piece, n - start))
         chunk = math.gcd(piece, _FILL_CHUNK)  # no read straddles two pieces
@@ -390,7 +395,7 @@ def check_meta(meta: dict[str, Any], path: Path, idx: fileformat.Index) -> None:
         or not isinstance(piece, int)
         or piece <= 0
         or not isinstance(sizes, list)
-        or len(sizes) != max(1, -(-n // piece))
+        or len(sizes) != piece_count(n, piece)
         or any(not isinstance(z, int) or z < min(piece, n - i * piece) for i, z in enumerate(sizes))
     ):
         raise NotHeld(f"the held copy's layout differs from {path}'s index")
@@ -413,7 +418,7 @@ def segments(extents: list[tuple[int, int, int]], piece: int, n: int) -> list[li
     (offset in the piece, destination address, bytes), for `extents` (offset in the data
     region, destination address, bytes), each split where it straddles pieces. NotHeld for an
     extent outside the region (a damaged index)."""
-    out: list[list[tuple[int, int, int]]] = [[] for _ in range(max(1, -(-n // piece)))]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(piece_count(n, piece))]
     for off, dst, left in sorted(extents):
         if off < 0 or left < 0 or off + left > n:
             raise NotHeld(f"a tensor at {off} (+{left} bytes) lies outside the held {n} bytes")
